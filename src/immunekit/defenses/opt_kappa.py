@@ -1,0 +1,43 @@
+"""Baseline "Opt-κ": descend the condition numbers themselves instead of the R_well/R_ill surrogates.
+
+Objective (toolkit choice; the paper does not state it): L(D_P) + λ_P log κ(H_P) + λ_H / log κ(H_H),
+pseudo-inverse κ. ∂log κ/∂H = v_1v_1ᵀ/λ_1 − v_kv_kᵀ/λ_k is a spectral function of H, so the K⁺
+left preconditioning of Algorithm 1 applies unchanged; ∂(1/log κ)/∂H = −(∂log κ/∂H)/log²κ.
+The terms are balanced exactly as for ``condition_number`` (same ``balance`` options), and there
+is no monotone step bound, so ``guard`` has no effect.
+
+References:
+    Zheng et al., arXiv 2505.23760, §5 (baselines).
+
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from immunekit.defenses.condition_number import SpectralLinearDefense
+from immunekit.spectral.regularizers import SpectralGrad, g_log_kappa
+
+
+class OptKappa(SpectralLinearDefense):
+    """Algorithm 1 with log κ(H_P) and 1/log κ(H_H) as the regularizers."""
+
+    name = "opt_kappa"
+
+    def primary_term(self, h: Tensor) -> SpectralGrad:
+        """∂ log κ(H_P)/∂H_P."""
+        return g_log_kappa(h, rtol=self.config.rank_rtol)
+
+    def harmful_term(self, h: Tensor) -> SpectralGrad:
+        """∂(1/log κ(H_H))/∂H_H = −(∂ log κ/∂H)/log²κ."""
+        sg = g_log_kappa(h, rtol=self.config.rank_rtol)
+        lk = max(sg.value, 1e-12)
+        return SpectralGrad(-sg.g / lk**2, 1.0 / lk, sg.eigenvalues, sg.eigenvectors, sg.rank)
+
+    def primary_bound(self, sg: SpectralGrad) -> float:
+        """No monotone step bound is known for log κ."""
+        return float("inf")
+
+    def harmful_bound(self, sg: SpectralGrad) -> float:
+        """No monotone step bound is known for 1/log κ."""
+        return float("inf")

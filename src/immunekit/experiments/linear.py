@@ -1,0 +1,385 @@
+"""Linear-extractor experiments: immunize, measure κ/RIR, attack by linear probing, aggregate.
+
+A trial is ``(method, seed) -> record``, a pure function of the resolved config; records are
+written one file per trial, atomically, so an interrupted run resumes without recomputing or
+duplicating finished trials. ``run_linear_experiment`` aggregates them into ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from immunekit.attacks import ATTACKS, AttackBudget
+from immunekit.attacks.linear_probe import least_squares, probe_problem
+from immunekit.config import config_sha256, load_config, to_dict
+from immunekit.data import TASKS
+from immunekit.data.task import Task
+from immunekit.defenses import DEFENSES
+from immunekit.errors import ConfigError
+from immunekit.experiments.io import atomic_write_json, read_json
+from immunekit.experiments.provenance import provenance
+from immunekit.metrics import KappaPair, rir, steps_to_epsilon, verdict
+from immunekit.models.base import LinearModel, linear_model
+from immunekit.spectral import condition_number, covariance, linear_l2_hessian
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec:
+    """A defense under a display key, with config overrides (e.g. an ablation variant)."""
+
+    key: str = field(metadata={"help": "unique label in results (e.g. 'opt_kappa' or 'opt_kappa_per_step')"})
+    defense: str = field(default="", metadata={"help": "registry name (default: key)"})
+    overrides: dict = field(default_factory=dict, metadata={"help": "defense config overrides"})
+
+    def __post_init__(self) -> None:
+        if not self.defense:
+            object.__setattr__(self, "defense", self.key)
+        DEFENSES.get(self.defense)  # unknown names fail here, with a suggestion
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackSpec:
+    """A linear-probe attacker: optimizer and budget, under a display key."""
+
+    key: str = field(metadata={"help": "label, e.g. 'gd_exact'"})
+    optimizer: str = field(default="gd_exact", metadata={"help": "gd_exact, gd, sgd or adam"})
+    steps: int = field(default=200, metadata={"help": "budget in optimizer steps"})
+    lr: float | None = field(default=None, metadata={"help": "step size (None: optimizer default)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per stochastic step"})
+
+    def budget(self) -> AttackBudget:
+        """The AttackBudget this spec describes."""
+        return AttackBudget(
+            steps=self.steps, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer
+        )  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerdictConfig:
+    """Thresholds of Definition 3.1."""
+
+    min_ratio_harmful: float = field(default=10.0, metadata={"help": "(a): (i) must reach this"})
+    max_ratio_primary: float = field(default=1.0, metadata={"help": "(b): (ii) must not exceed this"})
+    max_relative_loss_increase: float = field(
+        default=0.01, metadata={"help": "(c): primary test loss tolerance"}
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearExperimentConfig:
+    """A linear-extractor immunization experiment (house prices, MNIST pairs, synthetic)."""
+
+    experiment: str = field(default="house_prices", metadata={"help": "experiment name (results label)"})
+    task: str = field(default="house_prices", metadata={"help": "TASKS registry name"})
+    task_config: dict = field(default_factory=dict, metadata={"help": "task keyword arguments"})
+    seeds: tuple[int, ...] = field(default=(1, 2, 3), metadata={"help": "run seeds"})
+    methods: tuple[MethodSpec, ...] = field(default=(), metadata={"help": "defenses to compare"})
+    attacks: tuple[AttackSpec, ...] = field(default=(), metadata={"help": "linear-probe attackers"})
+    epsilon: float = field(default=0.01, metadata={"help": "steps_to_epsilon threshold on the norm ratio"})
+    verdict: VerdictConfig = field(
+        default_factory=VerdictConfig, metadata={"help": "Definition 3.1 thresholds"}
+    )
+    paper_table: str | None = field(
+        default=None, metadata={"help": "key of the paper's table to show beside"}
+    )
+
+    def __post_init__(self) -> None:
+        TASKS.get(self.task)
+        if not self.seeds:
+            raise ConfigError("seeds must not be empty; e.g. --seeds 1,2,3")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {list(self.seeds)}")
+        for label, items in (("methods", self.methods), ("attacks", self.attacks)):
+            keys = [m.key for m in items]
+            if len(set(keys)) != len(keys):
+                raise ConfigError(f"{label} keys must be unique, got {keys}")
+        if not 0 < self.epsilon < 1:
+            raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
+
+
+def normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Allow YAML shorthand: a method or attack given as a bare string becomes ``{key: name}``."""
+    out = dict(data)
+    for name in ("methods", "attacks"):
+        if name in out and isinstance(out[name], list | tuple):
+            out[name] = [{"key": m} if isinstance(m, str) else m for m in out[name]]
+    return out
+
+
+def build_config(data: dict[str, Any]) -> LinearExperimentConfig:
+    """Strictly load a LinearExperimentConfig from a (merged) mapping."""
+    return load_config(LinearExperimentConfig, normalise(data), where="experiment")
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial
+# ---------------------------------------------------------------------------------------------
+
+
+def kappa_pair(theta: torch.Tensor, k_h: torch.Tensor, k_p: torch.Tensor) -> KappaPair:
+    """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ (pseudo-inverse κ, default relative threshold)."""
+    return KappaPair(
+        condition_number(linear_l2_hessian(theta, k_h), hermitian=True),
+        condition_number(linear_l2_hessian(theta, k_p), hermitian=True),
+    )
+
+
+def probe_test_loss(
+    model: LinearModel, task: Task, split: str, eval_split: str
+) -> tuple[float, float | None]:
+    """Held-out MSE (and accuracy for classification) of the best linear head w* = A⁺Y on ``split``."""
+    from immunekit.attacks.linear_probe import accuracy
+
+    prob = probe_problem(model, task, split, eval_split)
+    w = least_squares(prob.a, prob.y, torch.zeros(prob.a.shape[1], prob.y.shape[1], dtype=torch.float64))
+    pred = prob.eval_a @ w
+    mse = float(((pred - prob.eval_y) ** 2).mean())
+    return mse, (accuracy(pred, prob.eval_y) if prob.classes else None)
+
+
+def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: Task) -> dict[str, Any]:
+    """Immunize, measure and attack for one (method, seed); returns the trial record (JSON-ready)."""
+    model0 = linear_model(task.input_dim)
+    defense = DEFENSES.get(method.defense)(**method.overrides)
+    t0 = time.perf_counter()
+    immunized = defense.fit(model0, task, seed=seed)
+    seconds = time.perf_counter() - t0
+    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
+    parts = rir(kappa_pair(model0.theta, k_h, k_p), kappa_pair(immunized.theta, k_h, k_p))
+    mse_ref, acc_ref = probe_test_loss(model0, task, "primary", "eval_primary")
+    mse_imm, acc_imm = probe_test_loss(immunized, task, "primary", "eval_primary")
+    harm_mse, harm_acc = probe_test_loss(immunized, task, "attack", "eval_harmful")
+    metrics: dict[str, float | None] = {
+        **{k: float(v) for k, v in parts.to_dict().items()},
+        "primary_test_mse": mse_imm,
+        "primary_test_mse_reference": mse_ref,
+        "harmful_test_mse_closed_form": harm_mse,
+        "defense_seconds": seconds,
+    }
+    if acc_imm is not None:
+        metrics.update(
+            primary_test_accuracy=acc_imm,
+            primary_test_accuracy_reference=acc_ref,
+            harmful_test_accuracy_closed_form=harm_acc,
+        )
+    v = cfg.verdict
+    ver = verdict(
+        parts,
+        primary_loss_reference=mse_ref,
+        primary_loss_immunized=mse_imm,
+        min_ratio_harmful=v.min_ratio_harmful,
+        max_ratio_primary=v.max_ratio_primary,
+        max_relative_loss_increase=v.max_relative_loss_increase,
+    )
+    curves = _attack_curves(cfg, immunized, task, seed, metrics)
+    return {
+        "method": method.key,
+        "defense": method.defense,
+        "seed": seed,
+        "metrics": metrics,
+        "verdict": {"seed": seed, **ver.to_dict()},
+        "curves": curves,
+        "defense_info": {**defense.info_, "steps_run": len(defense.history_)},
+    }
+
+
+def _attack_curves(
+    cfg: LinearExperimentConfig, model: LinearModel, task: Task, seed: int, metrics: dict[str, float | None]
+) -> dict[str, dict[str, list]]:
+    curves: dict[str, dict[str, list]] = {}
+    probe = ATTACKS.get("linear_probe")
+    for spec in cfg.attacks:
+        for which, split in (("harmful", "attack"), ("primary", "primary")):
+            result = probe(split=split)(model, task, spec.budget(), seed=seed)
+            ratios = result.curve("norm_ratio")
+            metrics[f"steps_to_epsilon.{which}.{spec.key}"] = steps_to_epsilon(ratios, cfg.epsilon)
+            metrics[f"final_norm_ratio.{which}.{spec.key}"] = ratios[-1]
+            curves[f"{which}.{spec.key}"] = {"norm_ratio": ratios, "loss": result.curve("loss")}
+    return curves
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: trials on disk, resume, aggregate
+# ---------------------------------------------------------------------------------------------
+
+
+def trial_path(out: Path, method: str, seed: int) -> Path:
+    """Where the record of one trial lives."""
+    return out / "trials" / f"{method}--seed{seed}.json"
+
+
+def trial_config_sha(cfg: LinearExperimentConfig, method: MethodSpec) -> str:
+    """Identity of everything a trial depends on (not the list of seeds or other methods)."""
+    data = to_dict(cfg)
+    for key in ("seeds", "methods", "experiment", "paper_table"):
+        data.pop(key)
+    data["method"] = to_dict(method)
+    return config_sha256(data)
+
+
+def _load_done(path: Path, sha: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    record = read_json(path)
+    if record.get("trial_config_sha256") != sha:
+        raise ConfigError(
+            f"{path} was written by a different configuration; refusing to mix results. "
+            "Use a new --out directory, or delete that directory to start over"
+        )
+    return record
+
+
+def run_linear_experiment(
+    cfg: LinearExperimentConfig,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    task_factory: Callable[[int], Task] | None = None,
+) -> dict[str, Any]:
+    """Run every (method, seed) trial not yet on disk, then write ``results.json``.
+
+    Args:
+        cfg: the resolved experiment config.
+        out: results directory (created; trials resume from ``out/trials``).
+        progress: show a progress bar with trials done / total and ETA.
+        task_factory: ``seed -> Task`` (default: ``TASKS.get(cfg.task)(seed=seed, **cfg.task_config)``).
+
+    Returns:
+        The aggregated results record (also written to ``out/results.json``).
+
+    """
+    out = Path(out)
+    make_task = task_factory or (lambda s: TASKS.get(cfg.task)(seed=s, **cfg.task_config))
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    todo = []
+    for seed in cfg.seeds:
+        for m in cfg.methods:
+            done = _load_done(trial_path(out, m.key, seed), trial_config_sha(cfg, m))
+            if done is not None:
+                records[(m.key, seed)] = done
+            else:
+                todo.append((m, seed))
+    if records:
+        log.info("resuming: %d of %d trials already done in %s", len(records), len(records) + len(todo), out)
+    task_cache: dict[int, Task] = {}
+    first_task: Task | None = None
+    with tqdm(
+        total=len(todo), desc=f"{cfg.experiment} trials", disable=not progress or not todo, unit="trial"
+    ) as bar:
+        for m, seed in todo:
+            bar.set_postfix_str(f"{m.key} seed={seed}")
+            task = task_cache.setdefault(seed, make_task(seed))
+            first_task = first_task or task
+            record = run_trial(cfg, m, seed, task)
+            record["trial_config_sha256"] = trial_config_sha(cfg, m)
+            record["task_version"] = task.version
+            atomic_write_json(trial_path(out, m.key, seed), record)
+            records[(m.key, seed)] = record
+            bar.update(1)
+    task = first_task or make_task(cfg.seeds[0])
+    results = aggregate(cfg, records, task)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def aggregate(
+    cfg: LinearExperimentConfig, records: dict[tuple[str, int], dict[str, Any]], task: Task
+) -> dict[str, Any]:
+    """Combine per-trial records into the results.json document (docs/results-schema.md)."""
+    from immunekit.metrics import METRICS  # noqa: F401  (directions live with the metric docs below)
+
+    resolved = to_dict(cfg)
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sha = config_sha256(resolved)
+    methods = {}
+    for m in cfg.methods:
+        recs = [records[(m.key, s)] for s in cfg.seeds]
+        names = list(dict.fromkeys(k for r in recs for k in r["metrics"]))
+        methods[m.key] = {
+            "defense": m.defense,
+            "overrides": m.overrides,
+            "metrics": {n: summarise(n, [r["metrics"].get(n) for r in recs]) for n in names},
+            "verdict": [r["verdict"] for r in recs],
+            "curves": recs[0]["curves"],
+            "defense_info": recs[0]["defense_info"],
+        }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "experiment": cfg.experiment,
+        "run_id": f"{cfg.experiment}-{created.replace('-', '').replace(':', '')}-{sha[:8]}",
+        "created_at": created,
+        "seeds": list(cfg.seeds),
+        "config": resolved,
+        "config_sha256": sha,
+        "provenance": provenance(task_version=task.version, task_info=_jsonable(task.info)),
+        "paper": paper_rows(cfg.paper_table),
+        "attacks": [dataclasses.asdict(a) for a in cfg.attacks],
+        "epsilon": cfg.epsilon,
+        "methods": methods,
+        "trials": [str(Path("trials") / f"{m.key}--seed{s}.json") for s in cfg.seeds for m in cfg.methods],
+    }
+
+
+_DIRECTIONS = {
+    "rir": ("higher", "ratio"),
+    "log_rir": ("higher", "nats"),
+    "kappa_ratio_harmful": ("higher", "ratio"),
+    "kappa_ratio_primary": ("lower", "ratio"),
+    "primary_test_mse": ("lower", "z-units²"),
+    "primary_test_accuracy": ("higher", "fraction"),
+    "harmful_test_mse_closed_form": ("higher", "z-units²"),
+    "harmful_test_accuracy_closed_form": ("lower", "fraction"),
+    "defense_seconds": ("lower", "s"),
+}
+
+
+def summarise(name: str, values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample std and count over seeds; ``None`` values are censored (e.g. never reached ε)."""
+    present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    direction, unit = _DIRECTIONS.get(name, (None, None))
+    if name.startswith("steps_to_epsilon."):
+        direction, unit = ("higher", "steps") if ".harmful." in name else ("lower", "steps")
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "std": statistics.stdev(present) if len(present) > 1 else (0.0 if present else None),
+        "n": len(present),
+        "values": values,
+        "censored": len(values) - len(present),
+        "direction": direction,
+        "unit": unit,
+    }
+
+
+def paper_rows(key: str | None) -> dict[str, Any]:
+    """The paper's numbers for ``key`` (a table in paper_tables.json), or {}."""
+    if not key:
+        return {}
+    tables = read_json(Path(__file__).with_name("paper_tables.json"))
+    if key not in tables:
+        raise ConfigError(
+            f"unknown paper table {key!r}; choose one of {sorted(k for k in tables if k != 'source')}"
+        )
+    table = dict(tables[key])
+    columns = [c.removesuffix("_ii").removesuffix("_i") for c in table.pop("columns", [])]
+    return {"source": f"{tables['source']}, {key}", "columns": columns, "rows": table}
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(info, default=str))

@@ -1,0 +1,92 @@
+"""The ImmunizableModel contract and the linear extractor of the condition-number theory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from immunekit.errors import ConfigError
+
+
+class ImmunizableModel(nn.Module):
+    """A feature extractor followed by a head.
+
+    Subclasses set ``extractor`` and ``head``; :meth:`features` maps ``(N, ...)`` inputs to
+    ``(N, D)`` features, and :meth:`forward` is ``head(features(x))``.
+    """
+
+    extractor: nn.Module
+    head: nn.Module
+
+    def features(self, x: Tensor) -> Tensor:
+        """Features Φ(x), shape ``(N, D)``."""
+        return self.extractor(x).reshape(x.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Head applied to features, ``(N, out)``."""
+        return self.head(self.features(x))
+
+
+class LinearModel(ImmunizableModel):
+    """Linear extractor f_θ(x) = xᵀθ (no bias, as the theory requires) and a linear head ω.
+
+    The extractor weight is stored as ``W = θᵀ`` (``nn.Linear`` layout); :attr:`theta` returns
+    θ of shape ``(D_in, D_hid)``.
+
+    Args:
+        d_in: input dimension D_in.
+        d_hid: feature dimension D_hid (default D_in, as in arXiv 2505.23760).
+        d_out: head outputs.
+        dtype: parameter dtype (float64 by default: the spectral quantities need it).
+
+    """
+
+    def __init__(
+        self, d_in: int, d_hid: int | None = None, d_out: int = 1, *, dtype: torch.dtype = torch.float64
+    ):
+        super().__init__()
+        if d_in < 1 or d_out < 1 or (d_hid is not None and d_hid < 1):
+            raise ConfigError(f"dimensions must be >= 1, got d_in={d_in}, d_hid={d_hid}, d_out={d_out}")
+        d_hid = d_in if d_hid is None else d_hid
+        self.extractor = nn.Linear(d_in, d_hid, bias=False, dtype=dtype)
+        self.head = nn.Linear(d_hid, d_out, bias=False, dtype=dtype)
+        with torch.no_grad():
+            if d_hid == d_in:
+                self.extractor.weight.copy_(torch.eye(d_in, dtype=dtype))
+            self.head.weight.zero_()
+
+    @property
+    def theta(self) -> Tensor:
+        """θ = Wᵀ, ``(D_in, D_hid)`` (a detached float64 copy)."""
+        return self.extractor.weight.detach().T.to(torch.float64).clone()
+
+    @property
+    def omega(self) -> Tensor:
+        """Head weights ω, ``(D_hid, d_out)`` (a detached float64 copy)."""
+        return self.head.weight.detach().T.to(torch.float64).clone()
+
+    def with_weights(self, theta: Tensor, omega: Tensor | None = None) -> LinearModel:
+        """A new LinearModel with the given θ ``(D_in, D_hid)`` and ω ``(D_hid, d_out)``."""
+        d_in, d_hid = theta.shape
+        d_out = self.head.out_features if omega is None else omega.reshape(d_hid, -1).shape[1]
+        dtype = self.extractor.weight.dtype
+        new = LinearModel(d_in, d_hid, d_out, dtype=dtype)
+        with torch.no_grad():
+            new.extractor.weight.copy_(theta.T.to(dtype))
+            if omega is not None:
+                new.head.weight.copy_(omega.reshape(d_hid, d_out).T.to(dtype))
+            elif self.head.in_features == d_hid:
+                new.head.weight.copy_(self.head.weight)
+        return new
+
+
+def linear_model(d_in: int, d_hid: int | None = None, d_out: int = 1) -> LinearModel:
+    """Identity-initialised linear extractor with a zero head (θ_0 = I, ω_0 = 0).
+
+    Example:
+        >>> m = linear_model(3)
+        >>> bool(torch.equal(m.theta, torch.eye(3, dtype=torch.float64)))
+        True
+
+    """
+    return LinearModel(d_in, d_hid, d_out)

@@ -1,0 +1,163 @@
+"""Helpers shared by the report modules: display names, number formatting, atomic file writes.
+
+Standard library only, so that ``import immunekit.reports`` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+DASH = "—"
+
+METHOD_NAMES: dict[str, str] = {
+    "condition_number": "Ours (condition number)",
+    "rill_only": "R_ill only",
+    "opt_kappa": "Opt-κ",
+    "imma": "IMMA",
+    "identity": "Identity (no defense)",
+}
+
+IDENTITY = "identity"
+
+# |x| outside [SCI_LOW, SCI_HIGH) is shown in scientific notation.
+SCI_LOW = 1e-3
+SCI_HIGH = 1e4
+
+
+def display_name(method: str) -> str:
+    """Human-readable name of a method key; unknown keys are returned as-is."""
+    return METHOD_NAMES.get(method, method)
+
+
+def fmt_num(x: float | int | None, digits: int = 4) -> str:
+    """Format a number with 3–4 significant digits.
+
+    Args:
+        x: the number; ``None`` stands for "not measured".
+        digits: significant digits in fixed notation (scientific notation always shows 3).
+
+    Returns:
+        ``"—"`` for ``None``, ``"nan"``/``"∞"``/``"-∞"`` for non-finite values, scientific notation with
+        3 significant digits (``"2.10e+05"``) when ``|x| >= 1e4`` or ``|x| < 1e-3``, else up to 4
+        significant digits (``"356.2"``, ``"0.053"``).
+
+    Example:
+        >>> fmt_num(356.2), fmt_num(0.053), fmt_num(2.1e5), fmt_num(None), fmt_num(37.0)
+        ('356.2', '0.053', '2.10e+05', '—', '37')
+
+    """
+    if x is None:
+        return DASH
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    if x == 0:
+        return "0"
+    if SCI_LOW <= abs(x) < SCI_HIGH:
+        return f"{x:.{digits}g}"
+    return f"{x:.2e}"
+
+
+def fmt_mean_std(mean: float | None, std: float | None, n: int | None = None) -> str:
+    """``"mean ± std"`` (mean to 4, std to 3 significant digits), or only the mean for a single value.
+
+    Example:
+        >>> fmt_mean_std(18.92, 0.59397, 3), fmt_mean_std(18.92, 0.0, 1), fmt_mean_std(None, None)
+        ('18.92 ± 0.594', '18.92', '—')
+
+    """
+    if mean is None:
+        return DASH
+    if std is None or (n is not None and n < 2):
+        return fmt_num(mean)
+    return f"{fmt_num(mean)} ± {fmt_num(std, digits=3)}"
+
+
+def attack_label(attack: Mapping[str, Any]) -> str:
+    """Plain description of an attacker setting, e.g. ``"GD, exact line search"`` or ``"Adam (lr 0.01)"``."""
+    opt = str(attack.get("optimizer") or attack.get("key") or "attack")
+    lr = attack.get("lr")
+    lr_txt = f"lr {fmt_num(lr)}" if lr is not None else "default lr"
+    batch = attack.get("batch_size")
+    batch_txt = f", batch {batch}" if batch is not None else ""
+    if opt == "gd_exact":
+        return "GD, exact line search"
+    if opt == "gd":
+        return f"GD, fixed step ({lr_txt})"
+    if opt == "sgd":
+        return f"SGD ({lr_txt}{batch_txt})"
+    if opt == "adam":
+        return f"Adam ({lr_txt}{batch_txt})"
+    return f"{opt} ({lr_txt})"
+
+
+def method_order(results: Mapping[str, Any]) -> list[str]:
+    """List method keys in display order: ``config.methods`` first, then any other method.
+
+    ``results.json`` is written with sorted keys, so the order of ``methods`` itself is alphabetical;
+    the run's intended order lives in ``config["methods"]`` (strings or objects with a ``key``).
+    """
+    methods = results.get("methods")
+    if not isinstance(methods, Mapping):
+        return []
+    config = results.get("config")
+    declared = config.get("methods") if isinstance(config, Mapping) else None
+    order: list[str] = []
+    for item in declared if isinstance(declared, list) else []:
+        key = item.get("key") if isinstance(item, Mapping) else item
+        if isinstance(key, str) and key in methods and key not in order:
+            order.append(key)
+    return order + [m for m in methods if m not in order]
+
+
+def attack_by_key(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Key the ``attacks`` list of a results record by attack key (display order kept)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for attack in results.get("attacks") or []:
+        if isinstance(attack, Mapping) and "key" in attack:
+            out[str(attack["key"])] = attack
+    return out
+
+
+def safe_filename(text: str) -> str:
+    """Keep letters, digits, ``-``, ``_`` and ``.``; replace anything else with ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    Args:
+        path: the final file.
+        suffix: suffix of the temporary file (e.g. ``".png"`` so writers can infer the format).
+
+    Yields:
+        A temporary file path in the same folder (so ``os.replace`` is atomic).
+
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,71 @@
+"""Write ``report.md`` and its PNG figures for one run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from immunekit.reports._common import atomic_write_text, attack_by_key, safe_filename
+from immunekit.reports.markdown import CONVERGENCE_PREFIX, KAPPA_BARS, render_markdown
+from immunekit.reports.schema import load_results, resolve_results_path
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILENAME = "report.md"
+KAPPA_BARS_FILENAME = "kappa_bars.png"
+
+
+def convergence_filename(attack_key: str) -> str:
+    """File name of the convergence figure of one attack, e.g. ``convergence_gd_exact.png``."""
+    return f"convergence_{safe_filename(attack_key)}.png"
+
+
+def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Load a ``results.json`` and write ``report.md`` plus its figures.
+
+    One convergence figure per attack in ``results["attacks"]`` and one κ-ratio bar chart are written
+    next to the report. Without matplotlib a warning is logged and the report has no figures.
+
+    Args:
+        results_path_or_dir: the ``results.json`` file or the run folder holding it.
+        out_dir: where to write; default: the folder of ``results.json``. Created if missing.
+
+    Returns:
+        Path of the written ``report.md``.
+
+    Raises:
+        ReportError: the results file is missing, not JSON, or fails validation.
+
+    """
+    results_file = resolve_results_path(results_path_or_dir)
+    results = load_results(results_file)
+    out = Path(out_dir) if out_dir is not None else results_file.parent
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _write_figures(results, out)
+    report = out / REPORT_FILENAME
+    atomic_write_text(report, render_markdown(results, figures))
+    logger.info("wrote %s (%d figure(s)) from %s", report, len(figures), results_file)
+    return report
+
+
+def _write_figures(results: Mapping[str, Any], out: Path) -> dict[str, str]:
+    """Render every figure; figure id → file name relative to ``out`` (only figures actually written)."""
+    try:
+        from immunekit.reports import plots
+
+        plots.require_matplotlib()
+    except ImportError as exc:
+        logger.warning("%s; writing the report without figures", exc)
+        return {}
+    figures: dict[str, str] = {}
+    for key in attack_by_key(results):
+        name = convergence_filename(key)
+        if plots.plot_convergence(results, key, out / name) is not None:
+            figures[f"{CONVERGENCE_PREFIX}{key}"] = name
+        else:
+            logger.warning("no convergence curve recorded for attack %r; figure skipped", key)
+    if plots.plot_kappa_bars(results, out / KAPPA_BARS_FILENAME) is not None:
+        figures[KAPPA_BARS] = KAPPA_BARS_FILENAME
+    return figures

@@ -1,0 +1,163 @@
+"""Contract suite for every registered defense (DESIGN §2 "Defense", §6 contract tier).
+
+Parametrized from ``DEFENSES.names()``, so a newly registered defense is checked automatically:
+``fit`` returns a new model and never mutates its input, is deterministic for a seed, the config
+round-trips through ``to_dict`` and loading is strict (unknown keys raise with a suggestion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from immunekit.config import to_dict
+from immunekit.data.synthetic import gaussian_spectra
+from immunekit.data.task import Task
+from immunekit.defenses import DEFENSES, Defense
+from immunekit.errors import ConfigError
+from immunekit.models.base import ImmunizableModel, LinearModel, linear_model
+
+F64 = torch.float64
+NAMES = DEFENSES.names()
+# Defenses that accept any ImmunizableModel (all others are linear-extractor algorithms).
+ANY_MODEL = {"identity"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny float64 problems: OpenMP threads only add contention (x100 slower on a busy 2-core box).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+class TinyMLP(ImmunizableModel):
+    """A non-linear extractor: not a LinearModel."""
+
+    def __init__(self, d_in: int, d_hid: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.extractor = nn.Sequential(nn.Linear(d_in, d_hid, dtype=F64), nn.Tanh())
+        self.head = nn.Linear(d_hid, 1, dtype=F64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+
+
+def _task(loss: str = "mse") -> Task:
+    return gaussian_spectra(dim=6, n=64, cond_primary=20.0, cond_harmful=5.0, loss=loss, seed=3)
+
+
+def _model(d: int) -> LinearModel:
+    """θ_0 = I + small random perturbation, a non-zero head: a non-trivial starting point."""
+    m = linear_model(d)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        m.extractor.weight.add_(0.1 * torch.randn(d, d, generator=g, dtype=F64))
+        m.head.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+    return m
+
+
+def _defense(name: str, **overrides: object) -> Defense:
+    cls = DEFENSES.get(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    if "steps" in fields and "steps" not in overrides:
+        overrides["steps"] = 5  # the contract does not depend on the number of steps
+    return cls(**overrides)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), f"{key} changed"
+
+
+def test_registry_is_not_empty() -> None:
+    assert {"identity", "condition_number", "rill_only", "opt_kappa", "imma"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_returns_new_model_and_leaves_input_bit_identical(name: str, loss: str) -> None:
+    task = _task(loss)
+    model = _model(task.input_dim)
+    before = _snapshot(model)
+    out = _defense(name).fit(model, task, seed=0)
+    assert isinstance(out, ImmunizableModel)
+    assert out is not model
+    _assert_state_equal(_snapshot(model), before)
+    # No storage is shared: editing the output must not reach the input.
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(1.0)
+    _assert_state_equal(_snapshot(model), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_is_deterministic_for_a_seed(name: str) -> None:
+    task = _task()
+    model = _model(task.input_dim)
+    a = _defense(name).fit(model, task, seed=7)
+    b = _defense(name).fit(model, task, seed=7)
+    _assert_state_equal(_snapshot(a), _snapshot(b))
+    assert torch.isfinite(a.extractor.weight).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_sets_trailing_underscore_diagnostics(name: str) -> None:
+    d = _defense(name)
+    d.fit(_model(6), _task(), seed=0)
+    assert isinstance(d.history_, list)
+    assert isinstance(d.info_, dict)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trips_through_to_dict(name: str) -> None:
+    cls = DEFENSES.get(name)
+    d = cls()
+    assert cls(**to_dict(d.config)).config == d.config
+    assert cls(config=d.config).config == d.config
+    if "steps" in {f.name for f in dataclasses.fields(cls.Config)}:
+        changed = cls(steps=3)
+        again = cls(**to_dict(changed.config))
+        assert again.config == changed.config
+        assert again.config.steps == 3
+        assert again.config != d.config
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_config_key_raises_with_suggestion(name: str) -> None:
+    cls = DEFENSES.get(name)
+    fields = [f.name for f in dataclasses.fields(cls.Config)]
+    if not fields:  # nothing to suggest (e.g. identity): still strict, and the key is named
+        with pytest.raises(ConfigError, match="bogus_key"):
+            cls(bogus_key=1)
+        return
+    typo = fields[0] + "z"
+    with pytest.raises(ConfigError, match=rf"{typo}: unknown key; did you mean '{fields[0]}'\?"):
+        cls(**{typo: 1})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
+    task = _task()
+    mlp = TinyMLP(task.input_dim)
+    before = _snapshot(mlp)
+    if name in ANY_MODEL:
+        out = _defense(name).fit(mlp, task, seed=0)
+        assert out is not mlp
+        _assert_state_equal(_snapshot(out), before)
+    else:
+        with pytest.raises(ConfigError, match="LinearModel"):
+            _defense(name).fit(mlp, task, seed=0)
+    _assert_state_equal(_snapshot(mlp), before)

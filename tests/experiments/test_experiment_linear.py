@@ -1,0 +1,92 @@
+"""The linear experiment runner: trials on disk, resume, refusal to mix configs, aggregation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from immunekit.config import read_yaml
+from immunekit.errors import ConfigError
+from immunekit.experiments import default_config_path
+from immunekit.experiments.linear import build_config, run_linear_experiment, summarise, trial_path
+
+
+def tiny_config(**changes: object) -> dict:
+    data = read_yaml(default_config_path("synthetic"))
+    data.update(
+        task_config={"dim": 6, "n": 64, "cond_primary": 50.0, "cond_harmful": 5.0},
+        seeds=[1, 2],
+        methods=["identity", "condition_number"],
+        attacks=[{"key": "gd_exact", "optimizer": "gd_exact", "steps": 20}],
+    )
+    data.update(changes)
+    return data
+
+
+def test_run_writes_results_and_one_record_per_trial(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config())
+    results = run_linear_experiment(cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == [
+        "condition_number--seed1.json",
+        "condition_number--seed2.json",
+        "identity--seed1.json",
+        "identity--seed2.json",
+    ]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["schema_version"] == 1 and on_disk["seeds"] == [1, 2]
+    ident = results["methods"]["identity"]["metrics"]
+    assert ident["rir"]["values"] == [1.0, 1.0]
+    cn = results["methods"]["condition_number"]["metrics"]
+    assert cn["rir"]["mean"] > 1.0
+    assert len(results["methods"]["condition_number"]["curves"]["harmful.gd_exact"]["norm_ratio"]) <= 21
+    assert on_disk["provenance"]["torch"]
+    assert on_disk["config_sha256"] == results["config_sha256"]
+
+
+def test_resume_skips_finished_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = build_config(tiny_config())
+    run_linear_experiment(cfg, tmp_path, progress=False)
+    before = {p.name: p.read_text() for p in (tmp_path / "trials").iterdir()}
+    import immunekit.experiments.linear as linear
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished trial was recomputed")
+
+    monkeypatch.setattr(linear, "run_trial", fail)
+    run_linear_experiment(cfg, tmp_path, progress=False)
+    assert {p.name: p.read_text() for p in (tmp_path / "trials").iterdir()} == before
+
+
+def test_partial_run_completes_only_missing_trials(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config())
+    run_linear_experiment(cfg, tmp_path, progress=False)
+    victim = trial_path(tmp_path, "condition_number", 2)
+    kept = trial_path(tmp_path, "identity", 1).read_text()
+    victim.unlink()  # as if the run was killed before this trial finished
+    run_linear_experiment(cfg, tmp_path, progress=False)
+    assert victim.exists()
+    assert trial_path(tmp_path, "identity", 1).read_text() == kept
+
+
+def test_refuses_to_mix_configs(tmp_path: Path) -> None:
+    run_linear_experiment(build_config(tiny_config()), tmp_path, progress=False)
+    other = build_config(tiny_config(epsilon=0.2))
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_linear_experiment(other, tmp_path, progress=False)
+
+
+def test_unknown_keys_and_names_suggest_fixes() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'epsilon'"):
+        build_config(tiny_config(epsilom=0.1))
+    with pytest.raises(ConfigError, match="did you mean 'condition_number'"):
+        build_config(tiny_config(methods=["condition_numbr"]))
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        build_config(tiny_config(seeds=[1, 1]))
+
+
+def test_summarise_censors_none() -> None:
+    s = summarise("steps_to_epsilon.harmful.gd", [10, None, 14])
+    assert s["censored"] == 1 and s["n"] == 2 and s["mean"] == 12.0 and s["direction"] == "higher"
+    assert summarise("rir", [None, None])["mean"] is None
