@@ -115,9 +115,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the experiment, then render the report and print a summary."""
-    from immunekit.experiments.linear import build_config, run_linear_experiment
-
     import torch
+
+    from immunekit.experiments.linear import build_config, run_linear_experiment
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")

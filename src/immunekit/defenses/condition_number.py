@@ -49,7 +49,7 @@ from immunekit.defenses.base import Defense, DefenseConfig, require_linear
 from immunekit.defenses.linear_common import head_width, task_grads
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
-from immunekit.spectral.condition import KappaInfo, condition_number, default_rtol, kappa_from_values
+from immunekit.spectral.condition import KappaInfo, gram_condition_number, psd_factor
 from immunekit.spectral.hessians import covariance, linear_l2_hessian
 from immunekit.spectral.regularizers import (
     Preconditioner,
@@ -89,7 +89,8 @@ class SpectralDefenseConfig(DefenseConfig):
     )
     ridge: float = field(default=0.0, metadata={"help": "ε for the ridge preconditioner"})
     rank_rtol: float | None = field(
-        default=None, metadata={"help": "relative threshold for rank H (default D·eps)"}
+        default=None,
+        metadata={"help": "relative threshold on the singular values of F·θ (FᵀF = K) for rank and κ of H"},
     )
     delta_min: float = field(default=1e-300, metadata={"help": "floor of Δ(H_H) in R_ill (hits are logged)"})
     guard: bool = field(default=True, metadata={"help": "clip τ to the monotone-κ step bounds"})
@@ -141,18 +142,17 @@ class SpectralLinearDefense(Defense):
     Config = SpectralDefenseConfig
     uses_primary_term: ClassVar[bool] = True
 
-    def primary_term(self, h: Tensor) -> SpectralGrad:
-        """∂R_P/∂H_P (to be descended)."""
+    def primary_term(self, h: Tensor, rank: int) -> SpectralGrad:
+        """∂R_P/∂H_P (to be descended); ``rank`` is H_P's numerical rank."""
         return g_well(h)
 
-    def harmful_term(self, h: Tensor) -> SpectralGrad:
-        """∂R_H/∂H_H (to be descended)."""
-        cfg = self.config
-        return g_ill(h, rtol=cfg.rank_rtol, delta_min=cfg.delta_min)
+    def harmful_term(self, h: Tensor, rank: int) -> SpectralGrad:
+        """∂R_H/∂H_H (to be descended); ``rank`` is H_H's numerical rank (k of R_ill)."""
+        return g_ill(h, delta_min=self.config.delta_min, rank=rank)
 
     def primary_bound(self, sg: SpectralGrad) -> float:
         """Largest τ_P with a monotone guarantee (``inf``: none)."""
-        return r_well_step_bound(sg.eigenvalues)
+        return r_well_step_bound(sg.eigenvalues, rank=sg.rank)
 
     def harmful_bound(self, sg: SpectralGrad) -> float:
         """Largest τ_H with a monotone guarantee (``inf``: none)."""
@@ -190,10 +190,10 @@ class SpectralLinearDefense(Defense):
             if cfg.primary_subspace
             else None
         )
-        log_kappa_p0 = kappa_of(linear_l2_hessian(theta, k_p)).log_kappa
-        su = _Setup(k_p, k_h, pre_p, pre_h, proj, None, None, log_kappa_p0)
+        f_p, f_h = psd_factor(k_p, rtol=cfg.pinv_rtol), psd_factor(k_h, rtol=cfg.pinv_rtol)
+        su = _Setup(k_p, k_h, f_p, f_h, pre_p, pre_h, proj, None, None, 0.0, cfg.rank_rtol)
         lam_p, lam_h = self._initial_lambdas(theta, su)
-        return dataclasses.replace(su, lam_p=lam_p, lam_h=lam_h)
+        return dataclasses.replace(su, lam_p=lam_p, lam_h=lam_h, log_kappa_p0=su.kappa_p(theta).log_kappa)
 
     def _initial_lambdas(self, theta: Tensor, su: _Setup) -> tuple[float | None, float | None]:
         cfg = self.config
@@ -211,8 +211,8 @@ class SpectralLinearDefense(Defense):
 
     def _directions(self, theta: Tensor, su: _Setup) -> tuple[SpectralGrad, SpectralGrad, Tensor, Tensor]:
         """Spectral terms and the preconditioned directions K_P⁺∇_θR_P, K_H⁺∇_θR_H (projected if asked)."""
-        sp = self.primary_term(linear_l2_hessian(theta, su.k_p))
-        sh = self.harmful_term(linear_l2_hessian(theta, su.k_h))
+        sp = self.primary_term(linear_l2_hessian(theta, su.k_p), su.kappa_p(theta).rank)
+        sh = self.harmful_term(linear_l2_hessian(theta, su.k_h), su.kappa_h(theta).rank)
         d_p, d_h = su.pre_p.spectral_step(theta, sp.g), su.pre_h.spectral_step(theta, sh.g)
         return sp, sh, su.project(d_p), su.project(d_h)
 
@@ -245,16 +245,17 @@ class SpectralLinearDefense(Defense):
         self.info_["delta_floor_hits"] += int(sh.floored)
         eta, capped = self._task_lr(theta, omega, su.k_p, task)
         base = theta - eta * su.project(g_theta) - tau_p * d_p
-        limit = su.log_kappa_p0 if cfg.safeguard_against == "initial" else _log_kappa(sp)
-        tau_h, halvings = self._safe_harmful_step(base, d_h, tau_h, su.k_p, limit)
+        log_kappa_p, log_kappa_h = su.kappa_p(theta).log_kappa, su.kappa_h(theta).log_kappa
+        limit = su.log_kappa_p0 if cfg.safeguard_against == "initial" else log_kappa_p
+        tau_h, halvings = self._safe_harmful_step(base, d_h, tau_h, su, limit)
         self.history_.append(
             {
                 "step": t,
                 "task_loss": loss,
                 "reg_primary": sp.value,
                 "reg_harmful": sh.value,
-                "log_kappa_primary": _log_kappa(sp),
-                "log_kappa_harmful": _log_kappa(sh),
+                "log_kappa_primary": log_kappa_p,
+                "log_kappa_harmful": log_kappa_h,
                 "tau_primary": tau_p,
                 "tau_harmful": tau_h,
                 "lambda_primary": tau_p / cfg.lr,
@@ -269,7 +270,7 @@ class SpectralLinearDefense(Defense):
         return base - tau_h * d_h, omega - eta * g_omega
 
     def _safe_harmful_step(
-        self, base: Tensor, d_h: Tensor, tau_h: float, k_p: Tensor, log_kappa_p: float
+        self, base: Tensor, d_h: Tensor, tau_h: float, su: _Setup, log_kappa_p: float
     ) -> tuple[float, int]:
         """Halve τ_H until the joint step does not raise κ(H_P) (at most ``safeguard_halvings`` times).
 
@@ -281,8 +282,7 @@ class SpectralLinearDefense(Defense):
         if not cfg.primary_safeguard or tau_h == 0.0 or not self.uses_primary_term:
             return tau_h, 0
         for halvings in range(cfg.safeguard_halvings + 1):
-            trial = linear_l2_hessian(base - tau_h * d_h, k_p)
-            if kappa_of(trial).log_kappa <= log_kappa_p:
+            if su.kappa_p(base - tau_h * d_h).log_kappa <= log_kappa_p:
                 return tau_h, halvings
             tau_h *= 0.5
         return 0.0, cfg.safeguard_halvings + 1
@@ -304,22 +304,35 @@ class SpectralLinearDefense(Defense):
         return (limit, True) if cfg.lr > limit else (cfg.lr, False)
 
     def _finish(self, theta: Tensor, su: _Setup) -> None:
-        sp, sh = self._directions(theta, su)[:2]
-        self.info_.update(final_log_kappa_primary=_log_kappa(sp), final_log_kappa_harmful=_log_kappa(sh))
+        self.info_.update(
+            final_log_kappa_primary=su.kappa_p(theta).log_kappa,
+            final_log_kappa_harmful=su.kappa_h(theta).log_kappa,
+        )
 
 
 @dataclass(frozen=True)
 class _Setup:
-    """What Algorithm 1 computes once: K_P, K_H, their preconditioners, the λs, the subspace projector."""
+    """What Algorithm 1 computes once: K_P, K_H, their factors and preconditioners, λs, the projector."""
 
     k_p: Tensor
     k_h: Tensor
+    f_p: Tensor
+    f_h: Tensor
     pre_p: Preconditioner
     pre_h: Preconditioner
     proj: Tensor | None
     lam_p: float | None
     lam_h: float | None
     log_kappa_p0: float
+    rank_rtol: float | None
+
+    def kappa_p(self, theta: Tensor) -> KappaInfo:
+        """κ(θᵀK_Pθ) from the factor F_Pθ (small eigenvalues resolved to eps relative)."""
+        return gram_condition_number(self.f_p @ theta, rtol=self.rank_rtol)
+
+    def kappa_h(self, theta: Tensor) -> KappaInfo:
+        """κ(θᵀK_Hθ) from the factor F_Hθ."""
+        return gram_condition_number(self.f_h @ theta, rtol=self.rank_rtol)
 
     def project(self, update: Tensor) -> Tensor:
         """P_V Δ P_V + P_N Δ P_N with V = range(K_P), N = null(K_P) (identity when the constraint is off)."""
@@ -327,16 +340,6 @@ class _Setup:
             return update
         other = torch.eye(self.proj.shape[0], dtype=self.proj.dtype) - self.proj
         return self.proj @ update @ self.proj + other @ update @ other
-
-
-def kappa_of(h: Tensor) -> KappaInfo:
-    """Pseudo-inverse κ of a symmetric PSD matrix (default relative threshold)."""
-    return condition_number(h, hermitian=True)
-
-
-def _log_kappa(sg: SpectralGrad) -> float:
-    n = sg.eigenvalues.numel()
-    return kappa_from_values(sg.eigenvalues, rtol=default_rtol(n, n), dim=n).log_kappa
 
 
 class ConditionNumber(SpectralLinearDefense):

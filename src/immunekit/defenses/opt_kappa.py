@@ -24,13 +24,13 @@ class OptKappa(SpectralLinearDefense):
 
     name = "opt_kappa"
 
-    def primary_term(self, h: Tensor) -> SpectralGrad:
+    def primary_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂ log κ(H_P)/∂H_P."""
-        return g_log_kappa(h, rtol=self.config.rank_rtol)
+        return g_log_kappa(h, rank=rank)
 
-    def harmful_term(self, h: Tensor) -> SpectralGrad:
+    def harmful_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂(1/log κ(H_H))/∂H_H = −(∂ log κ/∂H)/log²κ."""
-        sg = g_log_kappa(h, rtol=self.config.rank_rtol)
+        sg = g_log_kappa(h, rank=rank)
         lk = max(sg.value, 1e-12)
         return SpectralGrad(-sg.g / lk**2, 1.0 / lk, sg.eigenvalues, sg.eigenvectors, sg.rank)
 

@@ -32,7 +32,7 @@ from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, rir, steps_to_epsilon, verdict
 from immunekit.models.base import LinearModel, linear_model
-from immunekit.spectral import condition_number, covariance, linear_l2_hessian
+from immunekit.spectral import covariance, gram_condition_number, psd_factor
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -132,10 +132,14 @@ def build_config(data: dict[str, Any]) -> LinearExperimentConfig:
 
 
 def kappa_pair(theta: torch.Tensor, k_h: torch.Tensor, k_p: torch.Tensor) -> KappaPair:
-    """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ (pseudo-inverse κ, default relative threshold)."""
+    """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ (pseudo-inverse κ, default relative thresholds).
+
+    Computed from the factors F·θ with FᵀF = K (:func:`immunekit.spectral.psd_factor`): K's null
+    space is decided once on K, and small eigenvalues of H are resolved to eps relative.
+    """
     return KappaPair(
-        condition_number(linear_l2_hessian(theta, k_h), hermitian=True),
-        condition_number(linear_l2_hessian(theta, k_p), hermitian=True),
+        gram_condition_number(psd_factor(k_h) @ theta),
+        gram_condition_number(psd_factor(k_p) @ theta),
     )
 
 

@@ -11,6 +11,7 @@ from immunekit.spectral.condition import (
     default_rtol,
     gram_condition_number,
     kappa_from_values,
+    psd_factor,
 )
 from immunekit.spectral.eig import ExtremeEigs, dense_extreme_eigs, extreme_eigs, lanczos_extreme_eigs
 from immunekit.spectral.hessians import (
@@ -67,6 +68,7 @@ __all__ = [
     "make_preconditioner",
     "precondition_layer",
     "psd_eigh",
+    "psd_factor",
     "r_ill",
     "r_ill_autograd",
     "r_ill_grad",

@@ -153,3 +153,31 @@ def gram_condition_number(factor: Tensor, *, rtol: float | None = None) -> Kappa
         sigma_max=s.sigma_max**2,
         sigma_min=s.sigma_min**2,
     )
+
+
+def psd_factor(k: Tensor, *, rtol: float | None = None) -> Tensor:
+    """A factor F with FᵀF = K over K's retained spectrum: F = diag(√λ_i · [λ_i > rtol·λ_max]) Qᵀ.
+
+    κ(θᵀKθ) computed as ``gram_condition_number(F @ θ)`` resolves small eigenvalues to ``eps``
+    relative (instead of ``eps · λ_max`` for ``eigh`` of θᵀKθ), and K's null space is decided once,
+    on K, with the same threshold as its pseudo-inverse.
+
+    Args:
+        k: ``(D, D)`` symmetric PSD matrix.
+        rtol: relative threshold on K's eigenvalues; default ``D · eps_64``.
+
+    Returns:
+        ``(D, D)`` factor; rows of dropped eigenvalues are exactly zero.
+
+    Example:
+        >>> f = psd_factor(torch.diag(torch.tensor([4.0, 1.0, 0.0])))
+        >>> bool(torch.allclose(f.T @ f, torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))))
+        True
+
+    """
+    k = _check_matrix(k, "K")
+    d = k.shape[0]
+    w, q = torch.linalg.eigh(0.5 * (k + k.T))
+    tol = default_rtol(d, d) if rtol is None else float(rtol)
+    keep = w > tol * float(w.max())
+    return (w.clamp_min(0.0).sqrt() * keep.to(w.dtype))[:, None] * q.T

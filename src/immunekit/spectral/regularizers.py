@@ -151,14 +151,17 @@ class SpectralGrad:
     floored: bool = False
 
 
-def psd_eigh(h: Tensor, *, rtol: float | None = None) -> tuple[Tensor, Tensor, int]:
+def psd_eigh(h: Tensor, *, rtol: float | None = None, rank: int | None = None) -> tuple[Tensor, Tensor, int]:
     """Eigen-decomposition of a symmetric PSD matrix, descending, with numerical rank.
 
     Negative rounding noise is clipped to zero; rank = #{λ_i > rtol·λ_max}, default
-    ``rtol = dim · eps_64``.
+    ``rtol = dim · eps_64``. A ``rank`` decided elsewhere (e.g. from a factor of H, which
+    resolves small eigenvalues far better than ``eigh`` of H) overrides the threshold.
     """
     w, v = torch.linalg.eigh(symmetrize(_f64(h)))
     w, v = w.flip(0).clamp_min(0.0), v.flip(1)
+    if rank is not None:
+        return w, v, int(rank)
     return w, v, _rank(w, default_rtol(*h.shape) if rtol is None else rtol)
 
 
@@ -171,9 +174,11 @@ def g_well(h: Tensor) -> SpectralGrad:
     return SpectralGrad(g, value, w, v, k)
 
 
-def g_ill(h: Tensor, *, rtol: float | None = None, delta_min: float = 0.0) -> SpectralGrad:
-    """G_ill = (λ_k v_kv_kᵀ − H/k)/Δ² for symmetric PSD H, k = numerical rank."""
-    w, v, k = psd_eigh(h, rtol=rtol)
+def g_ill(
+    h: Tensor, *, rtol: float | None = None, delta_min: float = 0.0, rank: int | None = None
+) -> SpectralGrad:
+    """G_ill = (λ_k v_kv_kᵀ − H/k)/Δ² for symmetric PSD H, k = numerical rank (or ``rank``)."""
+    w, v, k = psd_eigh(h, rtol=rtol, rank=rank)
     if k == 0:
         raise NumericalError("H is numerically zero; R_ill is undefined")
     d = float((w[:k] ** 2).sum() / (2 * k) - 0.5 * w[k - 1] ** 2)
@@ -185,9 +190,9 @@ def g_ill(h: Tensor, *, rtol: float | None = None, delta_min: float = 0.0) -> Sp
     return SpectralGrad(g, 1.0 / d_eff, w, v, k, d)
 
 
-def g_log_kappa(h: Tensor, *, rtol: float | None = None) -> SpectralGrad:
-    """∂ log κ(H)/∂H = v_1v_1ᵀ/λ_1 − v_kv_kᵀ/λ_k (pseudo-inverse κ, k = numerical rank)."""
-    w, v, k = psd_eigh(h, rtol=rtol)
+def g_log_kappa(h: Tensor, *, rtol: float | None = None, rank: int | None = None) -> SpectralGrad:
+    """∂ log κ(H)/∂H = v_1v_1ᵀ/λ_1 − v_kv_kᵀ/λ_k (pseudo-inverse κ, k = numerical rank or ``rank``)."""
+    w, v, k = psd_eigh(h, rtol=rtol, rank=rank)
     if k == 0:
         raise NumericalError("H is numerically zero; log κ is undefined")
     g = torch.outer(v[:, 0], v[:, 0]) / w[0] - torch.outer(v[:, k - 1], v[:, k - 1]) / w[k - 1]
@@ -356,7 +361,7 @@ def r_ill_autograd(s: Tensor, *, rtol: float | None = None, delta_min: float = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def r_well_step_bound(eigenvalues: Tensor, *, rtol: float | None = None) -> float:
+def r_well_step_bound(eigenvalues: Tensor, *, rtol: float | None = None, rank: int | None = None) -> float:
     """Largest τ for which θ ← θ − τK⁺∇_θR_well provably lowers κ(H) (H eigenvalues, descending).
 
     τ < min{ (√(λ_1λ_2) − λ_2)/((2/p)λ_2²), (1 − κ^{-1/2})/(2(1 − 1/p)λ_1) } where the second
@@ -365,14 +370,15 @@ def r_well_step_bound(eigenvalues: Tensor, *, rtol: float | None = None) -> floa
 
     ``rtol`` is the relative rank threshold behind κ (default ``p · eps_64``). Pass the one used
     for H elsewhere: with a singular K the zero eigenvalues of H = θᵀKθ carry rounding noise that
-    can exceed the default, and a noise eigenvalue taken as σ_min inflates the bound.
+    can exceed the default, and a noise eigenvalue taken as σ_min inflates the bound. A ``rank``
+    decided elsewhere (from a factor of H) overrides the threshold.
     """
     w = _f64(eigenvalues)
     p = w.numel()
     l1, l2 = float(w[0]), float(w[1]) if p > 1 else 0.0
     if p < 2 or l2 <= 0 or l1 <= l2:
         return float("inf")
-    k = _rank(w, default_rtol(p, p) if rtol is None else rtol)
+    k = rank if rank is not None else _rank(w, default_rtol(p, p) if rtol is None else rtol)
     kappa = l1 / float(w[k - 1])
     a = (l1 * l2) ** 0.5 - l2
     b = (2.0 / p) * l2**2
