@@ -5,7 +5,7 @@
    autograd through ``eigvalsh`` on the same matrices, for R_well and R_ill, with the agreement
    of the two gradients.
 
-Usage: python benchmarks/house_prices_speed.py [--repeats 50]
+Usage: python benchmarks/house_prices_speed.py [--repeats 50] [--threads 1]
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def autograd_grad(theta: torch.Tensor, k: torch.Tensor, reg) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     task = house_prices(seed=1)
     d = task.input_dim
     print(

@@ -9,7 +9,6 @@ budget caps that name the stopping dimension and are never exceeded, and seeded 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,14 +29,6 @@ CASES = [
     for name in ATTACKS.names()
     for opt in ((OPTIMIZERS[0],) if name in CLOSED_FORM else OPTIMIZERS)
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 class TinyMLP(ImmunizableModel):

@@ -8,7 +8,6 @@ round-trips through ``to_dict`` and loading is strict (unknown keys raise with a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +24,6 @@ F64 = torch.float64
 NAMES = DEFENSES.names()
 # Defenses that accept any ImmunizableModel (all others are linear-extractor algorithms).
 ANY_MODEL = {"identity"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny float64 problems: OpenMP threads only add contention (x100 slower on a busy 2-core box).
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 class TinyMLP(ImmunizableModel):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -15,14 +13,6 @@ from immunekit.spectral import condition_number, covariance, linear_l2_hessian
 
 F64 = torch.float64
 STEPS = 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _loss(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:

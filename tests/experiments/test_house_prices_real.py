@@ -33,7 +33,10 @@ def test_default_data_condition_number_wins_and_keeps_the_primary_task(tmp_path:
     assert best == "condition_number"
     assert _mean(methods, "condition_number", "kappa_ratio_primary") <= 1.0
     assert all(v <= 1.0 for v in methods["condition_number"]["metrics"]["kappa_ratio_primary"]["values"])
-    mse, ref = _mean(methods, "condition_number", "primary_test_mse"), _mean(methods, "identity", "primary_test_mse")
+    mse, ref = (
+        _mean(methods, "condition_number", "primary_test_mse"),
+        _mean(methods, "identity", "primary_test_mse"),
+    )
     assert mse <= 1.01 * ref
     assert all(v["immunized"] for v in methods["condition_number"]["verdict"])
 
