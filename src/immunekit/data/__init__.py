@@ -8,5 +8,6 @@ from immunekit.registry import Registry
 TASKS: Registry = Registry("task")
 TASKS.register_lazy("house_prices", "immunekit.data.house_prices:house_prices")
 TASKS.register_lazy("gaussian_spectra", "immunekit.data.synthetic:gaussian_spectra")
+TASKS.register_lazy("mnist_pair", "immunekit.data.mnist:mnist_pair")
 
 __all__ = ["TASKS", "Dataset", "Task"]

@@ -32,7 +32,7 @@ from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, rir, steps_to_epsilon, verdict
 from immunekit.models.base import LinearModel, linear_model
-from immunekit.spectral import covariance, gram_condition_number, psd_factor
+from immunekit.spectral import condition_number, covariance, gram_condition_number, psd_factor
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -287,7 +287,11 @@ def run_linear_experiment(
     ) as bar:
         for m, seed in todo:
             bar.set_postfix_str(f"{m.key} seed={seed}")
-            task = task_cache.setdefault(seed, make_task(seed))
+            if seed not in task_cache:
+                task_cache[seed] = make_task(seed)
+                if first_task is None:
+                    warn_rank_deficiency(task_cache[seed])
+            task = task_cache[seed]
             first_task = first_task or task
             record = run_trial(cfg, m, seed, task)
             record["trial_config_sha256"] = trial_config_sha(cfg, m)
@@ -299,6 +303,21 @@ def run_linear_experiment(
     results = aggregate(cfg, records, task)
     atomic_write_json(out / "results.json", results)
     return results
+
+
+def warn_rank_deficiency(task: Task) -> None:
+    """Say once when K_P or K_H is singular: κ is then over the retained spectrum (pseudo-inverse)."""
+    for name, data in (("K_P", task.primary), ("K_H", task.harmful)):
+        info = condition_number(covariance(data.x), hermitian=True)
+        if info.rank < info.dim:
+            log.warning(
+                "%s has rank %d of %d (constant or collinear features in the training rows); κ, RIR and "
+                "the K⁺ preconditioner use the pseudo-inverse over the retained spectrum (rtol %.1e)",
+                name,
+                info.rank,
+                info.dim,
+                info.rtol,
+            )
 
 
 def aggregate(
