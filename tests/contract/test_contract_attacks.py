@@ -18,7 +18,7 @@ from immunekit.attacks import ATTACKS, OPTIMIZERS, AttackBudget, AttackResult
 from immunekit.config import load_config
 from immunekit.data.synthetic import gaussian_spectra
 from immunekit.data.task import Task
-from immunekit.errors import ConfigError
+from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel, linear_model
 
 F64 = torch.float64
@@ -277,3 +277,9 @@ def test_budget_loading_is_strict() -> None:
         load_config(AttackBudget, {"stepz": 3}, where="budget")
     ok = load_config(AttackBudget, {"steps": 3, "optimizer": "sgd", "lr": 1}, where="budget")
     assert ok == AttackBudget(steps=3, optimizer="sgd", lr=1.0)
+
+
+def test_wrong_input_dimension_is_a_clear_error() -> None:
+    task = _task()
+    with pytest.raises(DataError, match="inputs but task"):
+        _attack("linear_probe", _budget("gd_exact"), _linear(task.input_dim + 2), task)

@@ -17,7 +17,7 @@ from immunekit.config import to_dict
 from immunekit.data.synthetic import gaussian_spectra
 from immunekit.data.task import Task
 from immunekit.defenses import DEFENSES, Defense
-from immunekit.errors import ConfigError
+from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel, LinearModel, linear_model
 
 F64 = torch.float64
@@ -151,3 +151,10 @@ def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
         with pytest.raises(ConfigError, match="LinearModel"):
             _defense(name).fit(mlp, task, seed=0)
     _assert_state_equal(_snapshot(mlp), before)
+
+
+@pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "identity"])
+def test_wrong_input_dimension_is_a_clear_error(name: str) -> None:
+    task = _task()
+    with pytest.raises(DataError, match=f"linear_model\\({task.input_dim}\\)"):
+        DEFENSES.get(name)(steps=1).fit(linear_model(task.input_dim + 1), task, seed=0)

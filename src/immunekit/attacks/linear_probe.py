@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from immunekit.attacks.base import Attack, AttackBudget, AttackResult, StepRecord, split_of
 from immunekit.config import load_config
 from immunekit.data.task import Dataset, Task
-from immunekit.errors import ConfigError
-from immunekit.models.base import ImmunizableModel
+from immunekit.errors import ConfigError, DataError
+from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.condition import default_rtol, gram_condition_number
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def targets(data: Dataset, loss: str, classes: int) -> Tensor:
 @torch.no_grad()
 def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem:
     """Frozen features and targets of ``split`` and ``eval_split`` (float64)."""
+    if isinstance(model, LinearModel) and model.extractor.in_features != task.input_dim:
+        raise DataError(
+            f"the model takes {model.extractor.in_features} inputs but task {task.name!r} has "
+            f"{task.input_dim} features; attack a model built for this task"
+        )
     train, held = split_of(task, split), split_of(task, eval_split)
     classes = 0 if task.loss == "mse" else int(max(train.y.max(), held.y.max())) + 1
     feats = [model.features(d.x.to(next(model.parameters()).dtype)).to(torch.float64) for d in (train, held)]

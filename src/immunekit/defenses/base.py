@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from immunekit.config import load_config
 from immunekit.data.task import Task
-from immunekit.errors import ConfigError
+from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel, LinearModel
 
 
@@ -39,11 +39,21 @@ class Defense(ABC):
         """Immunize a copy of ``model`` on ``task``; return the new model."""
 
 
-def require_linear(model: ImmunizableModel, defense: str) -> LinearModel:
+def require_linear(model: ImmunizableModel, defense: str, task: Task) -> LinearModel:
     """The linear-extractor algorithms need θ explicitly; other models get a clear error."""
     if not isinstance(model, LinearModel):
         raise ConfigError(
             f"defense {defense!r} (linear variant) needs a LinearModel, got {type(model).__name__}; "
             "build one with immunekit.models.linear_model(d_in)"
         )
+    check_input_dim(model, task)
     return model
+
+
+def check_input_dim(model: ImmunizableModel, task: Task) -> None:
+    """A LinearModel must take the task's flattened input dimension."""
+    if isinstance(model, LinearModel) and model.extractor.in_features != task.input_dim:
+        raise DataError(
+            f"the model takes {model.extractor.in_features} inputs but task {task.name!r} has "
+            f"{task.input_dim} features; build it with immunekit.models.linear_model({task.input_dim})"
+        )

@@ -161,7 +161,7 @@ class SpectralLinearDefense(Defense):
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
         """Run Algorithm 1 from the model's θ_0 (ω_0 = 0); returns a new LinearModel."""
         cfg = self.config
-        lin = require_linear(model, self.name)
+        lin = require_linear(model, self.name, task)
         theta = lin.theta
         omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
         su = self._setup(theta, task)

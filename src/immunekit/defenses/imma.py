@@ -58,7 +58,7 @@ class Imma(Defense):
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
         """Alternate inner probe steps on D_H with outer steps on θ and ω."""
         cfg = self.config
-        lin = require_linear(model, self.name)
+        lin = require_linear(model, self.name, task)
         theta = lin.theta
         omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
         w = torch.zeros(theta.shape[1], head_width(task.harmful, task.loss), dtype=torch.float64)
