@@ -90,3 +90,23 @@ def test_summarise_censors_none() -> None:
     s = summarise("steps_to_epsilon.harmful.gd", [10, None, 14])
     assert s["censored"] == 1 and s["n"] == 2 and s["mean"] == 12.0 and s["direction"] == "higher"
     assert summarise("rir", [None, None])["mean"] is None
+
+
+def _comparable(record: dict) -> dict:
+    metrics = {k: v for k, v in record["metrics"].items() if k != "defense_seconds"}
+    return {"metrics": metrics, "curves": record["curves"], "verdict": record["verdict"]}
+
+
+def test_process_executor_gives_the_inline_records(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config(methods=["condition_number", "imma"], seeds=[3]))
+    run_linear_experiment(cfg, tmp_path / "inline", progress=False)
+    run_linear_experiment(cfg, tmp_path / "process", progress=False, executor="process", workers=2)
+    for name in ("condition_number--seed3.json", "imma--seed3.json"):
+        a = json.loads((tmp_path / "inline" / "trials" / name).read_text())
+        b = json.loads((tmp_path / "process" / "trials" / name).read_text())
+        assert _comparable(a) == _comparable(b)
+
+
+def test_unknown_executor_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown executor 'ray2'"):
+        run_linear_experiment(build_config(tiny_config()), tmp_path, executor="ray2")

@@ -48,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override one config value (repeatable), e.g. --set epsilon=0.05",
     )
     p.add_argument(
+        "--executor",
+        choices=("inline", "process"),
+        default="inline",
+        help="inline: trials one after another in this process; process: a local pool of --workers processes",
+    )
+    p.add_argument("--workers", type=int, default=2, help="pool size for --executor process (default 2)")
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -124,7 +131,9 @@ def handle(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = build_config(resolve(args))
     out = args.out or Path("results") / args.experiment.replace("_", "-")
-    results = run_linear_experiment(cfg, out, progress=not args.no_progress)
+    results = run_linear_experiment(
+        cfg, out, progress=not args.no_progress, executor=args.executor, workers=args.workers
+    )
     print(summary_table(results))
     print(f"results: {out / 'results.json'}")
     if not args.no_report:

