@@ -29,7 +29,7 @@ from immunekit.defenses import DEFENSES
 from immunekit.errors import ConfigError
 from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
-from immunekit.metrics import KappaPair, rir, steps_to_epsilon, verdict
+from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
 from immunekit.models.base import LinearModel, linear_model
 from immunekit.spectral import condition_number, covariance, gram_condition_number, psd_factor
 
@@ -370,8 +370,6 @@ def aggregate(
     cfg: LinearExperimentConfig, records: dict[tuple[str, int], dict[str, Any]], task: Task
 ) -> dict[str, Any]:
     """Combine per-trial records into the results.json document (docs/results-schema.md)."""
-    from immunekit.metrics import METRICS  # noqa: F401  (directions live with the metric docs below)
-
     resolved = to_dict(cfg)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     sha = config_sha256(resolved)
@@ -404,25 +402,10 @@ def aggregate(
     }
 
 
-_DIRECTIONS = {
-    "rir": ("higher", "ratio"),
-    "log_rir": ("higher", "nats"),
-    "kappa_ratio_harmful": ("higher", "ratio"),
-    "kappa_ratio_primary": ("lower", "ratio"),
-    "primary_test_mse": ("lower", "z-units²"),
-    "primary_test_accuracy": ("higher", "fraction"),
-    "harmful_test_mse_closed_form": ("higher", "z-units²"),
-    "harmful_test_accuracy_closed_form": ("lower", "fraction"),
-    "defense_seconds": ("lower", "s"),
-}
-
-
 def summarise(name: str, values: list[float | None]) -> dict[str, Any]:
     """Mean, sample std and count over seeds; ``None`` values are censored (e.g. never reached ε)."""
     present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    direction, unit = _DIRECTIONS.get(name, (None, None))
-    if name.startswith("steps_to_epsilon."):
-        direction, unit = ("higher", "steps") if ".harmful." in name else ("lower", "steps")
+    direction, unit = metric_meta(name)
     return {
         "mean": statistics.fmean(present) if present else None,
         "std": statistics.stdev(present) if len(present) > 1 else (0.0 if present else None),

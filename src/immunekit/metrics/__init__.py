@@ -1,13 +1,70 @@
-"""Named scores from κ values, curves and records."""
+"""Named scores from κ values, curves and records.
+
+Every metric a record reports is registered here with its direction (higher/lower is better) and
+unit, so tables can show ↑/↓. Functions are registered under their own name; the parts of a
+result (e.g. the κ ratios of :func:`rir`) and quantities measured by an experiment are registered
+as :class:`Measured` entries.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from immunekit.metrics.convergence import steps_to_epsilon
 from immunekit.metrics.rir import KappaPair, RIRResult, Verdict, rir, verdict
 from immunekit.registry import Registry
 
+
+@dataclass(frozen=True)
+class Measured:
+    """A reported quantity without a standalone function (a part of a result, or measured by a run)."""
+
+    description: str
+
+
 METRICS: Registry = Registry("metric")
 METRICS.register("rir", direction="higher", unit="ratio")(rir)
 METRICS.register("steps_to_epsilon", direction="higher", unit="steps")(steps_to_epsilon)
+for _name, _direction, _unit, _text in (
+    ("log_rir", "higher", "nats", "log (i) − log (ii), from rir()"),
+    ("kappa_ratio_harmful", "higher", "ratio", "(i) = κ(H_H) immunized / reference, from rir()"),
+    ("kappa_ratio_primary", "lower", "ratio", "(ii) = κ(H_P) immunized / reference, from rir()"),
+    ("primary_test_mse", "lower", "z-units²", "held-out primary MSE of the least-squares head"),
+    ("primary_test_accuracy", "higher", "fraction", "held-out primary accuracy of the least-squares head"),
+    ("harmful_test_mse_closed_form", "higher", "z-units²", "held-out harmful MSE of the attacker's w*"),
+    (
+        "harmful_test_accuracy_closed_form",
+        "lower",
+        "fraction",
+        "held-out harmful accuracy of the attacker's w*",
+    ),
+    ("defense_seconds", "lower", "s", "wall time of Defense.fit"),
+):
+    METRICS.register(_name, direction=_direction, unit=_unit)(Measured(_text))
 
-__all__ = ["METRICS", "KappaPair", "RIRResult", "Verdict", "rir", "steps_to_epsilon", "verdict"]
+
+def metric_meta(name: str) -> tuple[str | None, str | None]:
+    """(direction, unit) of a reported metric name, from the registry.
+
+    ``steps_to_epsilon.<task>.<attack>`` is "higher" on the harmful task (a slower attacker) and
+    "lower" on the primary task.
+    """
+    if name.startswith("steps_to_epsilon."):
+        return ("higher" if ".harmful." in name else "lower"), "steps"
+    if name not in METRICS:
+        return None, None
+    meta = METRICS.meta(name)
+    return meta.get("direction"), meta.get("unit")
+
+
+__all__ = [
+    "METRICS",
+    "KappaPair",
+    "Measured",
+    "RIRResult",
+    "Verdict",
+    "metric_meta",
+    "rir",
+    "steps_to_epsilon",
+    "verdict",
+]
