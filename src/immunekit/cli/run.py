@@ -16,6 +16,7 @@ examples:
   immunekit run house-prices --csv train.csv          # Kaggle's file: the paper's exact protocol
   immunekit run house-prices --seeds 0,1 --out runs/hp --set defenses.condition_number.steps=50
   immunekit run house-prices --config my.yaml         # a YAML diff over the packaged defaults
+  immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (work in progress)
 """
 
 
@@ -35,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--csv", type=Path, help="house-prices: Kaggle's train.csv instead of the pinned Ames data"
     )
+    p.add_argument("--protocol", help="mnist-pairs: 'reference' (digit p vs digit h images) or 'one-vs-rest'")
+    p.add_argument("--pairs", help="mnist-pairs: 'all' or ordered pairs primary-harmful, e.g. 0-1,3-8")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
     p.add_argument("--methods", help="comma-separated method keys (default: all in the config)")
     p.add_argument("--out", type=Path, help="results directory (default: results/<experiment>)")
@@ -78,6 +81,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         if not args.csv.is_file():
             raise ConfigError(f"--csv {str(args.csv)!r} does not exist; pass the path of Kaggle's train.csv")
         flags["task_config"] = {"csv": str(args.csv)}
+    if args.protocol is not None:
+        flags.setdefault("task_config", {})["protocol"] = args.protocol.replace("-", "_")
+    if args.pairs is not None:
+        flags["pairs"] = args.pairs
     if args.seeds is not None:
         flags["seeds"] = _int_list(args.seeds, "--seeds")
     if args.methods is not None:

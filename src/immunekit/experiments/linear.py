@@ -96,6 +96,12 @@ class LinearExperimentConfig:
     paper_table: str | None = field(
         default=None, metadata={"help": "key of the paper's table to show beside"}
     )
+    pairs: str | None = field(
+        default=None,
+        metadata={
+            "help": "digit-pair tasks: 'all' (90 ordered pairs) or '0-1,3-8'; each pair is a grid cell"
+        },
+    )
 
     def __post_init__(self) -> None:
         TASKS.get(self.task)
@@ -107,6 +113,8 @@ class LinearExperimentConfig:
             keys = [m.key for m in items]
             if len(set(keys)) != len(keys):
                 raise ConfigError(f"{label} keys must be unique, got {keys}")
+        if self.pairs is not None:
+            parse_pairs(self.pairs)
         if not 0 < self.epsilon < 1:
             raise ConfigError(f"epsilon must be in (0, 1), got {self.epsilon}")
 
@@ -158,7 +166,12 @@ def probe_test_loss(
 def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: Task) -> dict[str, Any]:
     """Immunize, measure and attack for one (method, seed); returns the trial record (JSON-ready)."""
     model0 = linear_model(task.input_dim)
-    defense = DEFENSES.get(method.defense)(**method.overrides)
+    defense_cls = DEFENSES.get(method.defense)
+    overrides = dict(method.overrides)
+    if task.info.get("task_term") is False and "task_loss" in defense_cls.Config.__dataclass_fields__:
+        # the task's protocol has no genuine primary loss (e.g. MNIST 'reference'): no task term
+        overrides.setdefault("task_loss", False)
+    defense = defense_cls(**overrides)
     t0 = time.perf_counter()
     immunized = defense.fit(model0, task, seed=seed)
     seconds = time.perf_counter() - t0
@@ -221,17 +234,59 @@ def _attack_curves(
 # ---------------------------------------------------------------------------------------------
 
 
-def trial_path(out: Path, method: str, seed: int) -> Path:
-    """Where the record of one trial lives."""
-    return out / "trials" / f"{method}--seed{seed}.json"
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """``'all'`` → the 90 ordered digit pairs; ``'0-1,3-8'`` → [(0, 1), (3, 8)] (primary-harmful).
+
+    Example:
+        >>> parse_pairs("0-1, 3-8")
+        [(0, 1), (3, 8)]
+        >>> len(parse_pairs("all"))
+        90
+
+    """
+    if text.strip() == "all":
+        return [(p, h) for p in range(10) for h in range(10) if p != h]
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        parts = item.split("-")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise ConfigError(f"pair {item!r} is not 'p-h' (e.g. 3-8); use --pairs all or --pairs 0-1,3-8")
+        p, h = int(parts[0]), int(parts[1])
+        if p > 9 or h > 9:
+            raise ConfigError(f"pair {item!r}: digits are 0-9")
+        if p == h:
+            raise ConfigError(f"pair {item!r}: a pair needs two different digits")
+        pairs.append((p, h))
+    if not pairs:
+        raise ConfigError("no pairs given; use --pairs all or --pairs 0-1,3-8")
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"pairs repeat: {text!r}")
+    return pairs
 
 
-def trial_config_sha(cfg: LinearExperimentConfig, method: MethodSpec) -> str:
-    """Identity of everything a trial depends on (not the list of seeds or other methods)."""
+def cells(cfg: LinearExperimentConfig) -> list[tuple[str, dict[str, Any]]]:
+    """Grid cells: (key, task-config overrides); one cell ``""`` when the experiment has no grid."""
+    if cfg.pairs is None:
+        return [("", {})]
+    return [(f"{p}-{h}", {"primary": p, "harmful": h}) for p, h in parse_pairs(cfg.pairs)]
+
+
+def trial_path(out: Path, method: str, seed: int, cell: str = "") -> Path:
+    """Where the record of one trial lives (``trials/<cell>/`` for grid experiments)."""
+    folder = out / "trials" / cell if cell else out / "trials"
+    return folder / f"{method}--seed{seed}.json"
+
+
+def trial_config_sha(
+    cfg: LinearExperimentConfig, method: MethodSpec, cell: dict[str, Any] | None = None
+) -> str:
+    """Identity of everything a trial depends on (not the lists of seeds, pairs or other methods)."""
     data = to_dict(cfg)
-    for key in ("seeds", "methods", "experiment", "paper_table"):
+    for key in ("seeds", "methods", "experiment", "paper_table", "pairs"):
         data.pop(key)
     data["method"] = to_dict(method)
+    if cell:
+        data["cell"] = cell
     return config_sha256(data)
 
 
@@ -247,6 +302,9 @@ def _load_done(path: Path, sha: str) -> dict[str, Any] | None:
     return record
 
 
+Trial = tuple[str, MethodSpec, int]  # (cell key, method, seed)
+
+
 def run_linear_experiment(
     cfg: LinearExperimentConfig,
     out: str | Path,
@@ -255,7 +313,7 @@ def run_linear_experiment(
     executor: str = "inline",
     workers: int = 2,
 ) -> dict[str, Any]:
-    """Run every (method, seed) trial not yet on disk, then write ``results.json``.
+    """Run every (cell, method, seed) trial not yet on disk, then write ``results.json``.
 
     Args:
         cfg: the resolved experiment config.
@@ -278,27 +336,29 @@ def run_linear_experiment(
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     out = Path(out)
-    records: dict[tuple[str, int], dict[str, Any]] = {}
-    todo = []
-    for seed in cfg.seeds:
-        for m in cfg.methods:
-            done = _load_done(trial_path(out, m.key, seed), trial_config_sha(cfg, m))
-            if done is not None:
-                records[(m.key, seed)] = done
-            else:
-                todo.append((m, seed))
+    grid = cells(cfg)
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
+    todo: list[Trial] = []
+    for cell, over in grid:
+        for seed in cfg.seeds:
+            for m in cfg.methods:
+                done = _load_done(trial_path(out, m.key, seed, cell), trial_config_sha(cfg, m, over))
+                if done is not None:
+                    records[(cell, m.key, seed)] = done
+                else:
+                    todo.append((cell, m, seed))
     if records:
         log.info("resuming: %d of %d trials already done in %s", len(records), len(records) + len(todo), out)
-    first_task = task_for(cfg, cfg.seeds[0])
+    first_task = task_for(cfg, cfg.seeds[0], grid[0][1])
     if todo:
         warn_rank_deficiency(first_task)
     with tqdm(
         total=len(todo), desc=f"{cfg.experiment} trials", disable=not progress or not todo, unit="trial"
     ) as bar:
         run = _run_inline if executor == "inline" else _run_pool
-        for (m, seed), record in run(cfg, todo, out, workers):
-            records[(m.key, seed)] = record
-            bar.set_postfix_str(f"{m.key} seed={seed}")
+        for (cell, m, seed), record in run(cfg, todo, out, workers):
+            records[(cell, m.key, seed)] = record
+            bar.set_postfix_str(f"{cell + ' ' if cell else ''}{m.key} seed={seed}")
             bar.update(1)
     results = aggregate(cfg, records, first_task)
     atomic_write_json(out / "results.json", results)
@@ -308,28 +368,32 @@ def run_linear_experiment(
 _TASKS_CACHE: dict[str, Task] = {}
 
 
-def task_for(cfg: LinearExperimentConfig, seed: int) -> Task:
-    """The task of ``seed``, built once per process (trials of one seed share it)."""
-    key = config_sha256({"task": cfg.task, "config": cfg.task_config, "seed": seed})
+def task_for(cfg: LinearExperimentConfig, seed: int, cell: dict[str, Any] | None = None) -> Task:
+    """The task of (cell, seed), built once per process (consecutive trials share it)."""
+    kwargs = {**cfg.task_config, **(cell or {})}
+    key = config_sha256({"task": cfg.task, "config": kwargs, "seed": seed})
     if key not in _TASKS_CACHE:
-        _TASKS_CACHE.clear()  # keep one task: a sweep visits seeds in order
-        _TASKS_CACHE[key] = TASKS.get(cfg.task)(seed=seed, **cfg.task_config)
+        _TASKS_CACHE.clear()  # keep one task: trials are visited cell by cell, seed by seed
+        _TASKS_CACHE[key] = TASKS.get(cfg.task)(seed=seed, **kwargs)
     return _TASKS_CACHE[key]
 
 
-def complete_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, out: Path) -> dict[str, Any]:
+def complete_trial(cfg: LinearExperimentConfig, trial: Trial, out: Path) -> dict[str, Any]:
     """Run one trial and write its record atomically (so a crash later never loses it)."""
-    task = task_for(cfg, seed)
+    cell, method, seed = trial
+    over = dict(cells(cfg))[cell]
+    task = task_for(cfg, seed, over)
     record = run_trial(cfg, method, seed, task)
-    record["trial_config_sha256"] = trial_config_sha(cfg, method)
-    record["task_version"] = task.version
-    atomic_write_json(trial_path(out, method.key, seed), record)
+    record.update(
+        cell=cell, trial_config_sha256=trial_config_sha(cfg, method, over), task_version=task.version
+    )
+    atomic_write_json(trial_path(out, method.key, seed, cell), record)
     return record
 
 
 def _run_inline(cfg, todo, out, workers):
-    for m, seed in todo:
-        yield (m, seed), complete_trial(cfg, m, seed, out)
+    for trial in todo:
+        yield trial, complete_trial(cfg, trial, out)
 
 
 def _run_pool(cfg, todo, out, workers):
@@ -339,16 +403,19 @@ def _run_pool(cfg, todo, out, workers):
     data = to_dict(cfg)
     ctx = multiprocessing.get_context("spawn")  # fork with torch threads is unsafe
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_pool_job, data, m.key, seed, str(out)): (m, seed) for m, seed in todo}
+        futures = {
+            pool.submit(_pool_job, data, cell, m.key, seed, str(out)): (cell, m, seed)
+            for cell, m, seed in todo
+        }
         for fut in cf.as_completed(futures):
             yield futures[fut], fut.result()
 
 
-def _pool_job(data: dict[str, Any], method_key: str, seed: int, out: str) -> dict[str, Any]:
+def _pool_job(data: dict[str, Any], cell: str, method_key: str, seed: int, out: str) -> dict[str, Any]:
     torch.set_num_threads(1)  # one worker per core; small matrices
     cfg = build_config(data)
     method = next(m for m in cfg.methods if m.key == method_key)
-    return complete_trial(cfg, method, seed, Path(out))
+    return complete_trial(cfg, (cell, method, seed), Path(out))
 
 
 def warn_rank_deficiency(task: Task) -> None:
@@ -367,25 +434,23 @@ def warn_rank_deficiency(task: Task) -> None:
 
 
 def aggregate(
-    cfg: LinearExperimentConfig, records: dict[tuple[str, int], dict[str, Any]], task: Task
+    cfg: LinearExperimentConfig, records: dict[tuple[str, str, int], dict[str, Any]], task: Task
 ) -> dict[str, Any]:
-    """Combine per-trial records into the results.json document (docs/results-schema.md)."""
+    """Combine per-trial records into the results.json document (docs/results-schema.md).
+
+    Without a grid, ``methods[m].metrics`` summarise the seeds. With a grid (digit pairs), each cell
+    gets its own per-method summaries under ``cells``, and ``methods[m].metrics`` summarise the
+    per-cell means across cells (so the mean RIR is the mean of per-pair RIR, as in the paper).
+    """
     resolved = to_dict(cfg)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     sha = config_sha256(resolved)
-    methods = {}
-    for m in cfg.methods:
-        recs = [records[(m.key, s)] for s in cfg.seeds]
-        names = list(dict.fromkeys(k for r in recs for k in r["metrics"]))
-        methods[m.key] = {
-            "defense": m.defense,
-            "overrides": m.overrides,
-            "metrics": {n: summarise(n, [r["metrics"].get(n) for r in recs]) for n in names},
-            "verdict": [r["verdict"] for r in recs],
-            "curves": recs[0]["curves"],
-            "defense_info": recs[0]["defense_info"],
-        }
-    return {
+    grid = cells(cfg)
+    per_cell = {
+        cell: {m.key: _summarise_trials([records[(cell, m.key, s)] for s in cfg.seeds]) for m in cfg.methods}
+        for cell, _ in grid
+    }
+    doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "experiment": cfg.experiment,
         "run_id": f"{cfg.experiment}-{created.replace('-', '').replace(':', '')}-{sha[:8]}",
@@ -397,8 +462,53 @@ def aggregate(
         "paper": paper_rows(cfg.paper_table),
         "attacks": [dataclasses.asdict(a) for a in cfg.attacks],
         "epsilon": cfg.epsilon,
-        "methods": methods,
-        "trials": [str(Path("trials") / f"{m.key}--seed{s}.json") for s in cfg.seeds for m in cfg.methods],
+        "trials": [
+            str(trial_path(Path(""), m.key, s, cell))
+            for cell, _ in grid
+            for s in cfg.seeds
+            for m in cfg.methods
+        ],
+    }
+    first = grid[0][0]
+    if len(grid) == 1 and not first:
+        doc["methods"] = {
+            m.key: {"defense": m.defense, "overrides": m.overrides, **per_cell[first][m.key]}
+            for m in cfg.methods
+        }
+        return doc
+    doc["grid"] = {"kind": "digit_pairs", "rows": "harmful", "cols": "primary", "size": 10}
+    doc["cells"] = {
+        cell: {
+            **over,
+            "methods": {
+                k: {"metrics": v["metrics"], "verdict": v["verdict"]} for k, v in per_cell[cell].items()
+            },
+        }
+        for cell, over in grid
+    }
+    doc["methods"] = {m.key: _across_cells(m, [per_cell[c][m.key] for c, _ in grid]) for m in cfg.methods}
+    return doc
+
+
+def _summarise_trials(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(dict.fromkeys(k for r in recs for k in r["metrics"]))
+    return {
+        "metrics": {n: summarise(n, [r["metrics"].get(n) for r in recs]) for n in names},
+        "verdict": [r["verdict"] for r in recs],
+        "curves": recs[0]["curves"],
+        "defense_info": recs[0]["defense_info"],
+    }
+
+
+def _across_cells(method: MethodSpec, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(dict.fromkeys(k for s in summaries for k in s["metrics"]))
+    return {
+        "defense": method.defense,
+        "overrides": method.overrides,
+        "metrics": {n: summarise(n, [s["metrics"].get(n, {}).get("mean") for s in summaries]) for n in names},
+        "verdict": [v for s in summaries for v in s["verdict"]],
+        "curves": summaries[0]["curves"],
+        "defense_info": summaries[0]["defense_info"],
     }
 
 
@@ -418,7 +528,11 @@ def summarise(name: str, values: list[float | None]) -> dict[str, Any]:
 
 
 def paper_rows(key: str | None) -> dict[str, Any]:
-    """The paper's numbers for ``key`` (a table in paper_tables.json), or {}."""
+    """The paper's numbers for ``key`` (a table in paper_tables.json), or {}.
+
+    A table of scalars (Table 2: mean RIR per method) becomes a one-column ``rir`` table; Table 2
+    also brings the Fig. 2 ln-RIR heat maps (rows harmful digit, columns primary digit).
+    """
     if not key:
         return {}
     tables = read_json(Path(__file__).with_name("paper_tables.json"))
@@ -427,8 +541,21 @@ def paper_rows(key: str | None) -> dict[str, Any]:
             f"unknown paper table {key!r}; choose one of {sorted(k for k in tables if k != 'source')}"
         )
     table = dict(tables[key])
+    out: dict[str, Any] = {"source": f"{tables['source']}, {key}"}
+    if all(isinstance(v, int | float) for v in table.values()):
+        out.update(columns=["rir"], rows={m: [v] for m, v in table.items()}, table2=table)
+        fig2 = {k: v for k, v in tables.get("fig2_mnist_ln_rir", {}).items() if k != "layout"}
+        out.update(
+            fig2=fig2,
+            fig2_success_counts_text=(
+                "R_ill only fails everywhere; IMMA succeeds once; Opt-κ fails on 32 of 90; "
+                "Ours succeeds on all 90"
+            ),
+        )
+        return out
     columns = [c.removesuffix("_ii").removesuffix("_i") for c in table.pop("columns", [])]
-    return {"source": f"{tables['source']}, {key}", "columns": columns, "rows": table}
+    out.update(columns=columns, rows=table)
+    return out
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
