@@ -31,12 +31,35 @@ Three documented safeguards (each switchable, each recorded per step):
   equal those of θ_0 = I exactly. R_well and the task gradient already have this form.
 * ``task_step_guard``: R_ill inflates ‖θ‖, so a fixed η on the task loss eventually exceeds
   2/L; η is capped at 1/L of the current task-loss curvature.
+
+Fast paths (``use_fast_paths``, on by default; ``False`` runs the original dense code, kept for
+benchmarks/mnist_speed.py and tests/defenses/test_defense_speed_paths.py). The iteration, every
+decision (ranks, clips, caps, safeguard halvings) and the recorded values are the same; results
+differ by rounding only (measured: final θ within 1e-11 relative on the house-prices tasks for
+condition_number and rill_only; see the tests for the tolerances). At D = 784 a step costs ~3× less:
+
+* once per fit: one ``eigh`` per K gives the preconditioner, the factor F (FᵀF = K) and the
+  range projector (:class:`~immunekit.spectral.fast.PsdSpectrum`); step 0 reuses the directions
+  computed at θ_0 for λ balancing; λ_max(K_P) is kept for the task-step guard.
+* thin pieces: F keeps only its rank K rows; P_K and the primary-subspace projection use the
+  thinner of the range/null bases (:class:`~immunekit.spectral.fast.RangeProjector`, nothing
+  at full rank); H = (Fθ)ᵀ(Fθ) reuses the product formed for κ.
+* spectral terms: ``eigvalsh`` plus inverse iteration for the one or two eigenvectors G needs,
+  on the r × r Gram of Fθ when rank K < D (:func:`~immunekit.spectral.fast.g_well_fast` etc.).
+  rill_only (τ_P = 0) records R_well(H_P) from Fθ's singular values and skips its direction.
+* κ(H_P) of a step's θ is the one its safeguard accepted (the same tensor), and κ(H_P), κ(H_H)
+  are computed once per step instead of twice.
+* the safeguard skips a halving candidate only when a certified lower bound on its log κ(H_P)
+  (:func:`~immunekit.spectral.fast.gram_kappa_bound`: QR + Lanczos, about a quarter of
+  ``svdvals``) already exceeds the limit, i.e. when the reference rejects it too; candidates near
+  the limit (``TIE_MARGIN``) are re-decided with the reference's own full-factor κ.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -49,8 +72,22 @@ from immunekit.defenses.base import Defense, DefenseConfig, require_linear
 from immunekit.defenses.linear_common import head_width, task_grads
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
-from immunekit.spectral.condition import KappaInfo, gram_condition_number, psd_factor
-from immunekit.spectral.hessians import covariance, linear_l2_hessian
+from immunekit.spectral.condition import (
+    EPS64,
+    KappaInfo,
+    default_rtol,
+    gram_condition_number,
+    gram_spectrum,
+    psd_factor,
+)
+from immunekit.spectral.fast import (
+    PsdSpectrum,
+    RangeProjector,
+    g_ill_fast,
+    g_well_fast,
+    gram_kappa_bound,
+)
+from immunekit.spectral.hessians import covariance, linear_l2_hessian, symmetrize
 from immunekit.spectral.regularizers import (
     Preconditioner,
     SpectralGrad,
@@ -62,6 +99,17 @@ from immunekit.spectral.regularizers import (
 )
 
 log = logging.getLogger(__name__)
+
+TIE_MARGIN = 1e-9
+"""Relative distance of a candidate's log κ(H_P) to the safeguard's limit below which the decision
+is re-taken with the reference's full-factor evaluations (thin and full differ by rounding only)."""
+
+SCREEN_MAX_ITERS = 30
+"""Lanczos steps per extreme singular value in a screening bound (more only tightens the bound)."""
+
+SCREEN_MIN_RANK = 384
+"""Safeguard candidates are screened by a certified κ bound only when rank K_P is at least this:
+below it ``svdvals`` is about as cheap as the bound's QR + triangular inverse + Lanczos."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +189,9 @@ class SpectralLinearDefense(Defense):
 
     Config = SpectralDefenseConfig
     uses_primary_term: ClassVar[bool] = True
+    use_fast_paths: ClassVar[bool] = True
+    """Run the cached / thin / certified computations (see "Fast paths" below); ``False`` runs the
+    original dense ones (for benchmarks and equality tests; an instance attribute overrides it)."""
 
     def primary_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂R_P/∂H_P (to be descended); ``rank`` is H_P's numerical rank."""
@@ -164,6 +215,8 @@ class SpectralLinearDefense(Defense):
         lin = require_linear(model, self.name, task)
         theta = lin.theta
         omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
+        if self.use_fast_paths:
+            return lin.with_weights(*self._fast_fit(theta, omega, task))
         su = self._setup(theta, task)
         self.history_ = []
         self.info_ = {
@@ -309,6 +362,208 @@ class SpectralLinearDefense(Defense):
             final_log_kappa_harmful=su.kappa_h(theta).log_kappa,
         )
 
+    # -----------------------------------------------------------------------------------------
+    # Fast paths: the same iteration and the same decisions, cheaper at large D (module docs)
+    # -----------------------------------------------------------------------------------------
+
+    def _fast_fit(self, theta: Tensor, omega: Tensor, task: Task) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        fs = self._fast_setup(theta, task)
+        self.history_ = []
+        self.info_ = {
+            "preconditioner_primary": fs.pre_p.describe(),
+            "preconditioner_harmful": fs.pre_h.describe(),
+            "balance": cfg.balance,
+            "lambda_primary": fs.lam_p,
+            "lambda_harmful": fs.lam_h,
+            "primary_subspace": cfg.primary_subspace,
+            "delta_floor_hits": 0,
+        }
+        point: _Point | None = fs.start
+        for t in tqdm(range(cfg.steps), desc=self.name, disable=not cfg.progress, leave=False):
+            theta, omega, point = self._fast_step(t, theta, omega, task, fs, point)
+        final_p = point if point is not None else fs.kappa_p(theta)
+        self.info_.update(
+            final_log_kappa_primary=final_p.info.log_kappa,
+            final_log_kappa_harmful=fs.kappa_h(theta).info.log_kappa,
+        )
+        return theta, omega
+
+    def _fast_setup(self, theta: Tensor, task: Task) -> _FastSetup:
+        cfg = self.config
+        k_p, k_h = covariance(task.primary.x), covariance(task.harmful.x)
+        # One eigh per K (the reference runs five between the preconditioners, factors and projector).
+        spec_p, spec_h = PsdSpectrum.of(k_p, rtol=cfg.pinv_rtol), PsdSpectrum.of(k_h, rtol=cfg.pinv_rtol)
+        pinv = cfg.preconditioner == "pinv"
+        pre_p = spec_p.preconditioner(cfg.preconditioner, ridge=cfg.ridge, dense=not pinv)
+        pre_h = spec_h.preconditioner(cfg.preconditioner, ridge=cfg.ridge, dense=not pinv)
+        d_in, d_hid = theta.shape
+        fs = _FastSetup(
+            spec_p=spec_p,
+            f_p=spec_p.factor(thin=True),
+            f_h=spec_h.factor(thin=True),
+            pre_p=pre_p,
+            pre_h=pre_h,
+            range_p=spec_p.projector() if pinv else None,
+            range_h=spec_h.projector() if pinv else None,
+            subspace=spec_p.projector() if cfg.primary_subspace else None,
+            rtol=default_rtol(d_in, d_hid) if cfg.rank_rtol is None else float(cfg.rank_rtol),
+            k_p_max=float(spec_p.eigenvalues[-1]),
+        )
+        fs.start = fs.kappa_p(theta)
+        fs.log_kappa_p0 = fs.start.info.log_kappa
+        if cfg.balance == "fixed":
+            fs.lam_p, fs.lam_h = cfg.lambda_primary, cfg.lambda_harmful
+        elif cfg.balance == "init":
+            directions = self._fast_directions(theta, fs, fs.start, primary=True)
+            d_p, d_h = directions[2], directions[3]
+            assert d_p is not None
+            lam_p = 1.0 if cfg.lambda_primary is None else cfg.lambda_primary
+            lam_h = lam_p * float(d_p.norm()) / max(float(d_h.norm()), 1e-300)
+            log.info("%s: λ_P=%.3g, λ_H=%.3g balanced at θ_0", self.name, lam_p, lam_h)
+            fs.lam_p, fs.lam_h = (lam_p if self.uses_primary_term else 0.0), lam_h
+            fs.first_directions = directions  # step 0 runs at θ_0: reuse them
+        # R_well's direction is only needed when τ_P can be non-zero (not for rill_only); its value
+        # is still recorded, from the factor's singular values.
+        fs.skip_primary = type(self).primary_term is SpectralLinearDefense.primary_term and (
+            fs.lam_p == 0.0 or (fs.lam_p is None and cfg.step_norm_primary == 0)
+        )
+        return fs
+
+    def _fast_directions(
+        self, theta: Tensor, fs: _FastSetup, pp: _Point, *, primary: bool
+    ) -> tuple[SpectralGrad, SpectralGrad, Tensor | None, Tensor, _Point]:
+        """As :meth:`_directions`, with H = (Fθ)ᵀ(Fθ) from the thin factor products already formed."""
+        ph = fs.kappa_h(theta)
+        if primary:
+            sp = self._fast_primary_term(pp)
+            d_p: Tensor | None = fs.project(fs.direction(fs.pre_p, fs.range_p, theta, sp.g))
+        else:
+            sp, d_p = _well_value(pp, theta.shape[1]), None
+        sh = self._fast_harmful_term(ph)
+        d_h = fs.project(fs.direction(fs.pre_h, fs.range_h, theta, sh.g))
+        return sp, sh, d_p, d_h, ph
+
+    def _fast_primary_term(self, pp: _Point) -> SpectralGrad:
+        """:meth:`primary_term` computing only v_1 (g_well_fast; on the Gram of F_Pθ if rank K_P < D)."""
+        h = pp.hessian()
+        if type(self).primary_term is SpectralLinearDefense.primary_term:
+            return g_well_fast(h, factor=pp.m)
+        return self.primary_term(h, pp.info.rank)
+
+    def _fast_harmful_term(self, ph: _Point) -> SpectralGrad:
+        """:meth:`harmful_term` computing only v_k (g_ill_fast; on the Gram of F_Hθ if rank K_H < D)."""
+        h = ph.hessian()
+        if type(self).harmful_term is SpectralLinearDefense.harmful_term:
+            return g_ill_fast(h, rank=ph.info.rank, delta_min=self.config.delta_min, factor=ph.m)
+        return self.harmful_term(h, ph.info.rank)
+
+    def _fast_step(
+        self, t: int, theta: Tensor, omega: Tensor, task: Task, fs: _FastSetup, pp: _Point | None
+    ) -> tuple[Tensor, Tensor, _Point | None]:
+        cfg = self.config
+        if cfg.task_loss:
+            loss, g_theta, g_omega = task_grads(task.primary, theta, omega, task.loss)
+        else:
+            loss, g_theta, g_omega = float("nan"), None, torch.zeros_like(omega)
+        if pp is None:
+            pp = fs.kappa_p(theta)
+        if t == 0 and fs.first_directions is not None:
+            sp, sh, d_p, d_h, ph = fs.first_directions
+            fs.first_directions = None
+        else:
+            sp, sh, d_p, d_h, ph = self._fast_directions(theta, fs, pp, primary=not fs.skip_primary)
+        if d_p is None:
+            tau_p, clip_p = 0.0, False
+        else:
+            tau_p, clip_p = self._tau(fs.lam_p, cfg.step_norm_primary, d_p, self.primary_bound(sp))
+        tau_h, clip_h = self._tau(fs.lam_h, cfg.step_norm_harmful, d_h, self.harmful_bound(sh))
+        self.info_["delta_floor_hits"] += int(sh.floored)
+        eta, capped = self._fast_task_lr(pp, omega, fs, task)
+        # θ − η·P(∇L) − τ_P d_P as in _step (a zero gradient or τ_P = 0 leaves θ bit for bit).
+        base = theta
+        if g_theta is not None:
+            base = base - eta * fs.project(g_theta)
+        if d_p is not None:
+            base = base - tau_p * d_p
+        log_kappa_p, log_kappa_h = pp.info.log_kappa, ph.info.log_kappa
+        limit = fs.log_kappa_p0 if cfg.safeguard_against == "initial" else log_kappa_p
+        limit_theta = fs.start.theta if cfg.safeguard_against == "initial" and fs.start else theta
+        tau_h, halvings, nxt = self._fast_safe_harmful_step(base, d_h, tau_h, fs, limit, limit_theta)
+        fs.screen_first = halvings > 0
+        self.history_.append(
+            {
+                "step": t,
+                "task_loss": loss,
+                "reg_primary": sp.value,
+                "reg_harmful": sh.value,
+                "log_kappa_primary": log_kappa_p,
+                "log_kappa_harmful": log_kappa_h,
+                "tau_primary": tau_p,
+                "tau_harmful": tau_h,
+                "lambda_primary": tau_p / cfg.lr,
+                "lambda_harmful": tau_h / cfg.lr,
+                "clipped_primary": float(clip_p),
+                "clipped_harmful": float(clip_h),
+                "task_lr": eta,
+                "task_lr_capped": float(capped),
+                "safeguard_halvings": float(halvings),
+            }
+        )
+        new_theta = nxt.theta if nxt is not None else base - tau_h * d_h
+        return new_theta, omega - eta * g_omega, nxt
+
+    def _fast_safe_harmful_step(
+        self,
+        base: Tensor,
+        d_h: Tensor,
+        tau_h: float,
+        fs: _FastSetup,
+        limit: float,
+        limit_theta: Tensor | None = None,
+    ) -> tuple[float, int, _Point | None]:
+        """:meth:`_safe_harmful_step` with the same accepted halving count, and the accepted point.
+
+        A candidate is evaluated exactly (``svdvals`` of its factor, as the reference does) unless
+        a certified lower bound on its log κ(H_P) already exceeds ``limit``: then the reference
+        would reject it too, so it is skipped. The thin factor's value differs from the full one's
+        by rounding only; within ``TIE_MARGIN`` of the limit both sides are re-evaluated with the
+        reference's full factor (``limit_theta`` is the θ that ``limit`` was computed at). The exact
+        value of the accepted candidate is kept for the next step, whose θ it is.
+        """
+        cfg = self.config
+        if not cfg.primary_safeguard or tau_h == 0.0 or not self.uses_primary_term:
+            return tau_h, 0, None
+        screen = _Screen(fs, base, d_h)
+        reference_limit: list[float] = []
+        for halvings in range(cfg.safeguard_halvings + 1):
+            screened = halvings > 0 or fs.screen_first
+            if not (screened and screen.certainly_above(tau_h, limit)):
+                cand = base - tau_h * d_h
+                point = fs.kappa_p(cand)
+                accept = point.info.log_kappa <= limit
+                if limit_theta is not None and abs(point.info.log_kappa - limit) <= TIE_MARGIN * max(
+                    1.0, abs(limit)
+                ):
+                    if not reference_limit:
+                        reference_limit.append(fs.reference_log_kappa_p(limit_theta))
+                    accept = fs.reference_log_kappa_p(cand) <= reference_limit[0]
+                if accept:
+                    return tau_h, halvings, point
+            tau_h *= 0.5
+        return 0.0, cfg.safeguard_halvings + 1, None
+
+    def _fast_task_lr(self, pp: _Point, omega: Tensor, fs: _FastSetup, task: Task) -> tuple[float, bool]:
+        """:meth:`_task_lr` with λ_max(θᵀK_Pθ) = s_1² of F_Pθ and λ_max(K_P) from the setup's eigh."""
+        cfg = self.config
+        if not (cfg.task_loss and cfg.task_step_guard):
+            return cfg.lr, False
+        n_out = fs.n_out(task, omega)
+        l_omega = 2.0 * pp.info.sigma_max / n_out
+        l_theta = 2.0 * fs.k_p_max * float((omega**2).sum()) / n_out
+        limit = 1.0 / max(l_omega, l_theta, 1e-300)
+        return (limit, True) if cfg.lr > limit else (cfg.lr, False)
+
 
 @dataclass(frozen=True)
 class _Setup:
@@ -340,6 +595,129 @@ class _Setup:
             return update
         other = torch.eye(self.proj.shape[0], dtype=self.proj.dtype) - self.proj
         return self.proj @ update @ self.proj + other @ update @ other
+
+
+@dataclass(frozen=True)
+class _Point:
+    """κ(θᵀKθ) at one θ from the thin factor product M = F_thin θ, kept with M and its singular values."""
+
+    theta: Tensor
+    info: KappaInfo
+    m: Tensor
+    values: Tensor
+
+    def hessian(self) -> Tensor:
+        """H = θᵀKθ = MᵀM (equal to linear_l2_hessian(θ, K) up to rounding: FᵀF = K)."""
+        return symmetrize(self.m.T @ self.m)
+
+
+def _well_value(pp: _Point, p: int) -> SpectralGrad:
+    """R_well(H_P) from the singular values s of F_Pθ (λ = s², zeros up to p) when G is not needed."""
+    w = torch.zeros(p, dtype=torch.float64)
+    lam = pp.values[:p] ** 2
+    w[: lam.numel()] = lam
+    value = float((w[0] ** 2 - w**2).sum() / (2 * p)) if p else 0.0
+    return SpectralGrad(torch.empty(0, 0, dtype=torch.float64), value, w, torch.empty(0, 0), pp.info.rank)
+
+
+@dataclass(kw_only=True)
+class _FastSetup:
+    """What the fast path computes once: thin factors and projectors from one eigh per K, λs, caches."""
+
+    spec_p: PsdSpectrum
+    f_p: Tensor
+    f_h: Tensor
+    pre_p: Preconditioner
+    pre_h: Preconditioner
+    range_p: RangeProjector | None
+    range_h: RangeProjector | None
+    subspace: RangeProjector | None
+    rtol: float
+    k_p_max: float
+    lam_p: float | None = None
+    lam_h: float | None = None
+    log_kappa_p0: float = 0.0
+    start: _Point | None = None
+    first_directions: tuple | None = None
+    skip_primary: bool = False
+    screen_first: bool = True
+    screen_vectors: tuple[Tensor | None, Tensor | None] = (None, None)
+    f_p_full: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.norm_f_p = float(self.f_p.norm())
+
+    def _kappa(self, f: Tensor, theta: Tensor) -> _Point:
+        m = f @ theta
+        info, values = gram_spectrum(m, rtol=self.rtol)
+        return _Point(theta, info, m, values)
+
+    def kappa_p(self, theta: Tensor) -> _Point:
+        """κ(θᵀK_Pθ) from F_Pθ, exactly as _Setup.kappa_p (same rank threshold, thin factor)."""
+        return self._kappa(self.f_p, theta)
+
+    def kappa_h(self, theta: Tensor) -> _Point:
+        """κ(θᵀK_Hθ) from F_Hθ."""
+        return self._kappa(self.f_h, theta)
+
+    def reference_log_kappa_p(self, theta: Tensor) -> float:
+        """The log κ(θᵀK_Pθ) of _Setup.kappa_p, bit for bit (full D-row factor, same threshold)."""
+        if self.f_p_full is None:
+            self.f_p_full = self.spec_p.factor()
+        return gram_condition_number(self.f_p_full @ theta, rtol=self.rtol).log_kappa
+
+    def direction(self, pre: Preconditioner, rp: RangeProjector | None, theta: Tensor, g: Tensor) -> Tensor:
+        """K⁺∇_θR = 2 P_K θ G (Preconditioner.spectral_step) with a thin P_K for the pseudo-inverse."""
+        if rp is None:
+            return pre.spectral_step(theta, g)
+        return 2.0 * rp.apply(theta @ g)
+
+    def project(self, update: Tensor) -> Tensor:
+        """_Setup.project with thin bases (the identity when K_P has full rank)."""
+        return update if self.subspace is None else self.subspace.sandwich(update)
+
+    @staticmethod
+    def n_out(task: Task, omega: Tensor) -> int:
+        return task.primary.x.shape[0] * omega.shape[1]
+
+
+class _Screen:
+    """Certified early rejection of safeguard candidates θ(τ) = base − τ d_H (see _fast_safe_harmful_step).
+
+    F_Pθ(τ) is formed as M_0 − τM_1 with M_0 = F_P·base and M_1 = F_P·d_H, while the reference forms
+    F_P·fl(base − τd_H). Both are within (2γ_D + 5eps)·|F_P|(|base| + τ|d_H|) of the exact product
+    (γ_D = D·eps/(1 − D·eps), the standard bound on a D-term dot product), so their distance in
+    spectral norm is at most (2γ_D + 5eps)·‖F_P‖_F(‖base‖_F + τ‖d_H‖_F): that is the ``abs_err``
+    handed to gram_log_kappa_lower_bound, which adds QR's and svdvals' backward errors.
+    """
+
+    def __init__(self, fs: _FastSetup, base: Tensor, d_h: Tensor) -> None:
+        self.fs, self.base, self.d_h = fs, base, d_h
+        self._m: tuple[Tensor, Tensor] | None = None
+        d = fs.f_p.shape[1]
+        self.coef = (2.0 * d * EPS64 / (1.0 - d * EPS64) + 5.0 * EPS64) * fs.norm_f_p
+        self.nb, self.nd = float(base.norm()), float(d_h.norm())
+
+    def certainly_above(self, tau: float, limit: float) -> bool:
+        """True only if the reference's log κ(H_P) at θ(τ) certainly exceeds ``limit``."""
+        if self.fs.f_p.shape[0] < SCREEN_MIN_RANK or not math.isfinite(limit):
+            return False
+        if self._m is None:
+            self._m = (self.fs.f_p @ self.base, self.fs.f_p @ self.d_h)
+        m0, m1 = self._m
+        abs_err = self.coef * (self.nb + tau * self.nd)
+        res = gram_kappa_bound(
+            m0 - tau * m1,
+            rtol=self.fs.rtol,
+            abs_err=abs_err,
+            target=limit,
+            max_iters=SCREEN_MAX_ITERS,
+            rel_tol=1e-9,
+            start=self.fs.screen_vectors,
+        )
+        # The singular vectors move little between candidates (and steps): warm-start the next one.
+        self.fs.screen_vectors = (res.top, res.bottom)
+        return res.log_kappa_lower > limit
 
 
 class ConditionNumber(SpectralLinearDefense):

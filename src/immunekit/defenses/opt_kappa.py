@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from immunekit.defenses.condition_number import SpectralLinearDefense
+from immunekit.defenses.condition_number import SpectralLinearDefense, _Point
+from immunekit.spectral.fast import g_log_kappa_fast
 from immunekit.spectral.regularizers import SpectralGrad, g_log_kappa
 
 
@@ -30,9 +31,19 @@ class OptKappa(SpectralLinearDefense):
 
     def harmful_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂(1/log κ(H_H))/∂H_H = −(∂ log κ/∂H)/log²κ."""
-        sg = g_log_kappa(h, rank=rank)
-        lk = max(sg.value, 1e-12)
-        return SpectralGrad(-sg.g / lk**2, 1.0 / lk, sg.eigenvalues, sg.eigenvectors, sg.rank)
+        return _inverse_log(g_log_kappa(h, rank=rank))
+
+    def _fast_primary_term(self, pp: _Point) -> SpectralGrad:
+        """primary_term computing only v_1 and v_k (see SpectralLinearDefense._fast_primary_term)."""
+        if type(self).primary_term is OptKappa.primary_term:
+            return g_log_kappa_fast(pp.hessian(), rank=pp.info.rank, factor=pp.m)
+        return super()._fast_primary_term(pp)
+
+    def _fast_harmful_term(self, ph: _Point) -> SpectralGrad:
+        """harmful_term computing only v_1 and v_k."""
+        if type(self).harmful_term is OptKappa.harmful_term:
+            return _inverse_log(g_log_kappa_fast(ph.hessian(), rank=ph.info.rank, factor=ph.m))
+        return super()._fast_harmful_term(ph)
 
     def primary_bound(self, sg: SpectralGrad) -> float:
         """No monotone step bound is known for log κ."""
@@ -41,3 +52,9 @@ class OptKappa(SpectralLinearDefense):
     def harmful_bound(self, sg: SpectralGrad) -> float:
         """No monotone step bound is known for 1/log κ."""
         return float("inf")
+
+
+def _inverse_log(sg: SpectralGrad) -> SpectralGrad:
+    """The R_H = 1/log κ term from the log κ one: G ↦ −G/log²κ, value 1/log κ."""
+    lk = max(sg.value, 1e-12)
+    return SpectralGrad(-sg.g / lk**2, 1.0 / lk, sg.eigenvalues, sg.eigenvectors, sg.rank)

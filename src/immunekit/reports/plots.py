@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from immunekit.reports import grid
 from immunekit.reports._common import (
     IDENTITY,
     atomic_target,
@@ -280,3 +281,208 @@ def _bar_legend() -> list[Any]:
         Patch(**grey, alpha=0.9, label="(i) harmful κ ratio (↑)"),
         Patch(**grey, alpha=0.45, hatch="///", label="(ii) primary κ ratio (↓)"),
     ]
+
+
+# ------------------------------------------------------------------------- grid heat maps (Fig. 2)
+
+HEATMAP_CMAP = "RdBu"  # negative (ln RIR < 0, failure side) red, positive blue
+DIAGONAL_COLOR = "0.82"
+FAIL_MARK = "✗"
+HEATMAP_PANEL_INCHES = 5.4
+HEATMAP_FONT = 7.5
+HEATMAP_NOTE = (
+    "Cells: ln RIR per pair (measured: ln of the mean RIR over seeds); rows = harmful digit h, "
+    "columns = primary digit p; blue > 0 > red.\n"
+    f"{FAIL_MARK} + black border = pair fails the success rule (measured: not (RIR > 1 and (ii) ≤ 1); "
+    "paper: ln RIR ≤ 0 only, since (ii) per pair is not published). Grey: diagonal (unused); "
+    "white: pair not run."
+)
+
+
+def _cell_label(x: float) -> str:
+    """1–2 decimals: ``"4.83"``, ``"12.3"``, ``"∞"``."""
+    if math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    text = f"{x:.1f}" if abs(x) >= 9.995 else f"{x:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
+def _heat_norm(matrices: Sequence[Any]) -> Any:
+    """TwoSlopeNorm centred at 0; the larger side spans its data, the smaller at least half of it."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    values = [x for m in matrices for row in m or [] for x in row if x is not None and math.isfinite(x)]
+    pos = max([x for x in values if x > 0], default=0.0)
+    neg = max([-x for x in values if x < 0], default=0.0)
+    span = max(pos, neg, 0.5)
+    return TwoSlopeNorm(vcenter=0.0, vmin=-max(neg, span / 2), vmax=max(pos, span / 2))
+
+
+def _panel_message(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_heat_panel(
+    ax: Any,
+    matrix: Sequence[Sequence[float | None]],
+    fails: Sequence[Sequence[bool]],
+    norm: Any,
+    title: str,
+) -> Any:
+    """Draw one ln-RIR map (``matrix[h][p]``) with numbers, grey diagonal and failure marks."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    size = len(matrix)
+    data = np.full((size, size), np.nan)
+    for h, row in enumerate(matrix):
+        for p, x in enumerate(row[:size]):
+            if x is not None and h != p:
+                data[h, p] = min(max(x, norm.vmin), norm.vmax)  # ±∞ drawn at the colour limits
+    cmap = matplotlib.colormaps[HEATMAP_CMAP].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="equal", interpolation="none")
+    for h in range(size):
+        for p in range(size):
+            x = matrix[h][p] if p < len(matrix[h]) else None
+            if h == p:
+                ax.add_patch(Rectangle((p - 0.5, h - 0.5), 1, 1, facecolor=DIAGONAL_COLOR, edgecolor="none"))
+                continue
+            if x is None:
+                continue
+            shade = norm(data[h, p])
+            color = "white" if shade < 0.18 or shade > 0.78 else "black"
+            failed = h < len(fails) and p < len(fails[h]) and fails[h][p]
+            ax.text(
+                p,
+                h + (0.08 if failed else 0.0),
+                _cell_label(x),
+                ha="center",
+                va="center",
+                fontsize=HEATMAP_FONT,
+                color=color,
+                fontweight="bold" if failed else "normal",
+            )
+            if failed:
+                ax.add_patch(
+                    Rectangle((p - 0.44, h - 0.44), 0.88, 0.88, fill=False, edgecolor="black", linewidth=1.8)
+                )
+                ax.text(p + 0.36, h - 0.3, FAIL_MARK, ha="right", va="center", fontsize=6.5, color=color)
+    ticks = range(size)
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.set_xticks([t - 0.5 for t in range(1, size)], minor=True)
+    ax.set_yticks([t - 0.5 for t in range(1, size)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.8)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("primary digit $p$", fontsize=9)
+    ax.set_ylabel("harmful digit $h$", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    return image
+
+
+def _measured_panel(results: Mapping[str, Any], method: str) -> tuple[Any, Any, str] | None:
+    if not grid.pair_stats(results, method):
+        return None
+    matrix = grid.ln_rir_matrix(results, method)
+    fails = [[s is False for s in row] for row in grid.success_matrix(results, method)]
+    summary = grid.summarize(results, method)
+    title = (
+        f"{display_name(method)}: measured\n"
+        f"success {summary.n_success}/{summary.n_success_known} · mean RIR {fmt_num(summary.mean_rir)}"
+    )
+    return matrix, fails, title
+
+
+def _paper_panel(results: Mapping[str, Any], method: str) -> tuple[Any, Any, str] | None:
+    matrix = grid.paper_fig2(results, method)
+    if matrix is None:
+        return None
+    fails = [[x is not None and x <= 0 for x in row] for row in matrix]
+    values = [math.exp(x) for row in matrix for x in row if x is not None and x < 700]
+    mean = statistics.fmean(values) if values else None
+    title = f"{display_name(method)}: paper Fig. 2\nmean RIR of the map {fmt_num(mean)}"
+    return matrix, fails, title
+
+
+def _pad(matrix: Sequence[Sequence[float | None]], size: int) -> list[list[float | None]]:
+    rows = [list(r[:size]) + [None] * (size - len(r[:size])) for r in matrix[:size]]
+    return rows + [[None] * size for _ in range(size - len(rows))]
+
+
+def plot_heatmap(
+    results: Mapping[str, Any], method: str, path: str | Path, *, paper: bool = False
+) -> Path | None:
+    """Draw the 10×10 ln-RIR heat map of one method (rows harmful digit h, columns primary digit p).
+
+    Args:
+        results: a grid results record (``cells``; for ``paper=True``: ``paper.fig2[method]``).
+        method: the method key.
+        path: the PNG to write (atomically, dpi 120).
+        paper: draw the paper's Fig. 2 map instead of the measured one.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when there is nothing to draw.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    """
+    panel = _paper_panel(results, method) if paper else _measured_panel(results, method)
+    if panel is None:
+        return None
+    matrix, fails, title = panel
+    size = max(grid.grid_size(results), len(matrix))
+    matrix, fails = _pad(matrix, size), _pad(fails, size)
+    norm = _heat_norm([matrix])
+    fig = _new_figure((HEATMAP_PANEL_INCHES + 1.2, HEATMAP_PANEL_INCHES + 1.1))
+    ax = fig.subplots()
+    image = _draw_heat_panel(ax, matrix, fails, norm, title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="ln RIR")
+    return _save(fig, Path(path))
+
+
+def plot_heatmap_grid(results: Mapping[str, Any], path: str | Path) -> Path | None:
+    """One row per method: measured ln-RIR map | paper's Fig. 2 map, one shared diverging colour scale.
+
+    Methods: those with cells (identity left out: its RIR is 1 by definition), then methods only the
+    paper maps. The paper column is drawn when ``paper.fig2`` has a map for any of them.
+
+    Args:
+        results: a grid results record.
+        path: the PNG to write (atomically, dpi 120).
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when there is no measured or paper map.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    """
+    rows = [(m, _measured_panel(results, m), _paper_panel(results, m)) for m in grid.heatmap_methods(results)]
+    rows = [r for r in rows if r[1] is not None or r[2] is not None]
+    if not rows:
+        return None
+    with_paper = any(r[2] is not None for r in rows)
+    size = max([grid.grid_size(results)] + [len(p[0]) for r in rows for p in r[1:] if p is not None])
+    norm = _heat_norm([p[0] for r in rows for p in r[1:] if p is not None])
+    ncols = 2 if with_paper else 1
+    width = HEATMAP_PANEL_INCHES * ncols + 1.3
+    fig = _new_figure((width, HEATMAP_PANEL_INCHES * len(rows) + 1.4))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    image = None
+    for (method, measured, paper), row_axes in zip(rows, axes, strict=True):
+        for ax, panel, what in zip(row_axes, (measured, paper), ("measured", "paper"), strict=False):
+            if panel is None:
+                missing = "not run" if what == "measured" else "no paper map"
+                _panel_message(ax, f"{display_name(method)}: {missing}")
+                continue
+            matrix, fails, title = panel
+            image = _draw_heat_panel(ax, _pad(matrix, size), _pad(fails, size), norm, title)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.5 if len(rows) > 1 else 0.8, aspect=40, label="ln RIR")
+    fig.suptitle("ln RIR per digit pair (Fig. 2 layout)", fontsize=13)
+    fig.text(0.5, 0.0, HEATMAP_NOTE, ha="center", va="bottom", fontsize=8.5, wrap=True)
+    return _save(fig, Path(path))

@@ -138,20 +138,39 @@ def gram_condition_number(factor: Tensor, *, rtol: float | None = None) -> Kappa
         9.0
 
     """
+    return gram_spectrum(factor, rtol=rtol)[0]
+
+
+def gram_spectrum(factor: Tensor, *, rtol: float | None = None) -> tuple[KappaInfo, Tensor]:
+    """:func:`gram_condition_number` and the singular values of Φ it was computed from (descending).
+
+    The values give all eigenvalues of ΦᵀΦ (s², padded with zeros up to D) without another
+    decomposition.
+
+    Example:
+        >>> info, s = gram_spectrum(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> info.kappa, s.tolist()
+        (9.0, [3.0, 1.0])
+
+    """
     phi = _check_matrix(factor, "factor")
     n, d = phi.shape
     tol = default_rtol(n, d) if rtol is None else float(rtol)
-    s = kappa_from_values(torch.linalg.svdvals(phi), rtol=tol, dim=min(n, d))
+    values = torch.linalg.svdvals(phi)
+    s = kappa_from_values(values, rtol=tol, dim=min(n, d))
     if s.rank == 0:
-        return s
-    return KappaInfo(
-        kappa=s.kappa**2,
-        log_kappa=2 * s.log_kappa,
-        rank=s.rank,
-        dim=d,
-        rtol=tol,
-        sigma_max=s.sigma_max**2,
-        sigma_min=s.sigma_min**2,
+        return s, values
+    return (
+        KappaInfo(
+            kappa=s.kappa**2,
+            log_kappa=2 * s.log_kappa,
+            rank=s.rank,
+            dim=d,
+            rtol=tol,
+            sigma_max=s.sigma_max**2,
+            sigma_min=s.sigma_min**2,
+        ),
+        values,
     )
 
 
