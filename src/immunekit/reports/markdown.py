@@ -1,6 +1,7 @@
 """Render a results record (``results.json``, schema version 1) as a Markdown report.
 
-Pure string building: no I/O, no plotting, deterministic for a given input.
+Pure string building: no I/O, no plotting, deterministic for a given input. A grid record (MNIST digit
+pairs, top-level ``cells``; see :mod:`immunekit.reports.grid`) gets an extra "Table 2" section.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from immunekit.reports import grid
 from immunekit.reports._common import (
     DASH,
     IDENTITY,
@@ -23,6 +25,10 @@ STEPS_PREFIX = "steps_to_epsilon."
 PER_ATTACK_PREFIXES = ("steps_to_epsilon", "final_norm_ratio")  # "<prefix>.<task>.<attack key>"
 CONVERGENCE_PREFIX = "convergence."
 KAPPA_BARS = "kappa_bars"
+HEATMAPS = "heatmaps"  # combined measured | paper ln-RIR heat maps of a grid run
+HEATMAP_PREFIX = "heatmap."  # "heatmap.<method>": measured map of one method
+PAPER_HEATMAP_PREFIX = "heatmap_paper."  # "heatmap_paper.<method>": the paper's Fig. 2 map
+MAX_LISTED_MISSING = 20
 
 PAPER_COLUMNS_DEFAULT = ("kappa_ratio_harmful", "kappa_ratio_primary", "rir")
 COLUMN_LABELS = {"kappa_ratio_harmful": "(i)", "kappa_ratio_primary": "(ii)", "rir": "RIR"}
@@ -65,8 +71,9 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> s
     Args:
         results: a results record as returned by :func:`immunekit.reports.load_results`.
         figures: figure id → path relative to the report, in display order. Ids are
-            ``"convergence.<attack key>"`` and ``"kappa_bars"``; other ids are embedded with the id
-            as caption.
+            ``"convergence.<attack key>"`` and ``"kappa_bars"``; for grid runs also ``"heatmaps"``,
+            ``"heatmap.<method>"`` and ``"heatmap_paper.<method>"`` (shown in the Table 2 section); other
+            ids are embedded with the id as caption.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -75,6 +82,7 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> s
     sections = [
         _title(results),
         _summary(results),
+        _grid_section(results, figures) if grid.is_grid(results) else "",
         _paper_table(results),
         _metrics_table(results),
         _verdict_table(results),
@@ -185,7 +193,10 @@ def _title(results: Mapping[str, Any]) -> str:
 
 
 def _summary(results: Mapping[str, Any]) -> str:
-    parts = [_rir_sentence(results), _verdict_sentence(results), *_attacker_sentences(results)]
+    if grid.is_grid(results):
+        parts = [_grid_summary_sentences(results), *_attacker_sentences(results)]
+    else:
+        parts = [_rir_sentence(results), _verdict_sentence(results), *_attacker_sentences(results)]
     return "## Summary\n\n" + " ".join(p for p in parts if p)
 
 
@@ -217,8 +228,54 @@ def _rir_sentence(results: Mapping[str, Any]) -> str:
     )
 
 
-def _verdict_counts(record: Mapping[str, Any]) -> dict[str, int] | None:
+def _grid_summary_sentences(results: Mapping[str, Any]) -> str:
+    methods = grid.grid_methods(results)
+    n_pairs = len(grid.cells(results))
+    n_seeds = len(results.get("seeds") or [])
+    size = grid.grid_size(results)
+    text = (
+        f"This report compares {len(methods)} method(s) on {n_pairs} of the {size * (size - 1)} ordered "
+        f"digit pairs (p, h) with {n_seeds} seed(s) each."
+    )
+    summaries = {m: grid.summarize(results, m) for m in methods}
+    ranked = [m for m in methods if summaries[m].mean_rir is not None]
+    if not ranked:
+        return text + " No method has a measured RIR."
+    best = max(ranked, key=lambda m: summaries[m].mean_rir or 0.0)
+    best_s = summaries[best]
+    text += (
+        f" {display_name(best)} has the highest mean of per-pair RIR, {fmt_num(best_s.mean_rir)} "
+        f"(mean ln RIR {fmt_num(best_s.mean_ln_rir)})."
+    )
+    success = [f"{display_name(m)} {s.n_success}/{s.n_success_known}" for m, s in summaries.items()]
+    text += " Pairs succeeding (RIR > 1 and (ii) ≤ 1): " + "; ".join(success) + "."
+    verdicts = [
+        f"{display_name(m)} {s.n_immunized}/{s.n_verdict}" for m, s in summaries.items() if s.n_verdict
+    ]
+    if verdicts:
+        text += " Pairs meeting Definition 3.1 on every seed: " + "; ".join(verdicts) + "."
+    return text
+
+
+def _verdict_entries(results: Mapping[str, Any], method: str, record: Mapping[str, Any]) -> list[Any]:
+    """Method-level verdicts (a grid run stores every pair × seed there); else those of the cells."""
     verdict = record.get("verdict")
+    if isinstance(verdict, list) and verdict:
+        return verdict
+    if not grid.is_grid(results):
+        return []
+    entries: list[Any] = []
+    for _, _, cell in grid.cells(results):
+        methods = cell.get("methods")
+        cell_record = methods.get(method) if isinstance(methods, Mapping) else None
+        cell_verdict = cell_record.get("verdict") if isinstance(cell_record, Mapping) else None
+        if isinstance(cell_verdict, list):
+            entries += [v for v in cell_verdict if isinstance(v, Mapping)]
+    return entries
+
+
+def _verdict_counts(record: Mapping[str, Any], entries: list[Any] | None = None) -> dict[str, int] | None:
+    verdict = record.get("verdict") if entries is None else entries
     if not isinstance(verdict, list) or not verdict:
         return None
     counts = {k: sum(bool(v.get(k)) for v in verdict) for k in ("a", "b", "c", "immunized")}
@@ -257,13 +314,18 @@ def _attacker_sentences(results: Mapping[str, Any]) -> list[str]:
     return [s for s in sentences if s]
 
 
-def _steps_phrase(metric: Mapping[str, Any], budget: int | None) -> str:
+def _censor_unit(results: Mapping[str, Any]) -> str:
+    """What a censored value counts: seeds, or for a grid run pairs where no seed reached ε."""
+    return "pairs by any seed" if grid.is_grid(results) else "seeds"
+
+
+def _steps_phrase(metric: Mapping[str, Any], budget: int | None, unit: str = "seeds") -> str:
     total, censored = _n_values(metric), _n_censored(metric)
     limit = str(budget) if budget is not None else "the budget"
     if total and censored >= total:
-        return f"more than {limit} steps (ε not reached on {censored}/{total} seeds)"
+        return f"more than {limit} steps (ε not reached on {censored}/{total} {unit})"
     text = f"{_mean_std(metric)} steps"
-    return f"{text} (ε not reached on {censored}/{total} seeds)" if censored else text
+    return f"{text} (ε not reached on {censored}/{total} {unit})" if censored else text
 
 
 def _steps_lower_bound(metric: Mapping[str, Any], budget: int | None) -> float | None:
@@ -286,10 +348,11 @@ def _gd_sentence(results: Mapping[str, Any], best: str, attack: Mapping[str, Any
         return ""
     harmful, primary = pair
     eps = fmt_num(results.get("epsilon"))
+    unit = _censor_unit(results)
     text = (
         f"Under {attack_label(attack)}, a probe on {display_name(best)} needs "
-        f"{_steps_phrase(harmful, budget)} to reach ε = {eps} on the harmful task versus "
-        f"{_steps_phrase(primary, budget)} on the primary task"
+        f"{_steps_phrase(harmful, budget, unit)} to reach ε = {eps} on the harmful task versus "
+        f"{_steps_phrase(primary, budget, unit)} on the primary task"
     )
     ident = _steps_pair(results, IDENTITY, key) if best != IDENTITY else None
     if ident is not None:
@@ -331,22 +394,155 @@ def _adam_sentence(results: Mapping[str, Any], best: str, attack: Mapping[str, A
     harmful = _metric(results, best, f"{STEPS_PREFIX}harmful.{key}")
     if harmful is None:
         return ""
+    unit = _censor_unit(results)
     text = (
-        f"Under {attack_label(attack)}, {display_name(best)} needs {_steps_phrase(harmful, budget)} "
-        "on the harmful task"
+        f"Under {attack_label(attack)}, {display_name(best)} needs "
+        f"{_steps_phrase(harmful, budget, unit)} on the harmful task"
     )
     ref = _metric(results, IDENTITY, f"{STEPS_PREFIX}harmful.{key}")
     if ref is not None:
-        text += f" vs {_steps_phrase(ref, budget)} for {display_name(IDENTITY)}"
+        text += f" vs {_steps_phrase(ref, budget, unit)} for {display_name(IDENTITY)}"
     total, censored = _n_values(harmful), _n_censored(harmful)
     if censored == 0:
         return text + "; Adam still reaches ε, so the κ slowdown is no guarantee against adaptive optimizers."
     if censored < total:
-        return text + "; Adam reaches ε on some seeds, so κ does not reliably stop it."
+        some = "pairs" if grid.is_grid(results) else "seeds"
+        return text + f"; Adam reaches ε on some {some}, so κ does not reliably stop it."
     return (
         text + "; Adam did not reach ε within the budget here, but adaptive optimizers are outside the "
         "theory, so this is not guaranteed."
     )
+
+
+# ----------------------------------------------------------------------------- grid (Table 2, Fig. 2)
+
+
+def _grid_table_methods(results: Mapping[str, Any]) -> list[str]:
+    measured = grid.grid_methods(results)
+    return measured + [m for m in grid.paper_table2(results) if m not in measured]
+
+
+def _count(k: int, n: int) -> str:
+    return f"{k}/{n}" if n else DASH
+
+
+def _grid_table2(results: Mapping[str, Any]) -> str:
+    paper_rir = grid.paper_table2(results)
+    header = [
+        "Method",
+        "Pairs run",
+        "Mean RIR ↑",
+        "Mean ln RIR ↑",
+        "Success: RIR > 1 and (ii) ≤ 1",
+        "Definition 3.1 on all seeds",
+        "Paper mean RIR ↑",
+        "Paper mean ln RIR ↑",
+    ]
+    body = []
+    for method in _grid_table_methods(results):
+        s = grid.summarize(results, method)
+        success = _count(s.n_success, s.n_success_known)
+        if s.n_success_known and s.n_success_known < s.n_pairs:
+            success += f" ({s.n_pairs - s.n_success_known} without RIR or (ii))"
+        body.append(
+            [
+                display_name(method),
+                str(s.n_pairs) if s.n_pairs else DASH,
+                fmt_num(s.mean_rir),
+                fmt_num(s.mean_ln_rir),
+                success,
+                _count(s.n_immunized, s.n_verdict),
+                fmt_num(paper_rir.get(method)),
+                fmt_num(grid.paper_mean_ln_rir(results, method)),
+            ]
+        )
+    return _table(header, body)
+
+
+def _grid_intro(results: Mapping[str, Any]) -> str:
+    size = grid.grid_size(results)
+    n_pairs = len(grid.cells(results))
+    n_seeds = len(results.get("seeds") or [])
+    missing = grid.missing_pairs(results)
+    text = (
+        f"{n_pairs} of the {size * (size - 1)} ordered digit pairs (p, h), p ≠ h, were run with {n_seeds} "
+        "seed(s) each (p = primary digit, h = harmful digit)."
+    )
+    if missing and len(missing) <= MAX_LISTED_MISSING:
+        text += " Not run: " + ", ".join(f"({p}, {h})" for p, h in missing) + "."
+    elif missing:
+        text += f" {len(missing)} pairs were not run."
+    return text + (
+        " Per pair, RIR, (i) and (ii) are means over seeds. **Mean RIR is the arithmetic mean of the "
+        "per-pair RIR over the pairs run (mean of per-pair RIR, not ratio of means)**, as in the paper's "
+        "Table 2; mean ln RIR is the mean of ln(per-pair RIR). A pair succeeds when RIR > 1 and (ii) ≤ 1 "
+        "(the paper does not state its rule; ln RIR > 0 alone would make nearly every paper cell a "
+        "success). "
+        "Definition 3.1 counts pairs where every seed is immunized."
+    )
+
+
+def _grid_paper_note(results: Mapping[str, Any]) -> str:
+    paper = results.get("paper")
+    source = paper.get("source") if isinstance(paper, Mapping) else None
+    parts = []
+    if grid.paper_table2(results) or grid.paper_fig2_methods(results):
+        parts.append(
+            f"Paper: {source or 'source not recorded'}; paper mean ln RIR is the mean over the off-diagonal "
+            "cells of its Fig. 2 map."
+        )
+    else:
+        parts.append("The record has no paper numbers for this grid.")
+    text = grid.paper_success_text(results)
+    if text:
+        parts.append(f"The paper's text on success counts: “{text.rstrip('.')}.”")
+    return " ".join(parts)
+
+
+def _pair_rir_cell(stats: grid.PairStats) -> str:
+    mark = {True: " ✓", False: " ✗"}.get(stats.success, "") if stats.success is not None else ""
+    return fmt_num(stats.rir) + mark
+
+
+def _grid_pair_table(results: Mapping[str, Any]) -> str:
+    methods = grid.grid_methods(results)
+    by_method = {m: {(s.primary, s.harmful): s for s in grid.pair_stats(results, m)} for m in methods}
+    header = ["p", "h"]
+    for m in methods:
+        name = display_name(m)
+        header += [f"{name} RIR", f"{name} (i)", f"{name} (ii)"]
+    body = []
+    for p, h, _ in grid.cells(results):
+        row = [str(p), str(h)]
+        for m in methods:
+            stats = by_method[m].get((p, h))
+            if stats is None:
+                row += [DASH, DASH, DASH]
+            else:
+                row += [_pair_rir_cell(stats), fmt_num(stats.ratio_harmful), fmt_num(stats.ratio_primary)]
+        body.append(row)
+    return (
+        f"<details>\n<summary>Per-pair results ({len(body)} pairs; means over seeds; "
+        "✓/✗ = success rule met/failed)</summary>\n\n" + _table(header, body, left_cols=2) + "\n\n</details>"
+    )
+
+
+def _grid_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+    heatmaps = {f: p for f, p in figures.items() if _is_heatmap(f)}
+    if heatmaps:
+        maps = "\n\n".join(_figure_blocks(results, heatmaps))
+    else:
+        maps = "### ln-RIR heat maps\n\nNo heat map was rendered (matplotlib is missing)."
+    parts = [
+        "## Table 2: mean RIR over digit pairs",
+        _grid_intro(results),
+        _grid_table2(results),
+        _grid_paper_note(results),
+        maps,
+        "### Per-pair results",
+        _grid_pair_table(results),
+    ]
+    return "\n\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -356,8 +552,11 @@ def _paper_rows(paper: Mapping[str, Any]) -> tuple[list[str], dict[str, list[Any
     """Columns and numeric rows of the paper's table; a bare number per method is the paper's RIR.
 
     Rows that are not a number or a list of numbers (e.g. a layout note or a per-pair matrix) are skipped.
+    Without ``rows``, a grid run's ``table2`` (mean RIR per method) is used.
     """
     raw = paper.get("rows")
+    if not isinstance(raw, Mapping) or not raw:
+        raw = paper.get("table2")
     rows: dict[str, list[Any]] = {}
     for method, value in raw.items() if isinstance(raw, Mapping) else []:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -386,8 +585,14 @@ def _paper_table(results: Mapping[str, Any]) -> str:
         body.append([display_name(method), *paper_cells, *measured])
     source = paper.get("source") or "the paper has no numbers for this experiment"
     n_seeds = len(results.get("seeds") or [])
+    over = f"mean ± std over {n_seeds} seed(s)"
+    if grid.is_grid(results):
+        over = (
+            f"mean ± std across the {len(grid.cells(results))} digit pairs of the per-pair means "
+            f"(each over {n_seeds} seed(s)), i.e. the mean of per-pair values, not a ratio of means"
+        )
     note = (
-        f"Paper: {source}. Measured: mean ± std over {n_seeds} seed(s). "
+        f"Paper: {source}. Measured: {over}. "
         f"(i) = κ(H_H) ratio vs identity, (ii) = κ(H_P) ratio vs identity, RIR = (i)/(ii); "
         f"{DASH} = not reported or not measured."
     )
@@ -428,19 +633,37 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
         else:
             cells = [_mean_std(_metric(results, m, name)) for m in methods]
         body.append([f"`{name}`{_arrow(results, name)}", _unit(results, name), *cells])
+    over = "Mean ± std over seeds"
+    censored = "censored seeds (ε not reached within the attack's step budget) are excluded from the mean."
+    if grid.is_grid(results):
+        over = (
+            "Grid run: every metric is summarized across digit pairs, i.e. mean ± std of the per-pair means "
+            "(one value per pair, each a mean over seeds); per-pair values are in the Table 2 section"
+        )
+        censored = (
+            "a pair's value is the mean over the seeds that reached ε within the attack's step budget, and "
+            "the pair is censored (excluded from the mean) when no seed did."
+        )
     note = (
-        "Mean ± std over seeds; ↑ higher is better, ↓ lower is better. "
+        f"{over}; ↑ higher is better, ↓ lower is better. "
         "`steps_to_epsilon.<task>.<attack>` is the first step with "
-        f"‖w_t − w\\*‖²/‖w_0 − w\\*‖² ≤ ε = {fmt_num(results.get('epsilon'))}; "
-        "censored seeds (ε not reached within the attack's step budget) are excluded from the mean."
+        f"‖w_t − w\\*‖²/‖w_0 − w\\*‖² ≤ ε = {fmt_num(results.get('epsilon'))}; " + censored
     )
     return "## All metrics\n\n" + note + "\n\n" + _table(header, body, left_cols=2)
 
 
+def _verdict_methods(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Method records in display order; a grid run adds methods that only appear in its cells."""
+    methods = _methods(results)
+    if grid.is_grid(results):
+        methods.update({m: {} for m in grid.grid_methods(results) if m not in methods})
+    return methods
+
+
 def _first_verdict(results: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    for record in _methods(results).values():
-        verdict = record.get("verdict")
-        if isinstance(verdict, list) and verdict and isinstance(verdict[0], Mapping):
+    for method, record in _verdict_methods(results).items():
+        verdict = _verdict_entries(results, method, record)
+        if verdict and isinstance(verdict[0], Mapping):
             return verdict[0]
     return None
 
@@ -460,20 +683,18 @@ def _verdict_table(results: Mapping[str, Any]) -> str:
     if first is None:
         return "## Definition 3.1 verdict\n\nNo verdict recorded."
     body = []
-    for method, record in _methods(results).items():
-        counts = _verdict_counts(record)
+    for method, record in _verdict_methods(results).items():
+        counts = _verdict_counts(record, _verdict_entries(results, method, record))
         if counts is None:
             body.append([display_name(method), DASH, DASH, DASH, DASH])
             continue
         total = counts["total"]
         body.append([display_name(method), *(f"{counts[k]}/{total}" for k in ("a", "b", "c", "immunized"))])
     header = ["Method", "(a) harmful harder", "(b) primary not harder", "(c) primary loss kept", "Immunized"]
-    return (
-        "## Definition 3.1 verdict\n\nSeeds passing each condition. "
-        + _thresholds(first)
-        + "\n\n"
-        + _table(header, body)
-    )
+    unit = "Seeds passing each condition. "
+    if grid.is_grid(results):
+        unit = "Grid run: (pair, seed) runs passing each condition, over all pairs. "
+    return "## Definition 3.1 verdict\n\n" + unit + _thresholds(first) + "\n\n" + _table(header, body)
 
 
 # ------------------------------------------------------------------------------- figures, provenance
@@ -484,36 +705,73 @@ def _figure_caption(results: Mapping[str, Any], fig_id: str) -> tuple[str, str]:
         key = fig_id[len(CONVERGENCE_PREFIX) :]
         attack = attack_by_key(results).get(key, {"key": key})
         label = attack_label(attack)
+        which = "first pair of the grid, first seed" if grid.is_grid(results) else "first seed"
         return (
             f"Convergence under {label}",
             f"‖w_t − w\\*‖²/‖w_0 − w\\*‖² of the attacker's linear probe per step "
-            "(first seed, log scale); "
+            f"({which}, log scale); "
             f"left: primary task D_P, right: harmful task D_H; dotted line: ε; attacker: {label}.",
         )
     if fig_id == KAPPA_BARS:
+        over = "across digit pairs (of the per-pair means)" if grid.is_grid(results) else "over seeds"
         return (
             "κ ratios per method",
-            "log10 (i) (solid) and log10 (ii) (hatched) per method, mean ± std over seeds; "
-            "annotated: mean RIR.",
+            f"log10 (i) (solid) and log10 (ii) (hatched) per method, mean ± std {over}; annotated: mean RIR.",
         )
+    if fig_id == HEATMAPS or fig_id.startswith((HEATMAP_PREFIX, PAPER_HEATMAP_PREFIX)):
+        return _heatmap_caption(fig_id)
     return fig_id, ""
+
+
+def _is_heatmap(fig_id: str) -> bool:
+    return fig_id == HEATMAPS or fig_id.startswith((HEATMAP_PREFIX, PAPER_HEATMAP_PREFIX))
+
+
+def _heatmap_caption(fig_id: str) -> tuple[str, str]:
+    rule = (
+        "✗ with a black border: the pair fails the success rule — measured: not (RIR > 1 and (ii) ≤ 1); "
+        "paper: ln RIR ≤ 0 only, since the paper publishes no per-pair (ii). Grey: diagonal (unused); "
+        "white: pair not run."
+    )
+    layout = "rows = harmful digit h, columns = primary digit p; diverging colours centred at ln RIR = 0"
+    if fig_id == HEATMAPS:
+        return (
+            "ln-RIR heat maps, measured vs paper",
+            f"One row per method (identity left out: its RIR is 1 by definition); left: measured ln of "
+            f"the per-pair mean RIR, right: the paper's Fig. 2; {layout}, one colour scale for all panels. "
+            + rule,
+        )
+    if fig_id.startswith(PAPER_HEATMAP_PREFIX):
+        method = display_name(fig_id[len(PAPER_HEATMAP_PREFIX) :])
+        return f"ln-RIR heat map, {method}, paper Fig. 2", f"{layout}. " + rule
+    method = display_name(fig_id[len(HEATMAP_PREFIX) :])
+    return f"ln-RIR heat map, {method}, measured", f"{layout}. " + rule
 
 
 def _figure_path(path: str) -> str:
     return f"<{path}>" if any(c in path for c in " ()") else path
 
 
-def _figures_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
-    if not figures:
-        return (
-            "## Figures\n\nNo figures were rendered (matplotlib is missing or nothing was recorded to plot)."
-        )
+def _figure_blocks(results: Mapping[str, Any], figures: Mapping[str, str], level: str = "###") -> list[str]:
     blocks = []
     for fig_id, path in figures.items():
         alt, caption = _figure_caption(results, fig_id)
-        block = f"### {alt}\n\n![{alt}]({_figure_path(path)})"
+        block = f"{level} {alt}\n\n![{alt}]({_figure_path(path)})"
         blocks.append(block + (f"\n\n{caption}" if caption else ""))
-    return "## Figures\n\n" + "\n\n".join(blocks)
+    return blocks
+
+
+def _figures_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
+    heatmaps = grid.is_grid(results) and any(_is_heatmap(f) for f in figures)
+    if heatmaps:  # already shown in the Table 2 section
+        figures = {f: p for f, p in figures.items() if not _is_heatmap(f)}
+    if not figures:
+        if heatmaps:
+            return "## Figures\n\nThe ln-RIR heat maps are shown in the Table 2 section above."
+        return (
+            "## Figures\n\nNo figures were rendered (matplotlib is missing or nothing was recorded to plot)."
+        )
+    return "## Figures\n\n" + "\n\n".join(_figure_blocks(results, figures))
 
 
 def _git(prov: Mapping[str, Any]) -> str:

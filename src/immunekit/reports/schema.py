@@ -76,11 +76,46 @@ class AttackSpec(TypedDict):
 
 
 class PaperTable(TypedDict, total=False):
-    """The paper's numbers for the experiment; may be empty."""
+    """The paper's numbers for the experiment; may be empty or partial.
+
+    Single-cell runs use ``columns``/``rows``; grid runs (MNIST pairs) use ``table2`` (mean RIR per
+    method), ``fig2`` (per method a 10×10 ln-RIR matrix, rows harmful digit h, columns primary digit p,
+    diagonal unused) and ``fig2_success_counts_text``.
+    """
 
     source: str
     columns: list[str]
     rows: dict[str, list[float | None]]
+    table2: dict[str, float]
+    fig2: dict[str, Any]
+    fig2_success_counts_text: str
+
+
+class GridSpec(TypedDict, total=False):
+    """Layout of a grid run.
+
+    Example: ``{"kind": "digit_pairs", "rows": "harmful", "cols": "primary", "size": 10}``.
+    """
+
+    kind: str
+    rows: str
+    cols: str
+    size: int
+
+
+class CellMethodRecord(TypedDict):
+    """One method on one grid cell: metric summaries over seeds and the per-seed verdicts."""
+
+    metrics: dict[str, MetricSummary]
+    verdict: NotRequired[list[VerdictEntry]]
+
+
+class CellRecord(TypedDict):
+    """One ordered digit pair of a grid run; keyed ``"<primary>-<harmful>"`` in ``cells``."""
+
+    primary: int
+    harmful: int
+    methods: dict[str, CellMethodRecord]
 
 
 class Provenance(TypedDict, total=False):
@@ -117,6 +152,9 @@ class ResultsRecord(TypedDict):
     epsilon: float
     methods: dict[str, MethodRecord]
     trials: NotRequired[list[str]]
+    # grid runs only; ``methods[m]["metrics"]`` then summarize across cells (values = per-cell means)
+    grid: NotRequired[GridSpec]
+    cells: NotRequired[dict[str, CellRecord]]
 
 
 def resolve_results_path(path_or_dir: str | Path) -> Path:
@@ -233,6 +271,8 @@ def _check_optional_types(data: Mapping[str, Any], source: str) -> None:
         "paper": (Mapping,),
         "seeds": (list,),
         "provenance": (Mapping,),
+        "grid": (Mapping,),
+        "cells": (Mapping,),
     }
     for key, types in expected.items():
         value = data.get(key)

@@ -7,14 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from immunekit.reports import grid
 from immunekit.reports._common import atomic_write_text, attack_by_key, safe_filename
-from immunekit.reports.markdown import CONVERGENCE_PREFIX, KAPPA_BARS, render_markdown
+from immunekit.reports.markdown import CONVERGENCE_PREFIX, HEATMAPS, KAPPA_BARS, render_markdown
 from immunekit.reports.schema import load_results, resolve_results_path
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILENAME = "report.md"
 KAPPA_BARS_FILENAME = "kappa_bars.png"
+HEATMAPS_FILENAME = "heatmaps.png"
 
 
 def convergence_filename(attack_key: str) -> str:
@@ -26,7 +28,8 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     """Load a ``results.json`` and write ``report.md`` plus its figures.
 
     One convergence figure per attack in ``results["attacks"]`` and one κ-ratio bar chart are written
-    next to the report. Without matplotlib a warning is logged and the report has no figures.
+    next to the report; a grid run (top-level ``cells``) also gets ``heatmaps.png`` (measured | paper
+    ln-RIR maps, one row per method). Without matplotlib a warning is logged and the report has no figures.
 
     Args:
         results_path_or_dir: the ``results.json`` file or the run folder holding it.
@@ -68,4 +71,9 @@ def _write_figures(results: Mapping[str, Any], out: Path) -> dict[str, str]:
             logger.warning("no convergence curve recorded for attack %r; figure skipped", key)
     if plots.plot_kappa_bars(results, out / KAPPA_BARS_FILENAME) is not None:
         figures[KAPPA_BARS] = KAPPA_BARS_FILENAME
+    if grid.is_grid(results):
+        if plots.plot_heatmap_grid(results, out / HEATMAPS_FILENAME) is not None:
+            figures[HEATMAPS] = HEATMAPS_FILENAME
+        else:
+            logger.warning("grid run without a per-pair RIR or paper map; heat maps skipped")
     return figures
