@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from immunekit.metrics.convergence import steps_to_epsilon
 from immunekit.metrics.rir import KappaPair, RIRResult, Verdict, rir, verdict
+from immunekit.metrics.stats import PairedSummary, Summary, paired_difference, summarise
 from immunekit.registry import Registry
 
 
@@ -61,10 +62,14 @@ __all__ = [
     "METRICS",
     "KappaPair",
     "Measured",
+    "PairedSummary",
     "RIRResult",
+    "Summary",
     "Verdict",
     "metric_meta",
+    "paired_difference",
     "rir",
     "steps_to_epsilon",
+    "summarise",
     "verdict",
 ]

@@ -3,5 +3,14 @@
 from __future__ import annotations
 
 from immunekit.models.base import ImmunizableModel, LinearModel, linear_model
+from immunekit.models.checkpoint import MODELS, load_checkpoint, register_model, save_checkpoint
 
-__all__ = ["ImmunizableModel", "LinearModel", "linear_model"]
+__all__ = [
+    "MODELS",
+    "ImmunizableModel",
+    "LinearModel",
+    "linear_model",
+    "load_checkpoint",
+    "register_model",
+    "save_checkpoint",
+]
