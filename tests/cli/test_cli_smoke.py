@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ def immunekit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_help_explains_itself(tmp_path: Path) -> None:
     out = immunekit("run", "--help", cwd=tmp_path)
     assert out.returncode == 0
-    for flag in ("--csv", "--seeds", "--out", "--config", "--set", "examples:"):
+    for flag in ("--csv", "--seeds", "--out", "--config", "--set", "examples:", "--workers", "--ray-address"):
         assert flag in out.stdout
+    assert "{local,ray}" in out.stdout and "RAY_ADDRESS" in out.stdout
 
 
 def test_ls_lists_registries(tmp_path: Path) -> None:
@@ -55,7 +57,18 @@ def test_run_then_report(tmp_path: Path) -> None:
             }
         )
     )
-    out = immunekit("run", "synthetic", "--config", str(cfg), "--out", "res", "--no-progress", cwd=tmp_path)
+    out = immunekit(
+        "run",
+        "synthetic",
+        "--config",
+        str(cfg),
+        "--out",
+        "res",
+        "--no-progress",
+        "--workers",
+        "1",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert "condition_number" in out.stdout and "report:" in out.stdout
     results = json.loads((tmp_path / "res" / "results.json").read_text())
@@ -76,3 +89,22 @@ def test_bad_input_gives_one_clear_error(tmp_path: Path) -> None:
     out = immunekit("run", "synthetic", "--seeds", "1,x", cwd=tmp_path)
     assert out.returncode == 2 and "comma-separated integers" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_executor_options_fail_before_writing(tmp_path: Path) -> None:
+    out = immunekit("run", "synthetic", "--executor", "inline", cwd=tmp_path)
+    assert out.returncode == 2 and "invalid choice: 'inline'" in out.stderr
+    out = immunekit("run", "synthetic", "--workers", "0", "--out", "res", cwd=tmp_path)
+    assert out.returncode == 2 and "workers must be an integer >= 1, got 0" in out.stderr
+    with socket.socket() as s:  # a loopback port with nothing listening once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    out = immunekit(
+        "run", "synthetic", "--executor", "ray", "--ray-address", address, "--out", "res", cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stderr
+    unreachable = "cannot reach the Ray cluster" in out.stderr and address in out.stderr
+    assert unreachable or 'pip install "immunekit[ray]"' in out.stderr  # the latter without Ray
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "res").exists()

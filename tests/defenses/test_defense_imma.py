@@ -80,7 +80,8 @@ def test_imma_follows_the_documented_bilevel_updates(loss: str) -> None:
     assert torch.allclose(out.omega, ref["omega"], rtol=0, atol=1e-12)
     got = torch.tensor([h["harmful_loss"] for h in d.history_], dtype=F64)
     assert torch.allclose(got, torch.tensor(ref["harmful_losses"], dtype=F64), rtol=1e-12, atol=0)
-    assert d.info_ == {"adv_weight": 1.5, "inner_steps": 2, "inner_lr": 0.02}
+    settings = {k: d.info_[k] for k in ("adv_weight", "inner_steps", "inner_lr")}
+    assert settings == {"adv_weight": 1.5, "inner_steps": 2, "inner_lr": 0.02}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,21 +113,20 @@ def test_imma_raises_the_harmful_loss_at_the_inner_head(seed: int) -> None:
     assert at_immunized > at_theta0
 
 
-def test_imma_history_has_one_entry_per_step_with_kappas_of_the_updated_theta() -> None:
+def test_imma_history_has_one_entry_per_step_and_info_the_final_kappas() -> None:
     task = _task()
     d = DEFENSES.get("imma")(steps=STEPS)
     theta = d.fit(linear_model(task.input_dim), task, seed=0).theta
     assert len(d.history_) == STEPS
     assert [h["step"] for h in d.history_] == list(range(STEPS))
-    keys = {"step", "task_loss", "harmful_loss", "direction_norm", "log_kappa_primary", "log_kappa_harmful"}
+    keys = {"step", "task_loss", "harmful_loss", "direction_norm"}
     assert all(set(h) == keys for h in d.history_)
-    last = d.history_[-1]
     k_p, k_h = covariance(task.primary.x), covariance(task.harmful.x)
-    assert last["log_kappa_primary"] == pytest.approx(
-        condition_number(linear_l2_hessian(theta, k_p), hermitian=True).log_kappa, abs=1e-12
+    assert d.info_["final_log_kappa_primary"] == pytest.approx(
+        condition_number(linear_l2_hessian(theta, k_p), hermitian=True).log_kappa, abs=1e-9
     )
-    assert last["log_kappa_harmful"] == pytest.approx(
-        condition_number(linear_l2_hessian(theta, k_h), hermitian=True).log_kappa, abs=1e-12
+    assert d.info_["final_log_kappa_harmful"] == pytest.approx(
+        condition_number(linear_l2_hessian(theta, k_h), hermitian=True).log_kappa, abs=1e-9
     )
     # fitting again resets the history rather than appending
     d.fit(linear_model(task.input_dim), task, seed=0)

@@ -9,6 +9,8 @@ screening of safeguard candidates, which only runs for rank K_P ≥ SCREEN_MIN_R
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -147,7 +149,9 @@ def test_fast_safeguard_matches_the_reference_backtracking(singular: Task, monke
     _, _, _, d_h = defense._directions(theta, su)
     limit = su.kappa_p(theta).log_kappa
     for tau in (1e3, 10.0, 1e-1, 1e-3):  # from far too large (many halvings) to accepted at once
+        defense._prev_halvings = 0
         ref = defense._safe_harmful_step(theta, d_h, tau, su, limit)
+        defense._prev_halvings = 0
         tau_h, halvings, point = defense._fast_safe_harmful_step(theta, d_h, tau, fs, limit, theta)
         assert (tau_h, halvings) == ref
         if point is not None:
@@ -164,3 +168,49 @@ def test_rill_only_skips_the_unused_primary_direction_but_records_its_value(sing
     b = torch.tensor([h["reg_primary"] for h in new.history_], dtype=F64)
     assert torch.allclose(a, b, rtol=1e-9)
     assert all(h["tau_primary"] == 0.0 for h in new.history_)
+
+
+@pytest.mark.parametrize("start", [0, 1, 7, 29, 30])
+def test_warm_safeguard_search_equals_cold_backtracking_on_an_interval(start: int) -> None:
+    # accept(j) ⇔ j ≥ j*: the accepted τ = τ0·2^-j form an interval [0, τ*]
+    for j_star in range(0, 32):  # 31: no candidate accepted
+        defense = DEFENSES.get("condition_number")(safeguard_search="warm")
+        defense._prev_halvings = start
+        calls: list[int] = []
+
+        def accept(j: int, j_star: int = j_star, calls: list[int] = calls) -> bool:
+            calls.append(j)
+            return j >= j_star
+
+        found = defense._search_halvings(accept)
+        assert found == (None if j_star > 30 else j_star)
+        assert len(set(calls)) == len(calls)  # no candidate evaluated twice
+        assert calls[0] == max(start - 1, 0)
+        assert len(calls) <= 2 * math.ceil(math.log2(abs(min(j_star, 30) - calls[0]) + 1)) + 2
+        assert defense.safeguard_evaluations_ == len(calls)
+        assert defense._prev_halvings == (0 if found is None else found)
+        cold = DEFENSES.get("condition_number")(safeguard_search="cold")
+        cold._prev_halvings = start
+        assert cold._search_halvings(lambda j, j_star=j_star: j >= j_star) == found
+
+
+def test_warm_search_is_local_when_the_accepted_set_is_not_an_interval() -> None:
+    # accepted at j = 2 and j ≥ 10 only: cold backtracking finds 2, a warm start at 12 stops at 10
+    accept = lambda j: j == 2 or j >= 10  # noqa: E731
+    warm = DEFENSES.get("condition_number")()
+    warm._prev_halvings = 13
+    assert warm._search_halvings(accept) == 10
+    cold = DEFENSES.get("condition_number")(safeguard_search="cold")
+    assert cold._search_halvings(accept) == 2
+
+
+def test_warm_and_cold_searches_give_the_same_fit_on_house_like_spectra(singular: Task) -> None:
+    runs = {}
+    for search in ("warm", "cold"):
+        defense = DEFENSES.get("condition_number")(safeguard_search=search, steps=40)
+        model = defense.fit(linear_model(singular.input_dim), singular, seed=0)
+        runs[search] = (model.theta, defense.history_)
+    (theta_w, hist_w), (theta_c, hist_c) = runs["warm"], runs["cold"]
+    assert [h["safeguard_halvings"] for h in hist_w] == [h["safeguard_halvings"] for h in hist_c]
+    assert torch.equal(theta_w, theta_c)
+    assert sum(h["safeguard_evaluations"] for h in hist_w) <= sum(h["safeguard_evaluations"] for h in hist_c)

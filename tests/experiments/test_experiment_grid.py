@@ -50,7 +50,7 @@ def test_parse_pairs() -> None:
 
 
 def test_grid_run_summarises_per_pair_and_across_pairs(tmp_path: Path) -> None:
-    results = run_linear_experiment(build_config(grid_config()), tmp_path, progress=False)
+    results = run_linear_experiment(build_config(grid_config()), tmp_path, progress=False, workers=1)
     assert set(results["cells"]) == {"0-1", "2-3", "3-2"}
     assert results["cells"]["3-2"]["primary"] == 3 and results["cells"]["3-2"]["harmful"] == 2
     assert trial_path(tmp_path, "condition_number", 2, "2-3").exists()
@@ -68,9 +68,9 @@ def test_grid_run_summarises_per_pair_and_across_pairs(tmp_path: Path) -> None:
 
 
 def test_grid_resume_and_extension(tmp_path: Path) -> None:
-    run_linear_experiment(build_config(grid_config(pairs="0-1")), tmp_path, progress=False)
+    run_linear_experiment(build_config(grid_config(pairs="0-1")), tmp_path, progress=False, workers=1)
     first = trial_path(tmp_path, "identity", 1, "0-1").read_text()
     # adding pairs reuses the finished ones (their trial identity does not include the pair list)
-    run_linear_experiment(build_config(grid_config(pairs="0-1,2-3")), tmp_path, progress=False)
+    run_linear_experiment(build_config(grid_config(pairs="0-1,2-3")), tmp_path, progress=False, workers=1)
     assert trial_path(tmp_path, "identity", 1, "0-1").read_text() == first
     assert trial_path(tmp_path, "identity", 1, "2-3").exists()

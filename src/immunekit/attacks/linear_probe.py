@@ -5,6 +5,13 @@ The attacker's loss is the sum of squares f(w) = ‖A w − Y‖²_F with A = Φ
 for two classes, one-hot otherwise). The GD limit is w* = A⁺Y + (I − A⁺A) w_0, and every step
 records ‖w_t − w*‖²_F / ‖w_0 − w*‖²_F, whose decay rate is governed by κ(AᵀA).
 
+w* comes from one QR of A and an SVD of its R (:class:`immunekit.spectral.lstsq.MinNormLstsq`),
+which also gives κ(AᵀA) and the core R with A = QR: the full-batch optimizers compute the same
+iterates from R (AᵀA = RᵀR, Aᵀ(Aw − Y) = Rᵀ(Rw − QᵀY), ‖Ag‖ = ‖Rg‖) at O(D²C) per step instead of
+O(NDC). FLOPs are still counted for the attacker's algorithm on A (the budget's meaning), not
+for this simulation of it. :class:`ProbeCache` shares features and factorizations between probes
+(and closed-form evaluations) of the same extractor on the same split.
+
 Optimizers:
     * ``gd_exact``: g = 2Aᵀ(Aw − Y), α = ‖g‖²/(2‖Ag‖²), w ← w − αg (Eq. 16 / Fig. 1 protocol).
     * ``gd``: fixed step, default η = 1/L with L = λ_max(2AᵀA).
@@ -16,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,7 +35,7 @@ from immunekit.config import load_config
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel, LinearModel
-from immunekit.spectral.condition import default_rtol, gram_condition_number
+from immunekit.spectral.lstsq import MinNormLstsq
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +52,16 @@ class LinearProbeConfig:
     )
     init: Literal["zeros", "normal"] = field(default="zeros", metadata={"help": "w_0 (normal: N(0, 1/D))"})
     rtol: float | None = field(default=None, metadata={"help": "rank threshold of the pseudo-inverse for w*"})
+    record_accuracy: bool = field(
+        default=True,
+        metadata={
+            "help": "record the attacker-split accuracy at every step (classification); costs an N×D "
+            "product per step, without it the loss comes from the D×D factor"
+        },
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProbeProblem:
     """The attacker's least-squares problem on frozen features.
 
@@ -64,6 +79,13 @@ class ProbeProblem:
     classes: int
     eval_a: Tensor
     eval_y: Tensor
+    _factors: dict[float | None, MinNormLstsq] = field(default_factory=dict, repr=False)
+
+    def factor(self, rtol: float | None = None) -> MinNormLstsq:
+        """The least-squares factorization of ``a`` with rank threshold ``rtol`` (computed once per rtol)."""
+        if rtol not in self._factors:
+            self._factors[rtol] = MinNormLstsq.of(self.a, rtol=rtol)
+        return self._factors[rtol]
 
 
 def targets(data: Dataset, loss: str, classes: int) -> Tensor:
@@ -95,6 +117,10 @@ def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: s
 def least_squares(a: Tensor, y: Tensor, w0: Tensor, *, rtol: float | None = None) -> Tensor:
     """GD limit w* = A⁺Y + (I − A⁺A) w_0 with a relative-threshold pseudo-inverse.
 
+    Computed as w_0 + R⁺(QᵀY − R w_0) from a QR of A and an SVD of R (backward stable, the
+    minimum-norm solution for w_0 = 0; :class:`immunekit.spectral.lstsq.MinNormLstsq`), without
+    forming A⁺.
+
     Args:
         a: ``(N, D)``.
         y: ``(N, C)``.
@@ -105,9 +131,81 @@ def least_squares(a: Tensor, y: Tensor, w0: Tensor, *, rtol: float | None = None
         ``(D, C)``.
 
     """
-    tol = default_rtol(*a.shape) if rtol is None else rtol
-    a_pinv = torch.linalg.pinv(a, rtol=tol)
-    return a_pinv @ y + w0 - a_pinv @ (a @ w0)
+    return MinNormLstsq.of(a, rtol=rtol).gd_limit(y, w0)
+
+
+class ProbeCache:
+    """Frozen features and their factorizations, shared by probes of the same extractor and split.
+
+    An entry is made per (model, task, split, eval split). A later model matches it when it has the
+    same class, training flag and a bit-for-bit equal state outside its head (a snapshot taken with
+    the entry), so two model objects with the same θ share an entry, and a model changed in place
+    does not; the task must be the very same, live object (entries refer to it weakly, so a cache
+    never keeps a task alive and never mistakes a new task for a freed one; tasks are immutable by
+    contract). The :class:`ProbeProblem` of an entry keeps its least-squares factorization, so every
+    probe of that problem reuses one solve.
+
+    Args:
+        fallback: a cache consulted (never written) on a miss, e.g. one for a reference model that
+            outlives this one.
+        max_entries: entries kept, oldest dropped first.
+
+    Example:
+        >>> from immunekit.data.synthetic import gaussian_spectra
+        >>> from immunekit.models.base import linear_model
+        >>> task, cache = gaussian_spectra(dim=4, n=32, seed=0), ProbeCache()
+        >>> p1 = cache.problem(linear_model(4), task, "attack", "eval_harmful")
+        >>> p1 is cache.problem(linear_model(4), task, "attack", "eval_harmful")
+        True
+
+    """
+
+    def __init__(self, fallback: ProbeCache | None = None, *, max_entries: int = 8) -> None:
+        if max_entries < 1:
+            raise ConfigError(f"max_entries must be >= 1, got {max_entries}")
+        self.fallback = fallback
+        self.max_entries = max_entries
+        self._entries: list[
+            tuple[weakref.ref[Task], str, str, tuple[type, bool], dict[str, Tensor], ProbeProblem]
+        ] = []
+
+    def problem(self, model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem:
+        """:func:`probe_problem` of (model, task, split, eval_split), computed once."""
+        found = self.lookup(model, task, split, eval_split)
+        if found is not None:
+            return found
+        prob = probe_problem(model, task, split, eval_split)
+        kind = (type(model), model.training)
+        self._entries = [entry for entry in self._entries if entry[0]() is not None]  # tasks freed
+        self._entries.append((weakref.ref(task), split, eval_split, kind, _state(model, clone=True), prob))
+        del self._entries[: -self.max_entries]
+        return prob
+
+    def lookup(self, model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem | None:
+        """The cached problem (here or in the fallback), or None."""
+        state = None
+        kind = (type(model), model.training)
+        for t, s, e, k, snap, prob in self._entries:
+            if t() is task and s == split and e == eval_split and k == kind:
+                state = _state(model, clone=False) if state is None else state
+                if _same_state(snap, state):
+                    return prob
+        return None if self.fallback is None else self.fallback.lookup(model, task, split, eval_split)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _state(model: ImmunizableModel, *, clone: bool) -> dict[str, Tensor]:
+    """Everything that can change the features: parameters and buffers outside the head."""
+    out = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    return {k: v.clone() for k, v in out.items()} if clone else out
+
+
+def _same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 def accuracy(pred: Tensor, y: Tensor) -> float:
@@ -133,20 +231,29 @@ class LinearProbe(Attack):
         self.config = load_config(LinearProbeConfig, {**base, **overrides}, where="attack")
 
     def __call__(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        *,
+        seed: int,
+        cache: ProbeCache | None = None,
     ) -> AttackResult:
-        """Probe a copy of ``model``; see the module docstring for the optimizers."""
+        """Probe a copy of ``model``; see the module docstring for the optimizers.
+
+        ``cache`` shares the features and the least-squares factorization with other probes of the
+        same extractor and split (the result is the same with or without it).
+        """
         cfg = self.config
-        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
-        prob = probe_problem(model, task, cfg.split, eval_split)
+        prob = self.problem(model, task, cache)
         gen = torch.Generator().manual_seed(seed)
         n, d = prob.a.shape
         c = prob.y.shape[1]
         w0 = torch.zeros(d, c, dtype=torch.float64)
         if cfg.init == "normal":
             w0 = torch.randn(d, c, generator=gen, dtype=torch.float64) / d**0.5
-        w_star = least_squares(prob.a, prob.y, w0, rtol=cfg.rtol)
-        run = _ProbeRun(prob, budget, w0, w_star, gen)
+        factor = prob.factor(cfg.rtol)
+        run = _ProbeRun(prob, budget, w0, factor, gen, record_accuracy=cfg.record_accuracy)
         log.info(
             "linear probe (%s) on %s: %d steps x %s examples, D=%d",
             budget.optimizer,
@@ -163,11 +270,19 @@ class LinearProbe(Attack):
             "optimizer": budget.optimizer,
             "lr": run.base_lr,
             "flops_method": "analytic: 2·N·D·C per product (forward + gradient)",
-            "kappa_probe_hessian": gram_condition_number(prob.a).to_dict(),
-            "w_star_loss": float(((prob.a @ w_star - prob.y) ** 2).mean()),
-            "initial_distance_sq": float(((w0 - w_star) ** 2).sum()),
+            "kappa_probe_hessian": factor.gram_kappa().to_dict(),
+            "w_star_loss": float(((prob.a @ run.w_star - prob.y) ** 2).mean()),
+            "initial_distance_sq": run.d0,
         }
         return AttackResult(attacked, run.initial, records, stopped, info)
+
+    def problem(self, model: ImmunizableModel, task: Task, cache: ProbeCache | None = None) -> ProbeProblem:
+        """The configured split's :class:`ProbeProblem` (through ``cache`` when given)."""
+        cfg = self.config
+        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
+        if cache is None:
+            return probe_problem(model, task, cfg.split, eval_split)
+        return cache.problem(model, task, cfg.split, eval_split)
 
 
 def _head_from(w: Tensor, model: ImmunizableModel) -> nn.Linear:
@@ -179,15 +294,33 @@ def _head_from(w: Tensor, model: ImmunizableModel) -> nn.Linear:
 
 
 class _ProbeRun:
-    """One probing run: state, step rule and records (kept apart so each piece stays short)."""
+    """One probing run: state, step rule and records (kept apart so each piece stays short).
+
+    Full-batch steps use the factorization A = Q T (T = R, ``(D, D)``, for N ≥ D; T = A otherwise):
+    with c = QᵀY, the gradient 2Aᵀ(Aw − Y) = 2Tᵀ(Tw − c) and ‖Ag‖ = ‖Tg‖, exact in algebra. The
+    recorded loss is ‖Aw − Y‖²/(NC) from the predictions when they are needed anyway (per-step
+    accuracy), else (‖Tw − c‖² + ‖(I − QQᵀ)Y‖²)/(NC), equal in algebra and free of cancellation.
+    """
 
     def __init__(
-        self, prob: ProbeProblem, budget: AttackBudget, w0: Tensor, w_star: Tensor, gen: torch.Generator
+        self,
+        prob: ProbeProblem,
+        budget: AttackBudget,
+        w0: Tensor,
+        factor: MinNormLstsq,
+        gen: torch.Generator,
+        *,
+        record_accuracy: bool = True,
     ):
         self.p, self.b, self.gen = prob, budget, gen
+        self.factor = factor
         self.w = w0.clone()
-        self.w_star = w_star
-        self.d0 = float(((w0 - w_star) ** 2).sum())
+        self.c, unreachable = factor.project(prob.y)
+        self.w_star = factor.gd_limit(prob.y, w0, qtb=self.c)
+        self.d0 = float(((w0 - self.w_star) ** 2).sum())
+        self.core = factor.core
+        self.unreachable = float(unreachable.sum())
+        self.predict = bool(prob.classes) and record_accuracy  # predictions needed for the accuracy
         n, d = prob.a.shape
         self.flops_per_product = 2.0 * n * d * prob.y.shape[1]
         self.base_lr = self._default_lr()
@@ -203,20 +336,25 @@ class _ProbeRun:
         if self.b.lr is not None:
             return float(self.b.lr)
         if self.b.optimizer == "gd":
-            lam = float(torch.linalg.matrix_norm(self.p.a, ord=2)) ** 2
+            lam = self.factor.sigma_max**2  # ‖A‖₂², from the SVD of T
             return 1.0 / (2.0 * lam) if lam > 0 else 1.0
         return 0.0 if self.b.optimizer == "gd_exact" else 1e-3
 
     def _record(self, step: int, examples: int, flops: float, lr: float, gnorm: float) -> StepRecord:
-        pred = self.p.a @ self.w
         ratio = float(((self.w - self.w_star) ** 2).sum()) / self.d0 if self.d0 > 0 else 0.0
-        acc = accuracy(pred, self.p.y) if self.p.classes else None
+        acc = None
+        if self.predict:
+            pred = self.p.a @ self.w
+            loss = float(((pred - self.p.y) ** 2).mean())
+            acc = accuracy(pred, self.p.y)
+        else:
+            loss = (float(((self.core @ self.w - self.c) ** 2).sum()) + self.unreachable) / self.p.y.numel()
         rec = StepRecord(
             step,
             examples,
             flops,
             lr,
-            float(((pred - self.p.y) ** 2).mean()),
+            loss,
             gnorm,
             time.perf_counter() - self.t0,
             ratio,
@@ -260,10 +398,11 @@ class _ProbeRun:
     def _step(self) -> tuple[float | None, float, int, float]:
         a, y, opt = self.p.a, self.p.y, self.b.optimizer
         if opt in ("gd", "gd_exact"):
-            g = 2.0 * a.T @ (a @ self.w - y)
+            t = self.core  # A = QT: Aᵀ(Aw − Y) = Tᵀ(Tw − QᵀY) and ‖Ag‖ = ‖Tg‖
+            g = 2.0 * (t.T @ (t @ self.w - self.c))  # scale the vector, not the matrix (exact either way)
             gnorm = float(g.norm())
             if opt == "gd_exact":
-                ag = float(((a @ g) ** 2).sum())
+                ag = float(((t @ g) ** 2).sum())
                 if ag == 0.0:  # gradient in the null space: GD has converged exactly
                     return None, gnorm, 0, 0.0
                 lr = gnorm**2 / (2.0 * ag)
@@ -275,8 +414,10 @@ class _ProbeRun:
             ab, yb = a, y
         else:
             idx = torch.randperm(a.shape[0], generator=self.gen)[: self._batch()]
-            ab, yb = a[idx], y[idx]
-        g = 2.0 * ab.T @ (ab @ self.w - yb) / len(ab)  # gradient of the batch mean squared error
+            ab, yb = a.index_select(0, idx), y.index_select(0, idx)
+        # gradient of the batch mean squared error; the exact factor 2 scales the vector, not the
+        # matrix, which gives bit for bit the values of (2Aᵀ)(Aw − Y) / n at a fraction of the cost
+        g = 2.0 * (ab.T @ (ab @ self.w - yb)) / len(ab)
         if opt == "sgd":
             self.w = self.w - self.base_lr * g
         else:
@@ -307,16 +448,23 @@ class ClosedFormProbe(Attack):
         self.inner = LinearProbe(config, **overrides)
 
     def __call__(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        *,
+        seed: int,
+        cache: ProbeCache | None = None,
     ) -> AttackResult:
-        """Solve the probe in closed form; the budget must allow one step."""
+        """Solve the probe in closed form; the budget must allow one step (``cache``: as LinearProbe)."""
         if budget.steps < 1:
             raise ConfigError("closed_form_probe needs a budget of at least 1 step")
         cfg = self.inner.config
-        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
-        prob = probe_problem(model, task, cfg.split, eval_split)
+        prob = self.inner.problem(model, task, cache)
         w0 = torch.zeros(prob.a.shape[1], prob.y.shape[1], dtype=torch.float64)
-        run = _ProbeRun(prob, budget, w0, least_squares(prob.a, prob.y, w0, rtol=cfg.rtol), torch.Generator())
+        run = _ProbeRun(
+            prob, budget, w0, prob.factor(cfg.rtol), torch.Generator(), record_accuracy=cfg.record_accuracy
+        )
         n, d = prob.a.shape
         flops = 2.0 * n * d * min(n, d) + run.flops_per_product  # SVD-based solve, order of magnitude
         info = {

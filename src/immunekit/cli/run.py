@@ -9,6 +9,7 @@ from typing import Any
 
 from immunekit.config import deep_merge, parse_set, read_yaml
 from immunekit.errors import ConfigError
+from immunekit.experiments.sweep import EXECUTORS, default_workers
 
 EXAMPLES = """\
 examples:
@@ -17,6 +18,9 @@ examples:
   immunekit run house-prices --seeds 0,1 --out runs/hp --set defenses.condition_number.steps=50
   immunekit run house-prices --config my.yaml         # a YAML diff over the packaged defaults
   immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (work in progress)
+  immunekit run mnist-pairs --workers 2               # a pool of 2 processes (default: all usable cores)
+  immunekit run mnist-pairs --executor ray --ray-address 10.0.0.5:6379   # on a Ray cluster
+  (interrupted? rerun the same command: finished trials under DIR/trials are kept, not recomputed)
 """
 
 
@@ -52,17 +56,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--executor",
-        choices=("inline", "process"),
-        default="inline",
-        help="inline: trials one after another in this process; process: a local pool of --workers processes",
+        choices=EXECUTORS.names(),
+        default="local",
+        help="local (default): --workers 1 runs the trials one after another in this process (easy to "
+        "debug), more runs a pool of processes on this machine; ray: the same trials on a Ray cluster "
+        '(pip install "immunekit[ray]"); records are identical whatever the executor',
     )
-    p.add_argument("--workers", type=int, default=2, help="pool size for --executor process (default 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"local: processes in the pool (1 = no pool); ray: CPUs of the local Ray instance started when "
+        f"there is no cluster address (default: the usable CPU cores, {default_workers()} here)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="--executor ray: the cluster to run on, HOST:PORT of its head (e.g. 10.0.0.5:6379), "
+        "ray://HOST:10001 or 'auto'; default: the RAY_ADDRESS environment variable, and when that is "
+        "unset too, a local Ray instance with --workers CPUs that is shut down at the end",
+    )
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1: the linear experiments use small matrices, for which one "
-        "thread is fastest, and many times faster when other processes share the cores)",
+        help="torch intra-op threads of this process, used with --workers 1 (pool and Ray workers always use "
+        "1; default 1: the linear experiments use small matrices, for which one thread is fastest, and many "
+        "times faster when other processes share the cores)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
@@ -139,7 +159,12 @@ def handle(args: argparse.Namespace) -> int:
     cfg = build_config(resolve(args))
     out = args.out or Path("results") / args.experiment.replace("_", "-")
     results = run_linear_experiment(
-        cfg, out, progress=not args.no_progress, executor=args.executor, workers=args.workers
+        cfg,
+        out,
+        progress=not args.no_progress,
+        executor=args.executor,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(summary_table(results))
     print(f"results: {out / 'results.json'}")

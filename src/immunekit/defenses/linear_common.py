@@ -44,10 +44,11 @@ def task_grads(data: Dataset, theta: Tensor, omega: Tensor, loss: str) -> tuple[
 
     With Z = Xθω and the loss's residual R = ∂L/∂Z (MSE: 2(Z − Y)/(N·C); BCE/CE: (p − Y)/N),
     ∇_ω L = (Xθ)ᵀR and ∇_θ L = Xᵀ R ωᵀ. Closed forms avoid autograd overhead in the inner loop.
+    Products are ordered for a narrow head (C ≪ D): Z = X(θω), ∇_θ L = (XᵀR)ωᵀ and
+    ∇_ω L = θᵀ(XᵀR), which costs O(N·D·C + D²·C) instead of the O(N·D²) of forming Xθ.
     """
     x = data.x.to(torch.float64)
-    feats = x @ theta
-    out = feats @ omega
+    out = x @ (theta @ omega)
     n = out.shape[0]
     if loss == "mse":
         y = data.y.to(torch.float64).reshape(out.shape)
@@ -61,4 +62,5 @@ def task_grads(data: Dataset, theta: Tensor, omega: Tensor, loss: str) -> tuple[
         y = functional.one_hot(data.y.long(), out.shape[1]).to(torch.float64)
         value = float(functional.cross_entropy(out, data.y.long()))
         resid = (torch.softmax(out, dim=1) - y) / n
-    return value, x.T @ (resid @ omega.T), feats.T @ resid
+    xr = x.T @ resid  # (D_in, C)
+    return value, xr @ omega.T, theta.T @ xr

@@ -8,30 +8,40 @@ duplicating finished trials. ``run_linear_experiment`` aggregates them into ``re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import statistics
 import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from immunekit.attacks import ATTACKS, AttackBudget
-from immunekit.attacks.linear_probe import least_squares, probe_problem
+from immunekit.attacks.linear_probe import ProbeCache, probe_problem
 from immunekit.config import config_sha256, load_config, to_dict
 from immunekit.data import TASKS
 from immunekit.data.task import Task
 from immunekit.defenses import DEFENSES
 from immunekit.errors import ConfigError
+from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
 from immunekit.models.base import LinearModel, linear_model
-from immunekit.spectral import condition_number, covariance, gram_condition_number, psd_factor
+from immunekit.spectral import (
+    condition_number,
+    covariance,
+    default_rtol,
+    gram_condition_number,
+    psd_factor,
+)
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -142,29 +152,149 @@ def kappa_pair(theta: torch.Tensor, k_h: torch.Tensor, k_p: torch.Tensor) -> Kap
     """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ (pseudo-inverse κ, default relative thresholds).
 
     Computed from the factors F·θ with FᵀF = K (:func:`immunekit.spectral.psd_factor`): K's null
-    space is decided once on K, and small eigenvalues of H are resolved to eps relative.
+    space is decided once on K, and small eigenvalues of H are resolved to eps relative. Only the
+    rank(K) non-zero rows of F are used (:func:`_thin_factor`): the dropped rows of F·θ are exactly
+    zero, so the non-zero singular values, the rank and (with the threshold of the full D-row factor
+    passed explicitly) κ are those of the full factor, at about (rank K / D) of the cost.
     """
+    return _kappa_pair_from(theta, _thin_factor(k_h), _thin_factor(k_p))
+
+
+def _thin_factor(k: torch.Tensor) -> torch.Tensor:
+    """The non-zero rows of ``psd_factor(K)``: ``(rank K, D)`` with the same FᵀF (all D rows if K = 0)."""
+    f = psd_factor(k)
+    kept = f[(f != 0).any(dim=1)]
+    return kept if kept.shape[0] else f
+
+
+def _kappa_pair_from(theta: torch.Tensor, f_h: torch.Tensor, f_p: torch.Tensor) -> KappaPair:
+    """κ(θᵀF_HᵀF_Hθ), κ(θᵀF_PᵀF_Pθ) for (thin) factors ``(r, D_in)`` and θ ``(D_in, D_hid)``.
+
+    The threshold is the default of the full ``(D_in, D_hid)`` product, ``max(D_in, D_hid)·eps``.
+    """
+    rtol = default_rtol(theta.shape[0], theta.shape[1])
+    theta = theta.to(torch.float64)
     return KappaPair(
-        gram_condition_number(psd_factor(k_h) @ theta),
-        gram_condition_number(psd_factor(k_p) @ theta),
+        gram_condition_number(f_h @ theta, rtol=rtol), gram_condition_number(f_p @ theta, rtol=rtol)
     )
 
 
 def probe_test_loss(
-    model: LinearModel, task: Task, split: str, eval_split: str
+    model: LinearModel, task: Task, split: str, eval_split: str, *, cache: ProbeCache | None = None
 ) -> tuple[float, float | None]:
-    """Held-out MSE (and accuracy for classification) of the best linear head w* = A⁺Y on ``split``."""
+    """Held-out MSE (and accuracy for classification) of the best linear head w* = A⁺Y on ``split``.
+
+    ``cache`` shares the features and the least-squares factorization with the attacks of the
+    same extractor (the numbers are the same with or without it).
+    """
     from immunekit.attacks.linear_probe import accuracy
 
-    prob = probe_problem(model, task, split, eval_split)
-    w = least_squares(prob.a, prob.y, torch.zeros(prob.a.shape[1], prob.y.shape[1], dtype=torch.float64))
+    if cache is None:
+        prob = probe_problem(model, task, split, eval_split)
+    else:
+        prob = cache.problem(model, task, split, eval_split)
+    w = prob.factor().solve(prob.y)
     pred = prob.eval_a @ w
     mse = float(((pred - prob.eval_y) ** 2).mean())
     return mse, (accuracy(pred, prob.eval_y) if prob.classes else None)
 
 
+@dataclass(frozen=True, eq=False)
+class _Reference:
+    """What every method of one task shares: θ_0 and its measurements, K_H's and K_P's thin factors.
+
+    Attributes:
+        model: the reference model θ_0 = I, ω_0 = 0 (``linear_model(D)``).
+        factors: thin factors (F_H, F_P), each ``(rank K, D)`` (:func:`_thin_factor`).
+        kappa: :func:`kappa_pair` of θ_0.
+        primary: :func:`probe_test_loss` of θ_0 on primary → eval_primary.
+        probes: features and factorizations of θ_0 (a fallback for models with θ = θ_0).
+
+    """
+
+    model: LinearModel
+    factors: tuple[torch.Tensor, torch.Tensor]
+    kappa: KappaPair
+    primary: tuple[float, float | None]
+    probes: ProbeCache
+
+    @classmethod
+    def of(cls, task: Task) -> _Reference:
+        """Measure θ_0 on ``task``."""
+        model = linear_model(task.input_dim)
+        f_h, f_p = _thin_factor(covariance(task.harmful.x)), _thin_factor(covariance(task.primary.x))
+        probes = ProbeCache(max_entries=2)
+        primary = probe_test_loss(model, task, "primary", "eval_primary", cache=probes)
+        return cls(model, (f_h, f_p), _kappa_pair_from(model.theta, f_h, f_p), primary, probes)
+
+    def kappa_of(self, model: LinearModel) -> KappaPair:
+        """:func:`kappa_pair` of ``model``'s θ (the stored value when θ = θ_0 bit for bit)."""
+        theta = model.theta
+        ref = self.model.theta
+        if theta.shape == ref.shape and torch.equal(theta, ref):
+            return self.kappa
+        return _kappa_pair_from(theta, *self.factors)
+
+
+class _ReferenceCache:
+    """The :class:`_Reference` of the last few tasks this process measured, one per live Task object.
+
+    An entry is used only for the very task object it was made for (held by a weak reference, so
+    a freed task's entry is dropped and its id can never be mistaken for a new task's) and only if
+    the task's ``version`` and the in-place-modification counters of its tensors are unchanged.
+    The cache never keeps a task alive, keeps at most ``size`` entries (least recently used
+    dropped first), and its values are never modified after they are made.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._entries: OrderedDict[int, tuple[weakref.ref[Task], tuple, _Reference]] = OrderedDict()
+
+    def get(self, task: Task) -> _Reference:
+        """The reference measurements of ``task`` (computed on the first call for this task)."""
+        key, stamp = id(task), _task_stamp(task)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is task and entry[1] == stamp:
+            self._entries.move_to_end(key)
+            return entry[2]
+        ref = _Reference.of(task)
+        self._entries[key] = (weakref.ref(task, functools.partial(self._forget, key)), stamp, ref)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return ref
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _forget(self, key: int, dead: weakref.ref[Task]) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is dead:
+            del self._entries[key]
+
+
+def _task_stamp(task: Task) -> tuple:
+    """``task.version`` and the ``_version`` counters (bumped by in-place writes) of its split tensors."""
+    splits = (task.primary, task.harmful, task.attack, task.eval_primary, task.eval_harmful)
+    return (task.version, tuple(t._version for d in splits for t in (d.x, d.y)))
+
+
+_REFERENCES = _ReferenceCache()
+
+
 def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: Task) -> dict[str, Any]:
-    """Immunize, measure and attack for one (method, seed); returns the trial record (JSON-ready)."""
+    """Immunize, measure and attack for one (method, seed); returns the trial record (JSON-ready).
+
+    The reference measurements (κ of θ_0, θ_0's primary test loss, K's factors) are made once per
+    task object and process and shared by every method; the features and least-squares solves of
+    the immunized model are shared by its closed-form evaluations and its attacks. Wall times are
+    recorded as ``defense_seconds`` (fit), ``measure_seconds`` (κ, RIR, closed-form losses,
+    including this task's reference measurements if this trial made them) and ``attack_seconds``.
+    """
     model0 = linear_model(task.input_dim)
     defense_cls = DEFENSES.get(method.defense)
     overrides = dict(method.overrides)
@@ -175,17 +305,21 @@ def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: 
     t0 = time.perf_counter()
     immunized = defense.fit(model0, task, seed=seed)
     seconds = time.perf_counter() - t0
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
-    parts = rir(kappa_pair(model0.theta, k_h, k_p), kappa_pair(immunized.theta, k_h, k_p))
-    mse_ref, acc_ref = probe_test_loss(model0, task, "primary", "eval_primary")
-    mse_imm, acc_imm = probe_test_loss(immunized, task, "primary", "eval_primary")
-    harm_mse, harm_acc = probe_test_loss(immunized, task, "attack", "eval_harmful")
+    t0 = time.perf_counter()
+    ref = _REFERENCES.get(task)
+    probes = ProbeCache(fallback=ref.probes)
+    parts = rir(ref.kappa, ref.kappa_of(immunized))
+    mse_ref, acc_ref = ref.primary
+    mse_imm, acc_imm = probe_test_loss(immunized, task, "primary", "eval_primary", cache=probes)
+    harm_mse, harm_acc = probe_test_loss(immunized, task, "attack", "eval_harmful", cache=probes)
     metrics: dict[str, float | None] = {
         **{k: float(v) for k, v in parts.to_dict().items()},
         "primary_test_mse": mse_imm,
         "primary_test_mse_reference": mse_ref,
         "harmful_test_mse_closed_form": harm_mse,
         "defense_seconds": seconds,
+        "measure_seconds": time.perf_counter() - t0,
+        "attack_seconds": None,  # set below; kept beside the other timings
     }
     if acc_imm is not None:
         metrics.update(
@@ -202,7 +336,9 @@ def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: 
         max_ratio_primary=v.max_ratio_primary,
         max_relative_loss_increase=v.max_relative_loss_increase,
     )
-    curves = _attack_curves(cfg, immunized, task, seed, metrics)
+    t0 = time.perf_counter()
+    curves = _attack_curves(cfg, immunized, task, seed, metrics, probes)
+    metrics["attack_seconds"] = time.perf_counter() - t0
     return {
         "method": method.key,
         "defense": method.defense,
@@ -215,13 +351,20 @@ def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: 
 
 
 def _attack_curves(
-    cfg: LinearExperimentConfig, model: LinearModel, task: Task, seed: int, metrics: dict[str, float | None]
+    cfg: LinearExperimentConfig,
+    model: LinearModel,
+    task: Task,
+    seed: int,
+    metrics: dict[str, float | None],
+    probes: ProbeCache | None = None,
 ) -> dict[str, dict[str, list]]:
     curves: dict[str, dict[str, list]] = {}
     probe = ATTACKS.get("linear_probe")
     for spec in cfg.attacks:
         for which, split in (("harmful", "attack"), ("primary", "primary")):
-            result = probe(split=split)(model, task, spec.budget(), seed=seed)
+            # only the norm-ratio and loss curves are kept: no per-step accuracy (an N×D product)
+            attack = probe(split=split, record_accuracy=False)
+            result = attack(model, task, spec.budget(), seed=seed, cache=probes)
             ratios = result.curve("norm_ratio")
             metrics[f"steps_to_epsilon.{which}.{spec.key}"] = steps_to_epsilon(ratios, cfg.epsilon)
             metrics[f"final_norm_ratio.{which}.{spec.key}"] = ratios[-1]
@@ -290,76 +433,56 @@ def trial_config_sha(
     return config_sha256(data)
 
 
-def _load_done(path: Path, sha: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    record = read_json(path)
-    if record.get("trial_config_sha256") != sha:
-        raise ConfigError(
-            f"{path} was written by a different configuration; refusing to mix results. "
-            "Use a new --out directory, or delete that directory to start over"
-        )
-    return record
-
-
-Trial = tuple[str, MethodSpec, int]  # (cell key, method, seed)
-
-
 def run_linear_experiment(
     cfg: LinearExperimentConfig,
     out: str | Path,
     *,
     progress: bool = True,
-    executor: str = "inline",
-    workers: int = 2,
+    executor: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run every (cell, method, seed) trial not yet on disk, then write ``results.json``.
+
+    The trials form a sweep (:mod:`immunekit.experiments.sweep`): each record is written
+    atomically to :func:`trial_path` as it finishes, an interrupted run resumes without recomputing
+    finished trials, and the records do not depend on the executor.
 
     Args:
         cfg: the resolved experiment config.
         out: results directory (created; trials resume from ``out/trials``).
         progress: show a progress bar with trials done / total and ETA.
-        executor: ``"inline"`` (in-process, serial, easy to debug) or ``"process"`` (a local pool of
-            ``workers`` spawned processes, one torch thread each; the same records as inline).
-        workers: pool size for ``"process"``.
+        executor: ``"local"`` (``workers=1``: in this process, serial, easy to debug; more: a pool of
+            spawned processes, one torch thread each) or ``"ray"`` (extra ``immunekit[ray]``).
+        workers: local pool size, or CPUs of a local Ray instance (``None``: the usable cores).
+        ray_address: ``"ray"`` only: cluster address (``None``: ``RAY_ADDRESS``, else local Ray).
 
     Returns:
         The aggregated results record (also written to ``out/results.json``).
 
     Raises:
-        ConfigError: for an unknown executor, ``workers < 1``, or a results directory written by a
-            different configuration.
+        ConfigError: for an unknown executor, ``workers < 1``, a results directory written by a
+            different configuration, Ray missing or its cluster unreachable (all before any write).
 
     """
-    if executor not in ("inline", "process"):
-        raise ConfigError(f"unknown executor {executor!r}; choose 'inline' or 'process'")
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
+    sweep.resolve_options(executor, workers)  # a bad executor fails before any task is built
     out = Path(out)
-    grid = cells(cfg)
-    records: dict[tuple[str, str, int], dict[str, Any]] = {}
-    todo: list[Trial] = []
-    for cell, over in grid:
-        for seed in cfg.seeds:
-            for m in cfg.methods:
-                done = _load_done(trial_path(out, m.key, seed, cell), trial_config_sha(cfg, m, over))
-                if done is not None:
-                    records[(cell, m.key, seed)] = done
-                else:
-                    todo.append((cell, m, seed))
-    if records:
-        log.info("resuming: %d of %d trials already done in %s", len(records), len(records) + len(todo), out)
-    first_task = task_for(cfg, cfg.seeds[0], grid[0][1])
+    trials = linear_trials(cfg)
+    _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
+    first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
     if todo:
         warn_rank_deficiency(first_task)
-    with tqdm(
-        total=len(todo), desc=f"{cfg.experiment} trials", disable=not progress or not todo, unit="trial"
-    ) as bar:
-        run = _run_inline if executor == "inline" else _run_pool
-        for (cell, m, seed), record in run(cfg, todo, out, workers):
-            records[(cell, m.key, seed)] = record
-            bar.set_postfix_str(f"{cell + ' ' if cell else ''}{m.key} seed={seed}")
-            bar.update(1)
+    done = sweep.run_sweep(
+        trials,
+        run_linear_trial,
+        out,
+        executor=executor,
+        workers=workers,
+        address=ray_address,
+        progress=progress,
+        desc=f"{cfg.experiment} trials",
+    )
+    records = {(t.payload.cell, t.payload.method.key, t.payload.seed): done[t.key] for t in trials}
     results = aggregate(cfg, records, first_task)
     atomic_write_json(out / "results.json", results)
     return results
@@ -368,54 +491,64 @@ def run_linear_experiment(
 _TASKS_CACHE: dict[str, Task] = {}
 
 
-def task_for(cfg: LinearExperimentConfig, seed: int, cell: dict[str, Any] | None = None) -> Task:
-    """The task of (cell, seed), built once per process (consecutive trials share it)."""
+def task_for(
+    cfg: LinearExperimentConfig,
+    seed: int,
+    cell: dict[str, Any] | None = None,
+    factory: Callable[..., Task] | None = None,
+) -> Task:
+    """The task of (cell, seed), built once per process (consecutive trials share it).
+
+    ``factory`` (default: ``TASKS.get(cfg.task)``) builds it; workers get it from the driver.
+    """
     kwargs = {**cfg.task_config, **(cell or {})}
     key = config_sha256({"task": cfg.task, "config": kwargs, "seed": seed})
     if key not in _TASKS_CACHE:
         _TASKS_CACHE.clear()  # keep one task: trials are visited cell by cell, seed by seed
-        _TASKS_CACHE[key] = TASKS.get(cfg.task)(seed=seed, **kwargs)
+        _TASKS_CACHE[key] = (factory or TASKS.get(cfg.task))(seed=seed, **kwargs)
     return _TASKS_CACHE[key]
 
 
-def complete_trial(cfg: LinearExperimentConfig, trial: Trial, out: Path) -> dict[str, Any]:
-    """Run one trial and write its record atomically (so a crash later never loses it)."""
-    cell, method, seed = trial
-    over = dict(cells(cfg))[cell]
-    task = task_for(cfg, seed, over)
-    record = run_trial(cfg, method, seed, task)
-    record.update(
-        cell=cell, trial_config_sha256=trial_config_sha(cfg, method, over), task_version=task.version
-    )
-    atomic_write_json(trial_path(out, method.key, seed, cell), record)
+@dataclass(frozen=True)
+class LinearTrial:
+    """The payload of one (cell, method, seed) trial: all a pool or Ray worker needs (picklable).
+
+    The task factory is looked up in ``TASKS`` by the driver and travels with the trial (pickled
+    by reference), so a task registered outside immunekit reaches a worker by the import of its
+    module there.
+    """
+
+    cfg: LinearExperimentConfig
+    cell: str
+    cell_config: dict[str, Any]
+    method: MethodSpec
+    seed: int
+    task_factory: Callable[..., Task]
+
+
+def linear_trials(cfg: LinearExperimentConfig) -> list[sweep.Trial]:
+    """The sweep of ``cfg``: one trial per (cell, seed, method), keyed by its :func:`trial_path`."""
+    factory = TASKS.get(cfg.task)
+    return [
+        sweep.Trial(
+            key=trial_path(Path(), m.key, seed, cell).with_suffix("").as_posix(),
+            config_sha=trial_config_sha(cfg, m, over),
+            payload=LinearTrial(
+                cfg=cfg, cell=cell, cell_config=over, method=m, seed=seed, task_factory=factory
+            ),
+        )
+        for cell, over in cells(cfg)
+        for seed in cfg.seeds
+        for m in cfg.methods
+    ]
+
+
+def run_linear_trial(trial: LinearTrial) -> dict[str, Any]:
+    """The sweep job: run one trial on its (cell, seed) task; the runner stores the record."""
+    task = task_for(trial.cfg, trial.seed, trial.cell_config, trial.task_factory)
+    record = run_trial(trial.cfg, trial.method, trial.seed, task)
+    record.update(cell=trial.cell, task_version=task.version)
     return record
-
-
-def _run_inline(cfg, todo, out, workers):
-    for trial in todo:
-        yield trial, complete_trial(cfg, trial, out)
-
-
-def _run_pool(cfg, todo, out, workers):
-    import concurrent.futures as cf
-    import multiprocessing
-
-    data = to_dict(cfg)
-    ctx = multiprocessing.get_context("spawn")  # fork with torch threads is unsafe
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {
-            pool.submit(_pool_job, data, cell, m.key, seed, str(out)): (cell, m, seed)
-            for cell, m, seed in todo
-        }
-        for fut in cf.as_completed(futures):
-            yield futures[fut], fut.result()
-
-
-def _pool_job(data: dict[str, Any], cell: str, method_key: str, seed: int, out: str) -> dict[str, Any]:
-    torch.set_num_threads(1)  # one worker per core; small matrices
-    cfg = build_config(data)
-    method = next(m for m in cfg.methods if m.key == method_key)
-    return complete_trial(cfg, (cell, method, seed), Path(out))
 
 
 def warn_rank_deficiency(task: Task) -> None:
