@@ -4,7 +4,8 @@ Public API (grouped; loaded lazily so that ``immunekit.reports`` never imports t
 
 * registries: ``DEFENSES``, ``ATTACKS``, ``TASKS``, ``METRICS``
 * models and data: ``linear_model``, ``ImmunizableModel``, ``LinearModel``, ``Task``, ``Dataset``
-* attacks: ``AttackBudget``
+* attacks: ``AttackBudget``, ``WorstCase``, ``SearchConfig``
+* evaluation: ``evaluate`` (the report card), ``Thresholds``, ``save_checkpoint``, ``load_checkpoint``
 * errors: ``ImmunekitError``, ``ConfigError``, ``DataError``, ``AssetError``, ``NumericalError``
 """
 
@@ -29,6 +30,13 @@ _EXPORTS = {
     "Dataset": "immunekit.data",
     # attacks
     "AttackBudget": "immunekit.attacks",
+    "WorstCase": "immunekit.attacks.worst_case",
+    "SearchConfig": "immunekit.attacks.worst_case",
+    # evaluation
+    "evaluate": "immunekit.experiments.evaluate",
+    "Thresholds": "immunekit.metrics.conditions",
+    "save_checkpoint": "immunekit.models.checkpoint",
+    "load_checkpoint": "immunekit.models.checkpoint",
     # errors
     "ImmunekitError": "immunekit.errors",
     "ConfigError": "immunekit.errors",

@@ -103,15 +103,31 @@ def test_history_has_one_entry_per_step_and_final_kappa_matches(behaviour: dict)
 
 
 def test_without_the_task_loss_kappa_primary_never_increases() -> None:
-    # R_well (guarded) lowers κ(H_P) and the primary safeguard backtracks the R_ill step, so with
-    # no task gradient the joint step is monotone in κ(H_P) (measured max increase: −3.9e-5).
+    # safeguard_against="previous": R_well (guarded) lowers κ(H_P) and the primary safeguard
+    # backtracks the R_ill step, so with no task gradient the joint step is monotone in κ(H_P)
+    # (measured max increase: −3.9e-5).
     task = gaussian_spectra(dim=8, n=128, cond_primary=100.0, cond_harmful=10.0, seed=1)
-    d = DEFENSES.get("condition_number")(task_loss=False, steps=40)
+    d = DEFENSES.get("condition_number")(task_loss=False, steps=40, safeguard_against="previous")
     d.fit(linear_model(8), task, seed=0)
     lk = [h["log_kappa_primary"] for h in d.history_] + [d.info_["final_log_kappa_primary"]]
     for t, (a, b) in enumerate(itertools.pairwise(lk)):
         assert b <= a + 1e-12, f"κ(H_P) rose at step {t}: {a} -> {b}"
     assert lk[-1] < lk[0]
+
+
+def test_default_safeguard_keeps_kappa_primary_at_or_below_theta0() -> None:
+    # safeguard_against="initial" (default): κ(H_P) may rise between steps but never above its
+    # value at θ_0 — condition (ii) of Definition 3.1 holds at every iterate, and R_ill gets
+    # larger steps than under the per-step rule, so κ(H_H) ends higher.
+    task = gaussian_spectra(dim=8, n=128, cond_primary=100.0, cond_harmful=10.0, seed=1)
+    d = DEFENSES.get("condition_number")(task_loss=False, steps=40)
+    assert d.config.safeguard_against == "initial"
+    d.fit(linear_model(8), task, seed=0)
+    lk = [h["log_kappa_primary"] for h in d.history_] + [d.info_["final_log_kappa_primary"]]
+    assert max(lk) <= lk[0] + 1e-12
+    strict = DEFENSES.get("condition_number")(task_loss=False, steps=40, safeguard_against="previous")
+    strict.fit(linear_model(8), task, seed=0)
+    assert d.info_["final_log_kappa_harmful"] > strict.info_["final_log_kappa_harmful"]
 
 
 def test_condition_number_ignores_harmful_labels() -> None:

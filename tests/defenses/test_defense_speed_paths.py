@@ -87,7 +87,7 @@ def test_fast_fit_equals_reference_with_a_full_rank_k(full: Task, name: str) -> 
         {"task_loss": False},
         {"primary_subspace": False},
         {"preconditioner": "ridge", "ridge": 1e-6},
-        {"safeguard_against": "initial"},
+        {"safeguard_against": "previous"},
         {"balance": "per_step"},
         {"balance": "fixed", "lambda_primary": 1.0, "lambda_harmful": 1e-4},
         {"rank_rtol": 1e-10},
@@ -109,7 +109,8 @@ def test_screened_safeguard_takes_the_same_decisions(singular: Task, monkeypatch
         return out
 
     monkeypatch.setattr(cn._Screen, "certainly_above", counting)
-    for overrides in ({}, {"task_loss": False}):
+    # the per-step rule rejects many trial steps here, so the screen's rejections get exercised
+    for overrides in ({}, {"task_loss": False}, {"safeguard_against": "previous"}):
         _assert_same_fit(singular, "condition_number", **overrides)
     assert calls["rejected"] > 0, calls
 

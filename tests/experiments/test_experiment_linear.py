@@ -6,11 +6,24 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from immunekit.config import read_yaml
+from immunekit.data import TASKS
 from immunekit.errors import ConfigError
 from immunekit.experiments import default_config_path
-from immunekit.experiments.linear import build_config, run_linear_experiment, summarise, trial_path
+from immunekit.experiments.io import read_json
+from immunekit.experiments.linear import (
+    build_config,
+    kappa_pair,
+    model_path,
+    run_linear_experiment,
+    summarise,
+    trial_path,
+)
+from immunekit.metrics import rir
+from immunekit.models.checkpoint import load_checkpoint, read_checkpoint_info
+from immunekit.spectral import covariance
 
 
 def tiny_config(**changes: object) -> dict:
@@ -110,3 +123,32 @@ def test_process_pool_gives_the_inline_records(tmp_path: Path) -> None:
 def test_unknown_executor_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown executor 'ray2'"):
         run_linear_experiment(build_config(tiny_config()), tmp_path, executor="ray2")
+
+
+def test_save_models_writes_loadable_checkpoints_with_the_task(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config())
+    results = run_linear_experiment(cfg, tmp_path, progress=False, workers=1, save_models=True)
+    method = "condition_number"
+    assert method in results["methods"]
+    seed = cfg.seeds[0]
+    path = model_path(tmp_path / "models", method, seed)
+    info = read_checkpoint_info(path)
+    assert info.metadata["task"] == cfg.task
+    assert info.metadata["task_config"]["seed"] == seed
+    assert info.metadata["method"] == method
+    # the saved model is the one the trial measured: its κ pair gives the recorded RIR
+    model = load_checkpoint(path)
+    task = TASKS.get(cfg.task)(**info.metadata["task_config"])
+    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
+    ref = kappa_pair(torch.eye(task.input_dim, dtype=torch.float64), k_h, k_p)
+    got = rir(ref, kappa_pair(model.theta, k_h, k_p)).log_rir
+    trial = read_json(trial_path(tmp_path, method, seed))
+    assert got == pytest.approx(trial["metrics"]["log_rir"], rel=1e-9, abs=1e-9)
+
+
+def test_save_models_refuses_ray(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="local executor"):
+        run_linear_experiment(
+            build_config(tiny_config()), tmp_path, executor="ray", save_models=True, progress=False
+        )
+    assert not (tmp_path / "trials").exists()

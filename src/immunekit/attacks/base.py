@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 from immunekit.data.task import Dataset, Task
-from immunekit.errors import ConfigError
+from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel
 
-Optimizer = Literal["gd_exact", "gd", "sgd", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("gd_exact", "gd", "sgd", "adam")
+Optimizer = Literal["gd_exact", "gd", "sgd", "sgd_momentum", "adam", "adamw"]
+OPTIMIZERS: tuple[str, ...] = ("gd_exact", "gd", "sgd", "sgd_momentum", "adam", "adamw")
+Schedule = Literal["constant", "cosine"]
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+DEFAULT_LR = 1e-3
+"""Learning rate used when ``AttackBudget.lr`` is None (except ``gd``/``gd_exact`` of the linear probe)."""
+
+TRAIN_SPLITS: tuple[str, ...] = ("attack", "primary", "attack_disjoint", "attack_cross", "val_harmful")
+EVAL_SPLITS: tuple[str, ...] = ("eval_harmful", "eval_primary", "val_harmful")
+OPTIONAL_SPLITS: tuple[str, ...] = ("val_harmful", "attack_disjoint", "attack_cross")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,13 +30,22 @@ class AttackBudget:
     Attributes:
         steps: optimizer steps (≥ 1).
         batch_size: examples per step for stochastic optimizers (full batch for ``gd``/``gd_exact``).
-        lr: learning rate; ``None`` = the optimizer's default (``1/L`` for ``gd``, 1e-3 otherwise;
-            ``gd_exact`` chooses its own step by exact line search).
-        optimizer: ``gd_exact`` (full-batch GD, exact line search — Fig. 1 of arXiv 2505.23760),
-            ``gd`` (full-batch, fixed step), ``sgd`` or ``adam``.
+        lr: base learning rate; ``None`` = the optimizer's default: ``1/L`` for ``gd`` in the linear
+            probe, :data:`DEFAULT_LR` = 1e-3 otherwise (``gd_exact`` chooses its own step by exact
+            line search).
+        optimizer: ``gd_exact`` (full-batch GD, exact line search — Fig. 1 of arXiv 2505.23760; linear
+            probe only), ``gd`` (full-batch, fixed step), ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``.
         max_examples: cap on examples processed, or ``None``.
         max_flops: cap on floating-point operations, or ``None``.
-        eval_every: evaluate on the held-out split every this many steps (0 = never).
+        eval_every: evaluate on the held-out split every this many steps; step 0 and the last step
+            are always evaluated (0 = only those two).
+        schedule: ``constant`` or ``cosine``; the lr of step t (1-based) is :func:`scheduled_lr`.
+        warmup_steps: linear warm-up steps (lr t/W · η for t ≤ W), then the schedule.
+        momentum: momentum of ``sgd_momentum`` (torch.optim.SGD, no dampening, no Nesterov).
+        weight_decay: decoupled weight decay of ``adamw``. 0 by default: torch's own default of 0.01
+            is *not* used silently; set it explicitly. Only ``adamw`` accepts a non-zero value.
+        max_tokens: cap on tokens processed (sequence inputs only; tabular and vision inputs count 0
+            tokens, so the cap never binds for them), or ``None``.
 
     """
 
@@ -37,7 +55,17 @@ class AttackBudget:
     optimizer: Optimizer = field(default="gd_exact", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples seen"})
     max_flops: float | None = field(default=None, metadata={"help": "cap on FLOPs"})
-    eval_every: int = field(default=0, metadata={"help": "held-out evaluation period (0: never)"})
+    eval_every: int = field(
+        default=0, metadata={"help": "held-out evaluation period (0: step 0 and the last step only)"}
+    )
+    schedule: Schedule = field(default="constant", metadata={"help": "lr schedule: " + ", ".join(SCHEDULES)})
+    warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up steps before the schedule"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum of sgd_momentum"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "decoupled weight decay of adamw (0: none; torch's 0.01 is not implied)"},
+    )
+    max_tokens: int | None = field(default=None, metadata={"help": "cap on tokens seen (sequence inputs)"})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -52,12 +80,81 @@ class AttackBudget:
             raise ConfigError(
                 f"budget.optimizer {self.optimizer!r} is unknown; choose one of {list(OPTIMIZERS)}"
             )
-        for name in ("max_examples", "max_flops"):
+        for name in ("max_examples", "max_flops", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"budget.{name} must be > 0 or None, got {value}")
         if self.eval_every < 0:
             raise ConfigError(f"budget.eval_every must be >= 0, got {self.eval_every}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"budget.schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"
+            )
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(
+                f"budget.warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"budget.momentum must be in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0.0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"budget.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.weight_decay > 0.0 and self.optimizer != "adamw":
+            raise ConfigError(
+                f"budget.weight_decay={self.weight_decay} only applies to optimizer 'adamw', got "
+                f"{self.optimizer!r}; use optimizer='adamw' or weight_decay=0"
+            )
+        if self.optimizer == "gd_exact" and (self.schedule != "constant" or self.warmup_steps):
+            raise ConfigError(
+                "budget.optimizer 'gd_exact' chooses its own step by line search; a schedule or warm-up "
+                "cannot apply: use schedule='constant', warmup_steps=0 or optimizer='gd'"
+            )
+
+    def examples_per_step(self, n_rows: int) -> int:
+        """Examples one step uses on a split of ``n_rows`` rows (full batch for gd/gd_exact)."""
+        return n_rows if self.optimizer in ("gd", "gd_exact") else min(self.batch_size, n_rows)
+
+    def describe(self, n_rows: int) -> str:
+        """The derived budget, e.g. ``"200 steps × 32 = 6,400 examples"`` (for the start-of-attack log)."""
+        per = self.examples_per_step(n_rows)
+        text = f"{self.steps:,} steps × {per:,} = {self.steps * per:,} examples"
+        caps = [
+            f"{k}={getattr(self, 'max_' + k):,}"
+            for k in ("examples", "tokens", "flops")
+            if getattr(self, "max_" + k) is not None
+        ]
+        return text + (f" (caps: {', '.join(caps)})" if caps else "")
+
+
+def scheduled_lr(base: float, step: int, budget: AttackBudget) -> float:
+    """Learning rate of step ``step`` (1-based) under the budget's schedule.
+
+    With W = ``warmup_steps`` and T = ``steps``:
+
+    * warm-up, t ≤ W: η_t = η · t / W;
+    * ``constant``, t > W: η_t = η;
+    * ``cosine``, t > W: η_t = η · ½ (1 + cos(π (t − W − 1) / (T − W))), so the first step after
+      warm-up uses η and the decay heads to 0 (reached at t = T + 1, so no step is wasted on η = 0).
+
+    Args:
+        base: the base learning rate η.
+        step: 1-based step index t.
+        budget: provides schedule, warm-up and T.
+
+    Returns:
+        η_t.
+
+    Example:
+        >>> b = AttackBudget(steps=4, optimizer="sgd", schedule="cosine")
+        >>> [round(scheduled_lr(1.0, t, b), 4) for t in range(1, 5)]
+        [1.0, 0.8536, 0.5, 0.1464]
+
+    """
+    w, t_max = budget.warmup_steps, budget.steps
+    if step <= w:
+        return base * step / w
+    if budget.schedule == "constant":
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * (step - w - 1) / (t_max - w)))
 
 
 @dataclass
@@ -74,7 +171,10 @@ class StepRecord:
         wall_time: cumulative seconds.
         norm_ratio: ‖w_t − w*‖²/‖w_0 − w*‖² for linear probes (``None`` otherwise).
         accuracy: attacker-split accuracy for classification (``None`` for regression).
-        eval: held-out metrics when evaluated at this step.
+        eval: held-out metrics when evaluated at this step: ``{"harm": h, "utility": u, ...}`` with
+            h the task score on the attack's eval split and u the task score on ``eval_primary``
+            (:func:`immunekit.metrics.task_scores.task_score`).
+        tokens: cumulative tokens processed (sequence inputs; 0 for tabular/vision).
 
     """
 
@@ -88,6 +188,7 @@ class StepRecord:
     norm_ratio: float | None = None
     accuracy: float | None = None
     eval: dict[str, float] | None = None
+    tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
@@ -102,7 +203,7 @@ class AttackResult:
         model: the fine-tuned copy (the input model is never modified).
         initial: the state before the first step (``step == 0``).
         records: one :class:`StepRecord` per step taken.
-        stopped_by: ``"steps"``, ``"examples"``, ``"flops"`` or ``"converged"``.
+        stopped_by: ``"steps"``, ``"examples"``, ``"tokens"``, ``"flops"`` or ``"converged"``.
         info: attack-specific facts (derived lr, κ of the probe Hessian, FLOP method, ...).
 
     """
@@ -116,6 +217,14 @@ class AttackResult:
     def curve(self, key: str = "norm_ratio") -> list[float | None]:
         """``key`` over steps, starting with the initial state."""
         return [getattr(r, key) for r in [self.initial, *self.records]]
+
+    def harm_curve(self) -> list[tuple[int, float]]:
+        """``[(step, harm)]`` over the initial state and every record evaluated with a ``"harm"``."""
+        return [
+            (r.step, float(r.eval["harm"]))
+            for r in [self.initial, *self.records]
+            if r.eval is not None and "harm" in r.eval
+        ]
 
 
 class Attack(ABC):
@@ -131,8 +240,30 @@ class Attack(ABC):
 
 
 def split_of(task: Task, name: str) -> Dataset:
-    """The task split called ``name``: attack, primary, harmful, eval_primary or eval_harmful."""
-    names = ("attack", "primary", "harmful", "eval_primary", "eval_harmful")
+    """The task split called ``name``.
+
+    Args:
+        task: the task.
+        name: attack, primary, harmful, eval_primary, eval_harmful, or one of the optional splits
+            val_harmful, attack_disjoint, attack_cross.
+
+    Raises:
+        ConfigError: unknown split name.
+        DataError: an optional split the task does not have (``None``).
+
+    """
+    names = ("attack", "primary", "harmful", "eval_primary", "eval_harmful", *OPTIONAL_SPLITS)
     if name not in names:
         raise ConfigError(f"unknown split {name!r}; choose one of {list(names)}")
-    return getattr(task, name)
+    data = getattr(task, name, None)
+    if data is None:
+        raise DataError(
+            f"task {task.name!r} has no {name!r} split; build it with evaluation_splits=True "
+            f"(or pass the split to Task) or choose another split"
+        )
+    return data
+
+
+def default_eval_split(split: str) -> str:
+    """The held-out split matching a training split: eval_primary for primary, else eval_harmful."""
+    return "eval_primary" if split == "primary" else "eval_harmful"

@@ -15,7 +15,15 @@ for this simulation of it. :class:`ProbeCache` shares features and factorization
 Optimizers:
     * ``gd_exact``: g = 2Aᵀ(Aw − Y), α = ‖g‖²/(2‖Ag‖²), w ← w − αg (Eq. 16 / Fig. 1 protocol).
     * ``gd``: fixed step, default η = 1/L with L = λ_max(2AᵀA).
-    * ``sgd`` / ``adam``: mini-batches of ``budget.batch_size`` on the mean squared error.
+    * ``sgd`` / ``sgd_momentum`` / ``adam`` / ``adamw``: mini-batches of ``budget.batch_size`` on the mean
+      squared error, with the update rules of ``torch.optim`` (SGD without dampening; Adam β = (0.9,
+      0.999), ε = 1e-8; AdamW's decoupled decay w ← w(1 − η·λ) before the Adam step).
+
+Every optimizer but ``gd_exact`` follows ``budget.schedule``/``warmup_steps``
+(:func:`~immunekit.attacks.base.scheduled_lr`). Harm curve: the held-out split is evaluated at step
+0, every ``eval_every`` steps and at the last step, ``eval = {"harm", "utility", "loss"}`` with the
+task scores of :func:`immunekit.metrics.task_scores.task_score` (harm on the eval split, utility on
+``eval_primary``) and the held-out mean squared error.
 """
 
 from __future__ import annotations
@@ -30,10 +38,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from immunekit.attacks.base import Attack, AttackBudget, AttackResult, StepRecord, split_of
+from immunekit.attacks.base import (
+    Attack,
+    AttackBudget,
+    AttackResult,
+    StepRecord,
+    default_eval_split,
+    scheduled_lr,
+    split_of,
+)
 from immunekit.config import load_config
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
+from immunekit.metrics.task_scores import task_score
 from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.lstsq import MinNormLstsq
 
@@ -44,10 +61,10 @@ log = logging.getLogger(__name__)
 class LinearProbeConfig:
     """Settings of a linear-probe attack."""
 
-    split: Literal["attack", "primary"] = field(
+    split: Literal["attack", "primary", "attack_disjoint", "attack_cross", "val_harmful"] = field(
         default="attack", metadata={"help": "split the probe is fitted on (attack = harmful data)"}
     )
-    eval_split: Literal["eval_harmful", "eval_primary"] | None = field(
+    eval_split: Literal["eval_harmful", "eval_primary", "val_harmful"] | None = field(
         default=None, metadata={"help": "held-out split for evaluations (default: matches split)"}
     )
     init: Literal["zeros", "normal"] = field(default="zeros", metadata={"help": "w_0 (normal: N(0, 1/D))"})
@@ -71,6 +88,9 @@ class ProbeProblem:
         classes: number of classes (0 for regression).
         eval_a: ``(M, D)`` held-out features.
         eval_y: ``(M, C)`` held-out targets.
+        util_a: ``(K, D)`` features of ``eval_primary`` (the utility beside harm).
+        util_y: ``(K, C)`` regression targets or ``(K,)`` class labels of ``eval_primary``.
+        loss: the task loss (``mse``/``ce``), for the task scores.
 
     """
 
@@ -79,6 +99,9 @@ class ProbeProblem:
     classes: int
     eval_a: Tensor
     eval_y: Tensor
+    util_a: Tensor | None = None
+    util_y: Tensor | None = None
+    loss: str = "mse"
     _factors: dict[float | None, MinNormLstsq] = field(default_factory=dict, repr=False)
 
     def factor(self, rtol: float | None = None) -> MinNormLstsq:
@@ -108,9 +131,20 @@ def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: s
         )
     train, held = split_of(task, split), split_of(task, eval_split)
     classes = 0 if task.loss == "mse" else int(max(train.y.max(), held.y.max())) + 1
-    feats = [model.features(d.x.to(next(model.parameters()).dtype)).to(torch.float64) for d in (train, held)]
+    util = split_of(task, "eval_primary")
+    dtype = next(model.parameters()).dtype
+    feats = [model.features(d.x.to(dtype)).to(torch.float64) for d in (train, held)]
+    util_a = feats[1] if eval_split == "eval_primary" else model.features(util.x.to(dtype)).to(torch.float64)
+    util_y = util.y.to(torch.float64).reshape(len(util), -1) if task.loss == "mse" else util.y.reshape(-1)
     return ProbeProblem(
-        feats[0], targets(train, task.loss, classes), classes, feats[1], targets(held, task.loss, classes)
+        feats[0],
+        targets(train, task.loss, classes),
+        classes,
+        feats[1],
+        targets(held, task.loss, classes),
+        util_a,
+        util_y,
+        task.loss,
     )
 
 
@@ -254,19 +288,13 @@ class LinearProbe(Attack):
             w0 = torch.randn(d, c, generator=gen, dtype=torch.float64) / d**0.5
         factor = prob.factor(cfg.rtol)
         run = _ProbeRun(prob, budget, w0, factor, gen, record_accuracy=cfg.record_accuracy)
-        log.info(
-            "linear probe (%s) on %s: %d steps x %s examples, D=%d",
-            budget.optimizer,
-            cfg.split,
-            budget.steps,
-            n if budget.optimizer in ("gd", "gd_exact") else budget.batch_size,
-            d,
-        )
+        log.info("linear probe (%s) on %s, D=%d: %s", budget.optimizer, cfg.split, d, budget.describe(n))
         records, stopped = run.execute()
         attacked = copy.deepcopy(model)
         attacked.head = _head_from(run.w, attacked)
         info = {
             "split": cfg.split,
+            "eval_split": self.eval_split,
             "optimizer": budget.optimizer,
             "lr": run.base_lr,
             "flops_method": "analytic: 2·N·D·C per product (forward + gradient)",
@@ -276,10 +304,15 @@ class LinearProbe(Attack):
         }
         return AttackResult(attacked, run.initial, records, stopped, info)
 
+    @property
+    def eval_split(self) -> str:
+        """The configured eval split, or the default for the training split."""
+        return self.config.eval_split or default_eval_split(self.config.split)
+
     def problem(self, model: ImmunizableModel, task: Task, cache: ProbeCache | None = None) -> ProbeProblem:
         """The configured split's :class:`ProbeProblem` (through ``cache`` when given)."""
         cfg = self.config
-        eval_split = cfg.eval_split or ("eval_primary" if cfg.split == "primary" else "eval_harmful")
+        eval_split = self.eval_split
         if cache is None:
             return probe_problem(model, task, cfg.split, eval_split)
         return cache.problem(model, task, cfg.split, eval_split)
@@ -360,31 +393,42 @@ class _ProbeRun:
             ratio,
             acc,
         )
-        if self.b.eval_every and (step % self.b.eval_every == 0):
-            ev = self.p.eval_a @ self.w
-            rec.eval = {"loss": float(((ev - self.p.eval_y) ** 2).mean())}
-            if self.p.classes:
-                rec.eval["accuracy"] = accuracy(ev, self.p.eval_y)
+        if step == 0 or (self.b.eval_every and step % self.b.eval_every == 0):
+            rec.eval = self.evaluate()
         return rec
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out ``{"harm", "utility", "loss"}`` of the current head (harm-curve convention)."""
+        ev = self.p.eval_a @ self.w
+        out = {"harm": task_score(ev, self.p.eval_y, self.p.loss)}  # type: ignore[arg-type]
+        if self.p.util_a is not None and self.p.util_y is not None:
+            out["utility"] = task_score(self.p.util_a @ self.w, self.p.util_y, self.p.loss)  # type: ignore[arg-type]
+        out["loss"] = float(((ev - self.p.eval_y) ** 2).mean())
+        return out
 
     def execute(self) -> tuple[list[StepRecord], str]:
         records: list[StepRecord] = []
         examples, flops = 0, 0.0
+        stopped = "steps"
         for step in range(1, self.b.steps + 1):
             stop = self._over_budget(examples, flops)
             if stop:
-                return records, stop
-            lr, gnorm, used, cost = self._step()
+                stopped = stop
+                break
+            lr, gnorm, used, cost = self._step(step)
             if lr is None:
-                return records, "converged"
+                stopped = "converged"
+                break
             examples, flops = examples + used, flops + cost
             records.append(self._record(step, examples, flops, lr, gnorm))
-        return records, "steps"
+        if records and records[-1].eval is None:  # the last step is always evaluated
+            records[-1].eval = self.evaluate()
+        return records, stopped
 
     def step_cost(self) -> tuple[int, float]:
         """(examples, FLOPs) of one step of the configured optimizer."""
         n = self.p.a.shape[0]
-        if self.b.optimizer in ("sgd", "adam"):
+        if self.b.optimizer not in ("gd", "gd_exact"):
             return self._batch(), 2.0 * self._batch() / n * self.flops_per_product
         return n, (3.0 if self.b.optimizer == "gd_exact" else 2.0) * self.flops_per_product
 
@@ -395,7 +439,7 @@ class _ProbeRun:
     def _batch(self) -> int:
         return min(self.b.batch_size, self.p.a.shape[0])
 
-    def _step(self) -> tuple[float | None, float, int, float]:
+    def _step(self, step: int) -> tuple[float | None, float, int, float]:
         a, y, opt = self.p.a, self.p.y, self.b.optimizer
         if opt in ("gd", "gd_exact"):
             t = self.core  # A = QT: Aᵀ(Aw − Y) = Tᵀ(Tw − QᵀY) and ‖Ag‖ = ‖Tg‖
@@ -407,7 +451,7 @@ class _ProbeRun:
                     return None, gnorm, 0, 0.0
                 lr = gnorm**2 / (2.0 * ag)
             else:
-                lr = self.base_lr
+                lr = scheduled_lr(self.base_lr, step, self.b)
             self.w = self.w - lr * g
             return lr, gnorm, *self.step_cost()
         if self._batch() >= a.shape[0]:  # full batch: no sampling needed
@@ -418,15 +462,22 @@ class _ProbeRun:
         # gradient of the batch mean squared error; the exact factor 2 scales the vector, not the
         # matrix, which gives bit for bit the values of (2Aᵀ)(Aw − Y) / n at a fraction of the cost
         g = 2.0 * (ab.T @ (ab @ self.w - yb)) / len(ab)
+        lr = scheduled_lr(self.base_lr, step, self.b)
         if opt == "sgd":
-            self.w = self.w - self.base_lr * g
+            self.w = self.w - lr * g
+        elif opt == "sgd_momentum":  # torch.optim.SGD: buf = g at the first step, then μ·buf + g
+            self.m = g.clone() if self.t == 0 else self.b.momentum * self.m + g
+            self.t += 1
+            self.w = self.w - lr * self.m
         else:
+            if opt == "adamw":  # decoupled decay first, as torch.optim.AdamW
+                self.w = self.w * (1.0 - lr * self.b.weight_decay)
             self.t += 1
             self.m = 0.9 * self.m + 0.1 * g
             self.v = 0.999 * self.v + 0.001 * g * g
             m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
-            self.w = self.w - self.base_lr * m_hat / (v_hat.sqrt() + 1e-8)
-        return self.base_lr, float(g.norm()), *self.step_cost()
+            self.w = self.w - lr * m_hat / (v_hat.sqrt() + 1e-8)
+        return lr, float(g.norm()), *self.step_cost()
 
 
 def budget_stop(budget: AttackBudget, examples: int, flops: float) -> str | None:
@@ -479,6 +530,6 @@ class ClosedFormProbe(Attack):
             return AttackResult(attacked, run.initial, [], stop, info)
         run.w = run.w_star.clone()
         attacked.head = _head_from(run.w, attacked)
-        return AttackResult(
-            attacked, run.initial, [run._record(1, n, flops, float("nan"), 0.0)], "converged", info
-        )
+        final = run._record(1, n, flops, float("nan"), 0.0)
+        final.eval = run.evaluate()
+        return AttackResult(attacked, run.initial, [final], "converged", info)

@@ -9,12 +9,12 @@ import sys
 from immunekit import __version__
 from immunekit.errors import ImmunekitError
 
-SUBCOMMANDS = ("run", "ls", "report")
+SUBCOMMANDS = ("run", "evaluate", "ls", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    from immunekit.cli import ls, report, run
+    from immunekit.cli import evaluate, ls, report, run
 
     parser = argparse.ArgumentParser(
         prog="immunekit",
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"immunekit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    for module in (run, ls, report):
+    for module in (run, evaluate, ls, report):
         module.add_parser(sub)
     return parser
 

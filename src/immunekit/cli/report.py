@@ -10,8 +10,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``report``."""
     p = sub.add_parser(
         "report",
-        help="rebuild report.md and plots from a results directory",
-        description="Rebuild report.md and the PNG plots from DIR/results.json (no model needed).",
+        help="rebuild report.md (and report.html for evaluations) from a results directory",
+        description=(
+            "Rebuild report.md and the PNG plots from DIR/results.json (no model needed). For a record "
+            "written by 'immunekit evaluate' this rebuilds the report card: report.md and a "
+            "self-contained report.html."
+        ),
     )
     p.add_argument("dir", type=Path, help="results directory (or a results.json file)")
     p.add_argument("--out", type=Path, default=None, help="write the report here instead of DIR")

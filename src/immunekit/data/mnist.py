@@ -33,6 +33,18 @@ and a task takes a prefix of it, so the digit-p sample of pair (p, h) is a prefi
 sample of any pair with a larger n, and the one-vs-rest task d is the same whichever role d plays.
 That lets a 90-pair sweep reuse per-task (one-vs-rest) or per-digit (:func:`digit_covariances`)
 statistics across pairs.
+
+Evaluation splits (``evaluation_splits=True``; off by default, which leaves every split as before):
+``val_harmful`` and ``attack_disjoint`` come from the MNIST split the task does not use otherwise,
+the *spare* split (``val`` when ``test_split="test"``, the default, so images from the standard
+60,000 training images that neither the defender nor the evaluation sees; ``test`` when
+``test_split="val"``). The harmful task is built there as the held-out splits are (``reference``:
+every image of digit h, capped at ``n_per_task``, label 1; ``one_vs_rest``: the h-vs-rest task),
+then halved per label, keeping the draw's order: the first ⌊k/2⌋ rows of each label go to
+``val_harmful``, the rest to ``attack_disjoint``. (The training split's unused images of h are not
+used: under ``reference`` there are none when h is the rarer digit.) ``eval_harmful`` is unchanged and
+``attack_cross`` stays ``None``. On the pinned data ``val`` holds about 1,000 images per digit, so
+each split has about 500 rows (``reference``) or 1,000 (``one_vs_rest``).
 """
 
 from __future__ import annotations
@@ -106,6 +118,13 @@ class MnistPairConfig:
     test_split: HeldOutSplit = field(
         default="test", metadata={"help": "split that provides the held-out rows: 'test' or 'val'"}
     )
+    evaluation_splits: bool = field(
+        default=False,
+        metadata={
+            "help": "also build val_harmful and attack_disjoint from the spare MNIST split (val when "
+            "test_split is test, else test); see the module docstring"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("primary", "harmful"):
@@ -128,6 +147,13 @@ class MnistPairConfig:
             )
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize={self.normalize!r} is invalid; use true or false")
+        if not isinstance(self.evaluation_splits, bool):
+            raise ConfigError(f"evaluation_splits={self.evaluation_splits!r} is invalid; use true or false")
+
+    @property
+    def spare_split(self) -> str:
+        """The MNIST split that ``evaluation_splits`` draws from: the held-out split not in use."""
+        return "val" if self.test_split == "test" else "test"
 
     @property
     def task_term(self) -> bool:
@@ -354,7 +380,8 @@ def mnist_pair(config: MnistPairConfig | None = None, *, seed: int = 0, **overri
 
     Returns:
         A :class:`~immunekit.data.task.Task` with ``loss="ce"`` (binary), float64 inputs ``(N, 784)``
-        and ``long`` targets.
+        and ``long`` targets; with ``evaluation_splits=True`` also ``val_harmful`` and
+        ``attack_disjoint`` from the spare split (module docstring).
 
     Raises:
         ConfigError: an unknown or invalid option (bad digit, p == h, unknown protocol, ...).
@@ -375,6 +402,7 @@ def mnist_pair(config: MnistPairConfig | None = None, *, seed: int = 0, **overri
     build = _reference_split if config.protocol == "reference" else _one_vs_rest_split
     train = build(data, "train", config, seed)
     held = build(data, config.test_split, config, seed)
+    extra = _evaluation_splits(data, config, seed) if config.evaluation_splits else {}
     task = Task(
         name="mnist_pair",
         version=_version(config),
@@ -384,7 +412,8 @@ def mnist_pair(config: MnistPairConfig | None = None, *, seed: int = 0, **overri
         attack=train["harmful"].dataset,
         eval_primary=held["primary"].dataset,
         eval_harmful=held["harmful"].dataset,
-        info=_info(config, seed, data, train, held),
+        **extra,
+        info=_info(config, seed, data, train, held, extra),
     )
     logger.debug(
         "mnist_pair %s (%d, %d) built in %.3f s",
@@ -491,6 +520,35 @@ def _one_vs_rest_task(data: MnistArrays, split: str, digit: int, config: MnistPa
     return _Part(_dataset(data, split, rows, y, config.normalize), n, rest_counts)
 
 
+def _evaluation_splits(data: MnistArrays, config: MnistPairConfig, seed: int) -> dict[str, Dataset]:
+    """``val_harmful`` and ``attack_disjoint``: the harmful task on the spare split, halved per label."""
+    spare, h = config.spare_split, config.harmful
+    if config.protocol == "reference":
+        n = _need(data, spare, h)
+        if config.n_per_task is not None:
+            n = min(n, config.n_per_task)
+        rows = _digit_sample(data, spare, h, n, seed)
+        full = _dataset(data, spare, rows, np.ones(n, np.int64), config.normalize)
+    else:
+        full = _one_vs_rest_task(data, spare, h, config, seed).dataset
+    first = np.zeros(len(full), dtype=bool)
+    labels = full.y.numpy()
+    for label in np.unique(labels):
+        where = np.flatnonzero(labels == label)
+        first[where[: len(where) // 2]] = True
+    if first.all() or not first.any():
+        raise DataError(
+            f"the {spare!r} split has too few images of digit {h} to fill both val_harmful and "
+            "attack_disjoint; raise n_per_task or build without evaluation_splits"
+        )
+    return {"val_harmful": _subset(full, first), "attack_disjoint": _subset(full, ~first)}
+
+
+def _subset(ds: Dataset, mask: np.ndarray) -> Dataset:
+    idx = np.flatnonzero(mask)
+    return Dataset(ds.x[idx], ds.y[idx], tuple(ds.ids[i] for i in idx))
+
+
 def _version(config: MnistPairConfig) -> str:
     p = assets.PINS[ASSET]
     return (
@@ -517,6 +575,7 @@ def _info(
     data: MnistArrays,
     train: dict[str, _Part],
     held: dict[str, _Part],
+    extra: dict[str, Dataset],
 ) -> dict:
     p = assets.PINS[ASSET]
     splits = {"train": train, config.test_split: held}
@@ -569,5 +628,15 @@ def _info(
                 role: {str(d): c for d, c in (part.rest_counts or {}).items()} for role, part in parts.items()
             }
             for split, parts in splits.items()
+        }
+    if extra:
+        info["n_rows"].update({k: len(v) for k, v in extra.items()})
+        info["evaluation_splits"] = {
+            "source_split": config.spare_split,
+            "val_harmful": (
+                f"first half (per label) of the harmful task built on the {config.spare_split!r} split"
+            ),
+            "attack_disjoint": f"second half (per label) of the same draw on {config.spare_split!r}",
+            "attack_cross": None,
         }
     return info

@@ -57,6 +57,33 @@ class Dataset:
         return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
 
 
+SPLITS: tuple[str, ...] = (
+    "primary",
+    "harmful",
+    "attack",
+    "eval_primary",
+    "eval_harmful",
+    "val_harmful",
+    "attack_disjoint",
+    "attack_cross",
+)
+"""Every split name of a :class:`Task`; the last three are optional (``None`` when absent)."""
+
+OPTIONAL_SPLITS: tuple[str, ...] = ("val_harmful", "attack_disjoint", "attack_cross")
+
+OPTIONAL_DISJOINT: tuple[tuple[str, str], ...] = (
+    ("val_harmful", "eval_harmful"),
+    ("val_harmful", "attack"),
+    ("val_harmful", "attack_disjoint"),
+    ("val_harmful", "attack_cross"),
+    ("attack_disjoint", "harmful"),
+    ("attack_disjoint", "eval_harmful"),
+    ("attack_cross", "harmful"),
+    ("attack_cross", "eval_harmful"),
+)
+"""Pairs (split, other) of an optional split that must share no row with the other (both present)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Task:
     """A primary task (keep it useful) and a harmful task (make it hard), with all splits.
@@ -70,6 +97,14 @@ class Task:
         attack: harmful data the attacker fine-tunes on.
         eval_primary: held-out primary data.
         eval_harmful: held-out harmful data; must be disjoint from ``harmful``.
+        val_harmful: optional attacker's validation split (harmful rows the attacker's hyper-parameter
+            search scores trials on); disjoint from ``eval_harmful`` and from every split the attacker
+            trains on (``attack``, ``attack_disjoint``, ``attack_cross``), so a search never tunes on
+            the reported split or on its own training rows. ``None`` when the task has none.
+        attack_disjoint: optional in-domain generalization data: harmful rows of the same domain
+            disjoint from ``harmful`` (the defender's data) and from ``eval_harmful``.
+        attack_cross: optional cross-domain harmful data (a second harmful domain), disjoint from
+            ``harmful`` and ``eval_harmful``; ``None`` makes the cross-domain check NOT-RUN.
         info: free-form, JSON-serialisable facts about the data (sizes, preprocessing).
 
     """
@@ -82,16 +117,21 @@ class Task:
     attack: Dataset
     eval_primary: Dataset
     eval_harmful: Dataset
+    val_harmful: Dataset | None = None
+    attack_disjoint: Dataset | None = None
+    attack_cross: Dataset | None = None
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_disjoint("eval_harmful", self.eval_harmful, "harmful", self.harmful)
         _check_disjoint("eval_harmful", self.eval_harmful, "attack", self.attack)
         _check_disjoint("eval_primary", self.eval_primary, "primary", self.primary)
-        dims = {
-            s: getattr(self, s).x.shape[1:]
-            for s in ("primary", "harmful", "attack", "eval_primary", "eval_harmful")
-        }
+        for a_name, b_name in OPTIONAL_DISJOINT:
+            a, b = getattr(self, a_name), getattr(self, b_name)
+            if a is not None and b is not None:
+                _check_disjoint(a_name, a, b_name, b)
+        present = [s for s in SPLITS if getattr(self, s) is not None]
+        dims = {s: getattr(self, s).x.shape[1:] for s in present}
         if len(set(dims.values())) != 1:
             raise DataError(f"all splits must share the input shape, got {dims}")
 
@@ -104,7 +144,25 @@ class Task:
 def _check_disjoint(a_name: str, a: Dataset, b_name: str, b: Dataset) -> None:
     overlap = a.row_hashes() & b.row_hashes()
     if overlap:
+        if a_name in OPTIONAL_SPLITS:
+            raise DataError(f"split {a_name!r} shares {len(overlap)} rows with {b_name!r}; {_WHY[a_name]}")
         raise DataError(
             f"held-out split {a_name!r} shares {len(overlap)} rows with {b_name!r}; "
             "split the data so evaluation rows are never seen in training"
         )
+
+
+_WHY = {
+    "val_harmful": (
+        "the attacker's validation rows must be unseen by its training splits and distinct from the "
+        "reported eval_harmful rows; draw them from other harmful rows"
+    ),
+    "attack_disjoint": (
+        "in-domain generalization needs harmful rows the defender (harmful) and the evaluation "
+        "(eval_harmful) never see; draw them from other harmful rows"
+    ),
+    "attack_cross": (
+        "cross-domain attack data must come from a second harmful domain, never from the defender's "
+        "harmful rows or eval_harmful"
+    ),
+}

@@ -35,6 +35,7 @@ from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
 from immunekit.models.base import LinearModel, linear_model
+from immunekit.models.checkpoint import save_checkpoint
 from immunekit.spectral import (
     condition_number,
     covariance,
@@ -289,6 +290,16 @@ _REFERENCES = _ReferenceCache()
 def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: Task) -> dict[str, Any]:
     """Immunize, measure and attack for one (method, seed); returns the trial record (JSON-ready).
 
+    See :func:`immunize_and_measure`, which also returns the immunized model.
+    """
+    return immunize_and_measure(cfg, method, seed, task)[0]
+
+
+def immunize_and_measure(
+    cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: Task
+) -> tuple[dict[str, Any], LinearModel]:
+    """Immunize, measure and attack for one (method, seed): the trial record and the immunized model.
+
     The reference measurements (κ of θ_0, θ_0's primary test loss, K's factors) are made once per
     task object and process and shared by every method; the features and least-squares solves of
     the immunized model are shared by its closed-form evaluations and its attacks. Wall times are
@@ -339,7 +350,7 @@ def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: 
     t0 = time.perf_counter()
     curves = _attack_curves(cfg, immunized, task, seed, metrics, probes)
     metrics["attack_seconds"] = time.perf_counter() - t0
-    return {
+    record = {
         "method": method.key,
         "defense": method.defense,
         "seed": seed,
@@ -348,6 +359,7 @@ def run_trial(cfg: LinearExperimentConfig, method: MethodSpec, seed: int, task: 
         "curves": curves,
         "defense_info": {**defense.info_, "steps_run": len(defense.history_)},
     }
+    return record, immunized
 
 
 def _attack_curves(
@@ -441,6 +453,7 @@ def run_linear_experiment(
     executor: str = "local",
     workers: int | None = None,
     ray_address: str | None = None,
+    save_models: bool = False,
 ) -> dict[str, Any]:
     """Run every (cell, method, seed) trial not yet on disk, then write ``results.json``.
 
@@ -456,6 +469,11 @@ def run_linear_experiment(
             spawned processes, one torch thread each) or ``"ray"`` (extra ``immunekit[ray]``).
         workers: local pool size, or CPUs of a local Ray instance (``None``: the usable cores).
         ray_address: ``"ray"`` only: cluster address (``None``: ``RAY_ADDRESS``, else local Ray).
+        save_models: also write each immunized model as a safetensors checkpoint to
+            ``out/models/[cell/]method--seedN.safetensors`` (with the task and its config in the
+            metadata, for ``immunekit evaluate``); trials already on disk are not rerun, so resume
+            with a new ``--out`` to get their models. Local executor only (Ray nodes need not share
+            this filesystem).
 
     Returns:
         The aggregated results record (also written to ``out/results.json``).
@@ -466,8 +484,13 @@ def run_linear_experiment(
 
     """
     sweep.resolve_options(executor, workers)  # a bad executor fails before any task is built
+    if save_models and executor != "local":
+        raise ConfigError(
+            f"save_models needs the local executor, got {executor!r}: Ray nodes write to their own disks; "
+            "drop --save-models or use --executor local"
+        )
     out = Path(out)
-    trials = linear_trials(cfg)
+    trials = linear_trials(cfg, out / "models" if save_models else None)
     _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
     first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
     if todo:
@@ -524,17 +547,22 @@ class LinearTrial:
     method: MethodSpec
     seed: int
     task_factory: Callable[..., Task]
+    save_dir: str | None = None  # where to write the immunized model; not part of the trial's identity
 
 
-def linear_trials(cfg: LinearExperimentConfig) -> list[sweep.Trial]:
-    """The sweep of ``cfg``: one trial per (cell, seed, method), keyed by its :func:`trial_path`."""
+def linear_trials(cfg: LinearExperimentConfig, save_dir: str | Path | None = None) -> list[sweep.Trial]:
+    """The sweep of ``cfg``: one trial per (cell, seed, method), keyed by its :func:`trial_path`.
+
+    With ``save_dir`` each trial also writes its immunized model there (see :func:`model_path`).
+    """
     factory = TASKS.get(cfg.task)
+    save = None if save_dir is None else str(save_dir)
     return [
         sweep.Trial(
             key=trial_path(Path(), m.key, seed, cell).with_suffix("").as_posix(),
             config_sha=trial_config_sha(cfg, m, over),
             payload=LinearTrial(
-                cfg=cfg, cell=cell, cell_config=over, method=m, seed=seed, task_factory=factory
+                cfg=cfg, cell=cell, cell_config=over, method=m, seed=seed, task_factory=factory, save_dir=save
             ),
         )
         for cell, over in cells(cfg)
@@ -546,9 +574,30 @@ def linear_trials(cfg: LinearExperimentConfig) -> list[sweep.Trial]:
 def run_linear_trial(trial: LinearTrial) -> dict[str, Any]:
     """The sweep job: run one trial on its (cell, seed) task; the runner stores the record."""
     task = task_for(trial.cfg, trial.seed, trial.cell_config, trial.task_factory)
-    record = run_trial(trial.cfg, trial.method, trial.seed, task)
+    record, model = immunize_and_measure(trial.cfg, trial.method, trial.seed, task)
     record.update(cell=trial.cell, task_version=task.version)
+    if trial.save_dir is not None:
+        cfg = trial.cfg
+        task_config = {**cfg.task_config, **trial.cell_config, "seed": trial.seed}
+        save_checkpoint(
+            model,
+            model_path(Path(trial.save_dir), trial.method.key, trial.seed, trial.cell),
+            metadata={
+                "experiment": cfg.experiment,
+                "task": cfg.task,
+                "task_config": task_config,
+                "method": trial.method.key,
+                "defense": trial.method.defense,
+                "seed": trial.seed,
+                "task_version": task.version,
+            },
+        )
     return record
+
+
+def model_path(out: Path, method: str, seed: int, cell: str = "") -> Path:
+    """``out/[cell/]method--seedN.safetensors``: where ``--save-models`` puts a trial's immunized model."""
+    return out.joinpath(*([cell] if cell else []), f"{method}--seed{seed}.safetensors")
 
 
 def warn_rank_deficiency(task: Task) -> None:

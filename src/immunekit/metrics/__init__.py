@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from immunekit.metrics.conditions import Thresholds, harm_auc, max_harm, steps_to_threshold
 from immunekit.metrics.convergence import steps_to_epsilon
 from immunekit.metrics.rir import KappaPair, RIRResult, Verdict, rir, verdict
 from immunekit.metrics.stats import PairedSummary, Summary, paired_difference, summarise
@@ -26,6 +27,10 @@ class Measured:
 METRICS: Registry = Registry("metric")
 METRICS.register("rir", direction="higher", unit="ratio")(rir)
 METRICS.register("steps_to_epsilon", direction="higher", unit="steps")(steps_to_epsilon)
+# report card (metrics.conditions): harm h is a task score (R² or accuracy), higher = more harmful
+METRICS.register("max_harm", direction="lower", unit="score")(max_harm)
+METRICS.register("harm_auc", direction="lower", unit="score")(harm_auc)
+METRICS.register("steps_to_threshold", direction="higher", unit="steps")(steps_to_threshold)
 for _name, _direction, _unit, _text in (
     ("log_rir", "higher", "nats", "log (i) − log (ii), from rir()"),
     ("kappa_ratio_harmful", "higher", "ratio", "(i) = κ(H_H) immunized / reference, from rir()"),
@@ -40,6 +45,11 @@ for _name, _direction, _unit, _text in (
         "held-out harmful accuracy of the attacker's w*",
     ),
     ("defense_seconds", "lower", "s", "wall time of Defense.fit"),
+    ("measure_seconds", "lower", "s", "wall time of the measurements (κ, RIR, closed-form losses)"),
+    ("attack_seconds", "lower", "s", "wall time of the attacks"),
+    ("final_harm", "lower", "score", "harm (task score on the held-out harmful split) after the attack"),
+    ("slowdown_ratio", "higher", "ratio", "t*(immunized) / t*(reference), steps to the harm threshold φ"),
+    ("primary_score", "higher", "score", "reference-task score of the least-squares head (stability)"),
 ):
     METRICS.register(_name, direction=_direction, unit=_unit)(Measured(_text))
 
@@ -65,11 +75,15 @@ __all__ = [
     "PairedSummary",
     "RIRResult",
     "Summary",
+    "Thresholds",
     "Verdict",
+    "harm_auc",
+    "max_harm",
     "metric_meta",
     "paired_difference",
     "rir",
     "steps_to_epsilon",
+    "steps_to_threshold",
     "summarise",
     "verdict",
 ]

@@ -35,6 +35,9 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
         results_path_or_dir: the ``results.json`` file or the run folder holding it.
         out_dir: where to write; default: the folder of ``results.json``. Created if missing.
 
+    An evaluation record (``kind == "evaluation"``, from ``immunekit evaluate``) gets the report card
+    instead: ``report.md`` and a self-contained ``report.html`` (:func:`immunekit.reports.card.write_card`).
+
     Returns:
         Path of the written ``report.md``.
 
@@ -43,6 +46,10 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
 
     """
     results_file = resolve_results_path(results_path_or_dir)
+    if _is_evaluation_file(results_file):
+        from immunekit.reports.card import write_card
+
+        return write_card(results_file, out_dir)[0]
     results = load_results(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +58,17 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     atomic_write_text(report, render_markdown(results, figures))
     logger.info("wrote %s (%d figure(s)) from %s", report, len(figures), results_file)
     return report
+
+
+def _is_evaluation_file(path: Path) -> bool:
+    """True when ``path`` is a JSON object with ``kind == "evaluation"`` (errors: left to the loaders)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, Mapping) and data.get("kind") == "evaluation"
 
 
 def _write_figures(results: Mapping[str, Any], out: Path) -> dict[str, str]:

@@ -1,0 +1,108 @@
+"""Harness overhead: ``evaluate()`` against a bare torch loop doing the same optimizer steps.
+
+evaluate() with one attack (``full_finetune``, Adam), no search, the reference model included, runs
+(resistance + in-domain generalization + the benign trainability recipe) × 2 models × seeds attack
+runs. The bare loop does exactly those runs' optimizer steps: copy the model, Adam on every
+parameter, seeded mini-batches of the same size, squared loss, no records, no evaluations. The
+overhead (evaluations every Δt, step records, FLOP counting, statistics, κ/RIR, gates) is
+(t_evaluate − t_raw) / t_raw; the issue's target is ≤ 10 %.
+
+Run: ``python benchmarks/harness_overhead.py`` (about a minute on one CPU core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+
+import torch
+
+from immunekit.attacks import AttackBudget
+from immunekit.data.synthetic import gaussian_spectra
+from immunekit.experiments.evaluate import default_reference, evaluate
+from immunekit.models import linear_model
+
+log = logging.getLogger("harness_overhead")
+
+
+def raw_loop(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget, seed: int
+) -> None:
+    """``budget.steps`` Adam steps on all parameters of a copy of ``model``, mini-batches, MSE loss."""
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=budget.lr)
+    gen = torch.Generator().manual_seed(seed)
+    y = y.to(torch.float64).reshape(len(y), -1)
+    for _ in range(budget.steps):
+        idx = torch.randint(0, len(x), (budget.batch_size,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(m(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    """Time both and print the overhead ratio."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many timings of each side")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    task = gaussian_spectra(dim=args.dim, n=args.n, seed=0, evaluation_splits=True)
+    model = linear_model(args.dim)
+    with torch.no_grad():
+        model.extractor.weight.copy_(torch.diag(torch.logspace(0, -2, args.dim, dtype=torch.float64)))
+    budget = AttackBudget(
+        steps=args.steps, optimizer="adam", lr=1e-2, batch_size=32, eval_every=args.eval_every
+    )
+    seeds = (0, 1, 2)
+    reference = default_reference(model)
+    splits = [task.attack, task.attack_disjoint, task.primary]  # resistance, in-domain, benign
+
+    def run_eval() -> dict:
+        return evaluate(
+            model,
+            task,
+            attacks=["full_finetune"],
+            budget=budget,
+            seeds=seeds,
+            benign="full_finetune",
+            progress=False,
+        )
+
+    def run_raw() -> None:
+        for data in splits:
+            for seed in seeds:
+                for m in (model, reference):
+                    raw_loop(m, data.x, data.y, budget, seed)
+
+    run_raw()  # warm-up (allocator, lazy imports)
+    rec = run_eval()
+    t_raw = min(_timed(run_raw) for _ in range(args.repeats))
+    t_eval = min(_timed(run_eval) for _ in range(args.repeats))
+    runs = len(splits) * len(seeds) * 2
+    overhead = (t_eval - t_raw) / t_raw
+    print(
+        f"runs: {runs} × {args.steps} Adam steps (batch 32), D = {args.dim}, N = {args.n}, "
+        f"Δt = {args.eval_every}"
+    )
+    print(f"raw torch loop:   {t_raw:8.3f} s")
+    print(f"evaluate():       {t_eval:8.3f} s  (attacks {rec['timing']['attack_seconds']:.3f} s, "
+          f"measurements {rec['timing']['measure_seconds']:.3f} s in the warm-up run)")  # fmt: skip
+    print(f"overhead:         {overhead:8.1%}  (target <= 10 %: {'met' if overhead <= 0.10 else 'NOT met'})")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""The explicit training loop shared by the torch fine-tuning attacks (finetune.py, lora.py).
+
+One loop, written out rather than hidden in a trainer, so every budget dimension is accounted for
+in one place:
+
+* **optimizer** from the budget (:func:`make_optimizer`): ``gd`` is full-batch SGD, ``sgd``,
+  ``sgd_momentum``, ``adam`` and ``adamw`` are ``torch.optim``; ``gd_exact`` exists only for the
+  linear probe. The lr of every step is computed explicitly (:func:`~immunekit.attacks.base.scheduled_lr`),
+  written into the optimizer's parameter groups and recorded in :attr:`StepRecord.lr`.
+* **mini-batches** without replacement: a fresh ``torch.randperm`` (seeded ``torch.Generator``) per
+  epoch, consecutive slices of ``min(batch_size, N)`` rows; a tail shorter than a batch is dropped,
+  so every step costs the same examples, tokens and FLOPs.
+* **budget**: before each step the examples, tokens and FLOPs it would use are added to the totals;
+  the first cap that would be exceeded stops the run and is named (``examples``, ``tokens``,
+  ``flops``; ``steps`` when the step budget is used up). A cap is never exceeded.
+* **FLOPs** are measured with :class:`torch.utils.flop_counter.FlopCounterMode` around the forward
+  and backward pass of the first step of each phase, divided by its batch size and extrapolated per
+  example (matrix products, the FLOP count of a dense layer, are linear in the batch). When the
+  counter sees no FLOPs or fails, the fallback is 6 · (model parameters) · (examples) (forward 2P,
+  backward 4P per example). The method goes into ``info['flops_method']``.
+* **loss** from ``task.loss``: ``mse`` → mean squared error over all outputs; ``ce`` with one output
+  → squared loss on 0/1 targets (the ℓ2 threat model of arXiv 2505.23760, as the linear probe);
+  ``ce`` with C ≥ 2 outputs → cross-entropy; ``lm`` → :class:`ConfigError` (language models come later).
+* **records**: one :class:`StepRecord` per step; the loss is the mini-batch loss before the step
+  (``loss_on="batch"``, the default: free) or that of the whole training split after it
+  (``loss_on="split"``: one forward pass over the split per step, which dominated the harness
+  overhead benchmark). The held-out split is evaluated at step 0, every ``eval_every`` steps and at the
+  last step: ``eval = {"harm", "utility", "loss"}`` (task scores of
+  :func:`immunekit.metrics.task_scores.task_score`; loss = training loss on the eval split).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from immunekit.attacks.base import (
+    DEFAULT_LR,
+    OPTIMIZERS,
+    AttackBudget,
+    StepRecord,
+    scheduled_lr,
+    split_of,
+)
+from immunekit.data.task import Dataset, Task
+from immunekit.errors import ConfigError, DataError
+from immunekit.metrics.task_scores import task_score
+
+log = logging.getLogger(__name__)
+
+TORCH_OPTIMIZERS: tuple[str, ...] = tuple(o for o in OPTIMIZERS if o != "gd_exact")
+FLOPS_COUNTED = (
+    "FlopCounterMode on the first step of each phase (forward + backward), extrapolated per example"
+)
+FLOPS_FALLBACK = "fallback: 6 · params · examples"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training on one split.
+
+    Attributes:
+        name: label recorded in ``info['phases']`` (e.g. ``benign``, ``attack``).
+        split: the task split the data came from.
+        data: rows trained on (may be a subset of the split).
+        steps: steps planned for this phase.
+
+    """
+
+    name: str
+    split: str
+    data: Dataset
+    steps: int
+
+
+@dataclass
+class LoopOutput:
+    """Records and facts of one run of :func:`run_loop`."""
+
+    initial: StepRecord
+    records: list[StepRecord]
+    stopped_by: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_optimizer(budget: AttackBudget, attack: str) -> None:
+    """Raise a :class:`ConfigError` when the torch-loop ``attack`` cannot run the budget's optimizer."""
+    if budget.optimizer not in TORCH_OPTIMIZERS:
+        raise ConfigError(
+            f"attack {attack!r} does not implement optimizer {budget.optimizer!r} (exact line search "
+            f"exists only for 'linear_probe'); choose one of {list(TORCH_OPTIMIZERS)}"
+        )
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], budget: AttackBudget, attack: str
+) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer of ``budget.optimizer`` (lr is set per step by the loop).
+
+    ``gd``/``sgd``: SGD; ``sgd_momentum``: SGD with ``budget.momentum``; ``adam``: Adam (β = (0.9,
+    0.999), ε = 1e-8); ``adamw``: AdamW with ``budget.weight_decay`` (0 by default, not torch's 0.01).
+
+    Raises:
+        ConfigError: ``gd_exact`` (linear probe only).
+
+    """
+    check_optimizer(budget, attack)
+    params = list(params)
+    lr = budget.lr if budget.lr is not None else DEFAULT_LR
+    opt = budget.optimizer
+    if opt in ("gd", "sgd"):
+        return torch.optim.SGD(params, lr=lr)
+    if opt == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=budget.momentum)
+    if opt == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=budget.weight_decay)
+
+
+def tokens_per_example(data: Dataset) -> int:
+    """Tokens in one row: the sequence length for integer ``(N, L)`` inputs (token ids), else 0."""
+    x = data.x
+    return int(x.shape[1]) if x.ndim == 2 and not x.is_floating_point() else 0
+
+
+class _Sampler:
+    """Epoch-wise shuffled mini-batches of a fixed size (a shorter tail is dropped)."""
+
+    def __init__(self, n: int, batch: int, gen: torch.Generator | None) -> None:
+        self.n, self.batch, self.gen = n, batch, gen
+        self.order: Tensor | None = None
+        self.pos = n
+
+    def __next__(self) -> Tensor | None:
+        if self.gen is None:  # full batch
+            return None
+        if self.pos + self.batch > self.n:
+            self.order = torch.randperm(self.n, generator=self.gen)
+            self.pos = 0
+        assert self.order is not None
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+    def __iter__(self) -> Iterator[Tensor | None]:
+        return self
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A split prepared for the model: inputs on device/dtype, targets in the loss's form."""
+
+    x: Tensor
+    target: Tensor
+    raw_y: Tensor
+
+    def rows(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        if idx is None:
+            return self.x, self.target
+        return self.x.index_select(0, idx), self.target.index_select(0, idx)
+
+    def raw_rows(self, idx: Tensor | None) -> Tensor:
+        # only classification records need the raw labels (batch accuracy): not selected every step
+        return self.raw_y if idx is None else self.raw_y.index_select(0, idx)
+
+
+class LossSpec:
+    """The training loss of a task for a model with ``outputs`` head outputs (see the module docstring)."""
+
+    def __init__(self, loss: str, outputs: int, dtype: torch.dtype) -> None:
+        if loss == "lm":
+            raise ConfigError(
+                "fine-tuning attacks do not support loss 'lm' yet (language models come in a later "
+                "issue); use a task with loss 'mse' or 'ce'"
+            )
+        if loss not in ("mse", "ce"):
+            raise ConfigError(f"unknown task loss {loss!r}; expected 'mse' or 'ce'")
+        self.loss, self.outputs, self.dtype = loss, outputs, dtype
+        self.kind = "mse" if loss == "mse" else ("squared_01" if outputs == 1 else "cross_entropy")
+
+    def prepare(self, data: Dataset, device: torch.device, name: str) -> _Data:
+        """Inputs and targets of ``data`` (checked against the number of outputs)."""
+        x = data.x.to(device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        y = data.y.to(device)
+        if self.kind == "mse":
+            target = y.to(self.dtype).reshape(len(data), -1)
+            if target.shape[1] != self.outputs:
+                raise DataError(
+                    f"split {name!r} has {target.shape[1]} target columns but the model has "
+                    f"{self.outputs} outputs; use a head with one output per target column"
+                )
+            return _Data(x, target, target)
+        labels = y.reshape(-1).long()
+        top = int(labels.max()) if len(labels) else 0
+        if self.kind == "squared_01":
+            if int(labels.min()) < 0 or top > 1:
+                raise DataError(
+                    f"split {name!r} has labels in [{int(labels.min())}, {top}] but the model has one "
+                    "output (binary 0/1 targets); use a head with one output per class"
+                )
+            return _Data(x, labels.to(self.dtype)[:, None], labels)
+        if top >= self.outputs:
+            raise DataError(
+                f"split {name!r} has label {top} but the model has {self.outputs} outputs; use a head "
+                "with one output per class"
+            )
+        return _Data(x, labels, labels)
+
+    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Mean loss of a batch."""
+        if self.kind == "cross_entropy":
+            return nn.functional.cross_entropy(pred, target)
+        return ((pred - target) ** 2).mean()
+
+    def describe(self) -> str:
+        return {
+            "mse": "mean squared error",
+            "squared_01": "squared loss on 0/1 targets (one-output binary head, ℓ2 threat model)",
+            "cross_entropy": "cross-entropy",
+        }[self.kind]
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (all of them: the 6·P·examples fallback counts the full forward)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Let only ``params`` require grad inside the block; restore every flag afterwards."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Run:
+    """State of one run of the loop (kept in an object so each piece stays short)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        task: Task,
+        budget: AttackBudget,
+        *,
+        eval_split: str,
+        gen: torch.Generator,
+        loss_on: str,
+        attack: str,
+    ) -> None:
+        first = next(iter(model.parameters()))
+        self.device, dtype = first.device, first.dtype
+        self.model, self.params, self.task, self.b, self.gen = model, params, task, budget, gen
+        self.loss_on = loss_on
+        held = split_of(task, eval_split)
+        probe_x = held.x[:1].to(self.device)
+        try:
+            with torch.no_grad():
+                outputs = int(model(probe_x.to(dtype) if probe_x.is_floating_point() else probe_x).shape[-1])
+        except (RuntimeError, IndexError) as exc:
+            raise DataError(
+                f"{type(model).__name__} cannot take the inputs of task {task.name!r} (rows of shape "
+                f"{tuple(held.x.shape[1:])}): {exc}; attack a model built for this task"
+            ) from exc
+        self.spec = LossSpec(task.loss, outputs, dtype)
+        self.held = self.spec.prepare(held, self.device, eval_split)
+        self.util = self.spec.prepare(split_of(task, "eval_primary"), self.device, "eval_primary")
+        self.base_lr = budget.lr if budget.lr is not None else DEFAULT_LR
+        self.opt = make_optimizer(params, budget, attack)
+        self.t0 = time.perf_counter()
+        self.examples, self.tokens, self.flops = 0, 0, 0.0
+        self.methods: set[str] = set()
+        self.fpe: dict[int, float] = {}
+
+    def score(self, data: _Data) -> float:
+        return task_score(self.model(data.x), data.raw_y, self.task.loss)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was = self.model.training
+        self.model.eval()
+        try:
+            pred = self.model(self.held.x)
+            out = {
+                "harm": task_score(pred, self.held.raw_y, self.task.loss),  # type: ignore[arg-type]
+                "utility": self.score(self.util),
+                "loss": float(self.spec(pred, self.held.target)),
+            }
+        finally:
+            self.model.train(was)
+        return out
+
+    @torch.no_grad()
+    def split_metrics(self, data: _Data) -> tuple[float, float | None]:
+        was = self.model.training
+        self.model.eval()
+        try:
+            pred = self.model(data.x)
+            loss = float(self.spec(pred, data.target))
+            acc = None if self.task.loss == "mse" else task_score(pred, data.raw_y, "ce")
+        finally:
+            self.model.train(was)
+        return loss, acc
+
+    def record(
+        self,
+        step: int,
+        lr: float,
+        gnorm: float,
+        data: _Data,
+        batch_metrics: tuple[float, float | None] | None,
+    ) -> StepRecord:
+        loss, acc = batch_metrics if batch_metrics is not None else self.split_metrics(data)
+        rec = StepRecord(
+            step, self.examples, self.flops, lr, loss, gnorm, time.perf_counter() - self.t0, None, acc
+        )
+        rec.tokens = self.tokens
+        if step == 0 or (self.b.eval_every and step % self.b.eval_every == 0):
+            rec.eval = self.evaluate()
+        return rec
+
+    def over(self, n: int, tok: int, flops: float | None) -> str | None:
+        b = self.b
+        if b.max_examples is not None and self.examples + n > b.max_examples:
+            return "examples"
+        if b.max_tokens is not None and self.tokens + tok > b.max_tokens:
+            return "tokens"
+        if flops is not None and b.max_flops is not None and self.flops + flops > b.max_flops:
+            return "flops"
+        return None
+
+    def backward(self, phase_idx: int, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Forward + backward of one batch; returns (loss, predictions, FLOPs of the pass)."""
+        n = xb.shape[0]
+        if phase_idx in self.fpe:
+            pred = self.model(xb)
+            loss = self.spec(pred, yb)
+            loss.backward()
+            return loss, pred, self.fpe[phase_idx] * n
+        counted = 0.0
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                pred = self.model(xb)
+                loss = self.spec(pred, yb)
+                loss.backward()
+            counted = float(counter.get_total_flops())
+        except Exception as exc:  # the counter is a measurement aid: never let it break an attack
+            log.debug("FlopCounterMode failed (%s); using the 6·P·examples fallback", exc)
+            self.opt.zero_grad(set_to_none=True)
+            pred = self.model(xb)
+            loss = self.spec(pred, yb)
+            loss.backward()
+        if counted > 0:
+            self.methods.add(FLOPS_COUNTED)
+            self.fpe[phase_idx] = counted / n
+        else:
+            self.methods.add(FLOPS_FALLBACK)
+            self.fpe[phase_idx] = 6.0 * count_params(self.model)
+        return loss, pred, self.fpe[phase_idx] * n
+
+    def grad_norm(self) -> float:
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        # one norm per tensor, then one host sync: this runs every step
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def run(self, phases: list[Phase]) -> LoopOutput:
+        prepared = [self.spec.prepare(p.data, self.device, p.split) for p in phases]
+        phase_info = []
+        self.model.train()
+        start = next((i for i, p in enumerate(phases) if p.steps > 0), 0)  # first phase that trains
+        initial = self.record(0, 0.0, float("nan"), prepared[start], None)
+        records: list[StepRecord] = []
+        stopped, step = "steps", 0
+        for i, (phase, data) in enumerate(zip(phases, prepared, strict=True)):
+            n = len(phase.data)
+            full = self.b.optimizer == "gd" or self.b.batch_size >= n
+            per = n if full else self.b.batch_size
+            sampler = _Sampler(n, per, None if full else self.gen)
+            tok = per * tokens_per_example(phase.data)
+            first = step + 1
+            for _ in range(phase.steps):
+                idx = next(sampler)
+                stop = self.over(per, tok, self.fpe[i] * per if i in self.fpe else None)
+                if stop is None:
+                    xb, yb = data.rows(idx)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss, pred, cost = self.backward(i, xb, yb)
+                    stop = self.over(per, tok, cost)
+                if stop is not None:
+                    self.opt.zero_grad(set_to_none=True)
+                    stopped = stop
+                    break
+                step += 1
+                lr = scheduled_lr(self.base_lr, step, self.b)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                gnorm = self.grad_norm()
+                batch_metrics = None
+                if self.loss_on == "batch":
+                    acc = None
+                    if self.task.loss != "mse":
+                        acc = task_score(pred.detach(), data.raw_rows(idx), "ce")
+                    batch_metrics = (float(loss.detach()), acc)
+                self.opt.step()
+                self.examples, self.tokens, self.flops = (
+                    self.examples + per,
+                    self.tokens + tok,
+                    self.flops + cost,
+                )
+                records.append(self.record(step, lr, gnorm, data, batch_metrics))
+            phase_info.append(
+                {"name": phase.name, "split": phase.split, "rows": n, "first_step": first, "last_step": step}
+            )
+            if stopped != "steps":
+                break
+        self.opt.zero_grad(set_to_none=True)
+        if records and records[-1].eval is None:
+            records[-1].eval = self.evaluate()
+        info = {
+            "optimizer": self.b.optimizer,
+            "lr": self.base_lr,
+            "schedule": self.b.schedule,
+            "warmup_steps": self.b.warmup_steps,
+            "loss": self.spec.describe(),
+            "loss_on": self.loss_on,
+            "flops_method": "; ".join(sorted(self.methods)) or FLOPS_COUNTED,
+            "flops_per_example": [self.fpe.get(i) for i in range(len(phases))],
+            "trainable_params": sum(p.numel() for p in self.params),
+            "phases": phase_info,
+        }
+        return LoopOutput(initial, records, stopped, info)
+
+
+def run_loop(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    task: Task,
+    budget: AttackBudget,
+    *,
+    phases: list[Phase],
+    eval_split: str,
+    seed: int,
+    attack: str,
+    loss_on: str = "batch",
+) -> LoopOutput:
+    """Train ``params`` of ``model`` (in place: pass a copy) through ``phases`` within ``budget``.
+
+    Args:
+        model: the model to train in place (the attack's copy); its output has one column per target
+            (``mse``), one column (binary ``ce``, squared loss on 0/1) or C ≥ 2 columns (``ce``).
+        params: the parameters that move; every other parameter is frozen during the run and its
+            ``requires_grad`` flag restored afterwards.
+        task: provides the loss and the held-out splits.
+        budget: steps, caps and optimizer settings; ``sum(phase.steps)`` should equal ``budget.steps``.
+        phases: training stretches in order (one for most attacks; relearn has two).
+        eval_split: held-out split of ``harm`` (``utility`` is always ``eval_primary``).
+        seed: seeds the mini-batch generator.
+        attack: the attack's name, for messages.
+        loss_on: ``split`` (loss of the whole training split after each step) or ``batch``.
+
+    Returns:
+        :class:`LoopOutput` with the initial record, one record per step, the stopping dimension
+        and ``info`` (optimizer, lr, schedule, loss, flops_method, flops_per_example, phases).
+
+    Raises:
+        ConfigError: unsupported optimizer (``gd_exact``) or loss (``lm``), no trainable parameter.
+        DataError: the model's outputs do not fit the task's targets.
+
+    """
+    check_optimizer(budget, attack)
+    if not params:
+        raise ConfigError(f"attack {attack!r} found no parameter to train in {type(model).__name__}")
+    if loss_on not in ("split", "batch"):
+        raise ConfigError(f"loss_on must be 'split' or 'batch', got {loss_on!r}")
+    rows = len(phases[-1].data)
+    log.info("%s (%s, %s lr): %s", attack, budget.optimizer, budget.schedule, budget.describe(rows))
+    if budget.max_tokens is not None and not any(tokens_per_example(p.data) for p in phases):
+        log.warning("budget.max_tokens is set but the inputs are not token sequences: it cannot bind")
+    gen = torch.Generator().manual_seed(seed)
+    with trainable_only(model, params):
+        run = _Run(
+            model, params, task, budget, eval_split=eval_split, gen=gen, loss_on=loss_on, attack=attack
+        )
+        was = model.training
+        try:
+            return run.run(phases)
+        finally:
+            model.train(was)

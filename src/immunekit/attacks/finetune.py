@@ -1,0 +1,304 @@
+"""Fine-tuning attacks on torch models: which parameters move, on which data (loop in ``_loop.py``).
+
+* ``head_reset_probe``: a fresh random linear head on frozen features, trained with a torch
+  optimizer (the stochastic twin of ``linear_probe``; the extractor is never touched).
+* ``full_finetune``: every parameter moves (optionally from a fresh head, ``reset_head``).
+* ``partial_finetune``: the last ``blocks`` parameterised child modules of the extractor plus the
+  head move; earlier blocks stay bit-identical.
+* ``relearn``: benign warm-up on ``primary`` for ``warmup_steps_benign`` steps, then fine-tuning on a
+  seeded subset of ``subset_size`` rows of the attack split (the "relearning" threat of Rosati et
+  al., arXiv 2402.16382: a little harmful data after benign training). Both phases count against
+  the budget, share one optimizer and lr schedule, and are listed in ``info['phases']``.
+
+Every attack deep-copies its input (the input's state_dict is left bit-identical), trains the copy
+with :func:`immunekit.attacks._loop.run_loop` and returns it; see that module for the loss, the
+optimizers (``gd_exact`` is rejected: exact line search exists only for ``linear_probe``), the budget
+accounting, FLOPs and the harm curve (``eval = {"harm", "utility", "loss"}`` at step 0, every
+``eval_every`` steps and the last step). The default lr is 1e-3 when ``budget.lr`` is None.
+
+Example:
+    >>> from immunekit.attacks import ATTACKS, AttackBudget
+    >>> from immunekit.data.synthetic import gaussian_spectra
+    >>> from immunekit.models.base import linear_model
+    >>> task = gaussian_spectra(dim=4, n=64, seed=0)
+    >>> budget = AttackBudget(steps=5, optimizer="sgd")
+    >>> res = ATTACKS.get("full_finetune")()(linear_model(4), task, budget, seed=0)
+    >>> len(res.records), res.stopped_by, [s for s, _ in res.harm_curve()]
+    (5, 'steps', [0, 5])
+
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from immunekit.attacks._loop import LoopOutput, Phase, check_optimizer, run_loop
+from immunekit.attacks.base import Attack, AttackBudget, AttackResult, default_eval_split, split_of
+from immunekit.config import load_config
+from immunekit.data.task import Dataset, Task
+from immunekit.errors import ConfigError
+from immunekit.models.base import ImmunizableModel
+
+log = logging.getLogger(__name__)
+
+TrainSplit = Literal["attack", "primary", "attack_disjoint", "attack_cross", "val_harmful"]
+EvalSplit = Literal["eval_harmful", "eval_primary", "val_harmful"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Settings every torch-loop attack shares."""
+
+    split: TrainSplit = field(
+        default="attack",
+        metadata={"help": "training split (attack = harmful data; primary = benign fine-tuning)"},
+    )
+    eval_split: EvalSplit | None = field(
+        default=None,
+        metadata={
+            "help": "held-out split of the harm curve (default: eval_primary for split=primary, "
+            "else eval_harmful)"
+        },
+    )
+    loss_on: Literal["split", "batch"] = field(
+        default="batch",
+        metadata={
+            "help": "recorded loss: the mini-batch loss before each step (free, what a training loop logs), "
+            "or the whole training split after it (a forward pass over the split per step)"
+        },
+    )
+
+    def eval_split_name(self) -> str:
+        """The configured eval split, or the default for ``split``."""
+        return self.eval_split or default_eval_split(self.split)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadResetProbeConfig(TrainConfig):
+    """Settings of :class:`HeadResetProbe`."""
+
+    head_init: Literal["uniform", "zeros"] = field(
+        default="uniform",
+        metadata={"help": "fresh head: uniform(±1/√D) like nn.Linear's default (seeded), or zeros"},
+    )
+    bias: bool = field(default=False, metadata={"help": "give the fresh head a bias (linear_probe has none)"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """Settings of :class:`FullFinetune`."""
+
+    reset_head: bool = field(
+        default=False, metadata={"help": "replace the head by a fresh uniform(±1/√D) one first (seeded)"}
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialFinetuneConfig(FinetuneConfig):
+    """Settings of :class:`PartialFinetune`."""
+
+    blocks: int = field(
+        default=1, metadata={"help": "last k parameterised child modules of the extractor to train (+ head)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1:
+            raise ConfigError(
+                f"blocks must be >= 1, got {self.blocks}; use head_reset_probe to train the head only"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelearnConfig(FinetuneConfig):
+    """Settings of :class:`Relearn`."""
+
+    warmup_steps_benign: int = field(
+        default=10, metadata={"help": "benign steps on the primary split before the harmful phase"}
+    )
+    subset_size: int = field(
+        default=64, metadata={"help": "rows of the attack split (seeded subset) fine-tuned on afterwards"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps_benign < 0:
+            raise ConfigError(f"warmup_steps_benign must be >= 0, got {self.warmup_steps_benign}")
+        if self.subset_size < 1:
+            raise ConfigError(f"subset_size must be >= 1, got {self.subset_size}")
+
+
+def fresh_head(
+    model: ImmunizableModel, outputs: int, gen: torch.Generator, *, init: str = "uniform", bias: bool = False
+) -> nn.Linear:
+    """A new ``nn.Linear(D, outputs)`` on the model's features, drawn from ``gen``.
+
+    ``uniform`` draws every entry from U(−1/√D, 1/√D) (the distribution of ``nn.Linear``'s default
+    initialisation, here from a seeded generator); ``zeros`` is the linear probe's w_0 = 0.
+    """
+    first = next(model.parameters())
+    d = int(model.head.in_features) if isinstance(model.head, nn.Linear) else 0
+    if d == 0:
+        raise ConfigError(
+            f"cannot infer the feature dimension of {type(model).__name__}: its head is not an nn.Linear"
+        )
+    head = nn.Linear(d, outputs, bias=bias, dtype=first.dtype, device=first.device)
+    with torch.no_grad():
+        for p in head.parameters():
+            if init == "zeros":
+                p.zero_()
+            else:
+                u = torch.rand(p.shape, generator=gen, dtype=torch.float64)
+                p.copy_(((2.0 * u - 1.0) / d**0.5).to(p.dtype))
+    return head
+
+
+def head_outputs(task: Task, split: str) -> int:
+    """Outputs a fresh head needs: target columns (mse), 1 for binary ce (ℓ2 threat model), else C."""
+    data = split_of(task, split)
+    if task.loss == "mse":
+        return int(data.y.reshape(len(data), -1).shape[1])
+    top = max(int(split_of(task, s).y.max()) for s in (split, "eval_harmful", "eval_primary"))
+    return 1 if top <= 1 else top + 1
+
+
+class _TorchAttack(Attack):
+    """Shared plumbing: config loading, the copy, and the loop; subclasses choose params and phases."""
+
+    Config: ClassVar[type[TrainConfig]]
+
+    def __init__(self, config: TrainConfig | None = None, **overrides: Any) -> None:
+        base = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
+        self.config = load_config(self.Config, {**base, **overrides}, where="attack")
+
+    def __call__(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+    ) -> AttackResult:
+        """Attack a deep copy of ``model``; the input is never modified."""
+        check_optimizer(budget, self.name)
+        attacked = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(seed)
+        attacked, params, phases, extra = self.prepare(attacked, task, budget, gen)
+        out = run_loop(
+            attacked,
+            params,
+            task,
+            budget,
+            phases=phases,
+            eval_split=self.config.eval_split_name(),
+            seed=seed,
+            attack=self.name,
+            loss_on=self.config.loss_on,
+        )
+        return self.result(attacked, out, extra)
+
+    def result(self, attacked: ImmunizableModel, out: LoopOutput, extra: dict[str, Any]) -> AttackResult:
+        info = {"split": self.config.split, "eval_split": self.config.eval_split_name(), **out.info, **extra}
+        return AttackResult(attacked, out.initial, out.records, out.stopped_by, info)
+
+    def prepare(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+    ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
+        """(model to train, parameters that move, phases, extra info); default: all params, one phase."""
+        cfg = self.config
+        if getattr(cfg, "reset_head", False):
+            model.head = fresh_head(model, head_outputs(task, cfg.split), gen)
+        phase = Phase("attack", cfg.split, split_of(task, cfg.split), budget.steps)
+        return model, list(model.parameters()), [phase], {}
+
+
+class HeadResetProbe(_TorchAttack):
+    """Fresh random head on frozen features, trained by a torch optimizer; the extractor never moves."""
+
+    name = "head_reset_probe"
+    Config = HeadResetProbeConfig
+
+    def prepare(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+    ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
+        cfg = self.config
+        assert isinstance(cfg, HeadResetProbeConfig)
+        model.head = fresh_head(model, head_outputs(task, cfg.split), gen, init=cfg.head_init, bias=cfg.bias)
+        phase = Phase("attack", cfg.split, split_of(task, cfg.split), budget.steps)
+        return model, list(model.head.parameters()), [phase], {"head_init": cfg.head_init}
+
+
+class FullFinetune(_TorchAttack):
+    """Every parameter of the model moves."""
+
+    name = "full_finetune"
+    Config = FinetuneConfig
+
+
+def extractor_blocks(extractor: nn.Module) -> list[nn.Module]:
+    """Parameterised child modules of the extractor in order, or ``[extractor]`` if it has none."""
+    kids = [m for m in extractor.children() if any(True for _ in m.parameters())]
+    if kids:
+        return kids
+    return [extractor] if any(True for _ in extractor.parameters()) else []
+
+
+class PartialFinetune(_TorchAttack):
+    """The last ``blocks`` parameterised blocks of the extractor and the head move; the rest is frozen."""
+
+    name = "partial_finetune"
+    Config = PartialFinetuneConfig
+
+    def prepare(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+    ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
+        cfg = self.config
+        assert isinstance(cfg, PartialFinetuneConfig)
+        model, _, phases, extra = super().prepare(model, task, budget, gen)
+        blocks = extractor_blocks(model.extractor)
+        if cfg.blocks > len(blocks):
+            raise ConfigError(
+                f"partial_finetune blocks={cfg.blocks} but the extractor of {type(model).__name__} has "
+                f"{len(blocks)} parameterised block(s); use blocks <= {len(blocks)} or full_finetune"
+            )
+        chosen = blocks[len(blocks) - cfg.blocks :]
+        params = [p for b in chosen for p in b.parameters()] + list(model.head.parameters())
+        return model, params, phases, {**extra, "blocks": cfg.blocks, "blocks_available": len(blocks)}
+
+
+class Relearn(_TorchAttack):
+    """Benign warm-up on ``primary``, then full fine-tuning on a seeded subset of the attack split."""
+
+    name = "relearn"
+    Config = RelearnConfig
+
+    def prepare(
+        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+    ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
+        cfg = self.config
+        assert isinstance(cfg, RelearnConfig)
+        if cfg.warmup_steps_benign >= budget.steps:
+            raise ConfigError(
+                f"relearn warmup_steps_benign={cfg.warmup_steps_benign} leaves no harmful step in a "
+                f"budget of {budget.steps} steps; use warmup_steps_benign < budget.steps"
+            )
+        if cfg.reset_head:
+            model.head = fresh_head(model, head_outputs(task, cfg.split), gen)
+        data = split_of(task, cfg.split)
+        rows = torch.randperm(len(data), generator=gen)[: cfg.subset_size].sort().values
+        if cfg.subset_size >= len(data):
+            log.info(
+                "relearn: subset_size %d >= %d rows of %r: the whole split",
+                cfg.subset_size,
+                len(data),
+                cfg.split,
+            )
+        subset = Dataset(
+            data.x.index_select(0, rows),
+            data.y.index_select(0, rows),
+            tuple(data.ids[i] for i in rows.tolist()) if data.ids else (),
+        )
+        phases = [
+            Phase("benign", "primary", split_of(task, "primary"), cfg.warmup_steps_benign),
+            Phase("relearn", cfg.split, subset, budget.steps - cfg.warmup_steps_benign),
+        ]
+        return model, list(model.parameters()), phases, {"subset_rows": rows.tolist()}
