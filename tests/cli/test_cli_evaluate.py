@@ -105,3 +105,114 @@ def test_evaluate_then_report_rebuild(capsys, ckpt: Path, monkeypatch) -> None:
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").is_file()
+
+
+# --- a directory of checkpoints: per-model cards plus the method comparison --------------------
+
+DIR_META = {"task": "gaussian_spectra", "task_config": {"dim": 6, "n": 96, "seed": 0}}
+DIR_ARGS = ("--budget", "steps=10", "--seeds", "0,1,2", "--attacks", "linear_probe,closed_form_probe")
+
+
+@pytest.fixture(scope="module")
+def evaluated_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny linear checkpoints (no defense; an ill-conditioned extractor) evaluated once."""
+    root = tmp_path_factory.mktemp("dir")
+    models = root / "models"
+    plain = linear_model(6)
+    save_checkpoint(
+        plain, models / "identity--seed0.safetensors", metadata={**DIR_META, "method": "identity"}
+    )
+    skewed = linear_model(6)
+    with torch.no_grad():
+        skewed.extractor.weight.copy_(torch.diag(torch.logspace(0, -3, 6, dtype=torch.float64)))
+    save_checkpoint(
+        skewed, models / "sub" / "kappa--seed0.safetensors", metadata={**DIR_META, "method": "kappa"}
+    )
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("immunekit.reports.card._matplotlib_available", lambda: False)  # keep it fast
+        assert main(["evaluate", "--model", str(models), *DIR_ARGS, "--out", str(out), "--no-progress"]) == 0
+    return models, out
+
+
+def summary_rows(out: Path) -> dict[str, list[str]]:
+    """model → cells of the Markdown conditions table."""
+    text = (out / "summary.md").read_text()
+    table = text.split("## Conditions")[1].split("##")[0]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")
+    ]
+    head, body = rows[0], rows[2:]
+    return {r[0]: dict(zip(head, r, strict=True)) for r in body}  # type: ignore[misc]
+
+
+def count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import immunekit.experiments.evaluate as ev
+
+    calls: list[str] = []
+    real = ev.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["model_source"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate", counting)
+    monkeypatch.setattr("immunekit.reports.card._matplotlib_available", lambda: False)
+    return calls
+
+
+def test_directory_writes_a_card_per_model_and_the_comparison(evaluated_dir: tuple[Path, Path]) -> None:
+    models, out = evaluated_dir
+    for rel, method in (("identity--seed0", "identity"), ("sub/kappa--seed0", "kappa")):
+        rec = json.loads((out / rel / "results.json").read_text())
+        assert rec["kind"] == "evaluation" and rec["checkpoint"]["metadata"]["method"] == method
+        assert rec["model"]["source"] == str(models / f"{rel}.safetensors")
+        assert (out / rel / "report.html").is_file() and (out / rel / "report.md").is_file()
+        row = summary_rows(out)[rel]
+        assert row["method"] == method and row["verdict"] == rec["verdict"]["verdict"]
+        assert row["Stability"] == rec["conditions"]["stability"]["status"]
+    assert len(summary_rows(out)) == 2
+    md = (out / "summary.md").read_text()
+    attacks = md.split("## Resistance per attack")[1].split("##")[0]
+    assert "| seed | linear_probe | closed_form_probe |" in attacks  # the Adam probe and the closed form
+    cf_cells = [line.strip("|").split("|")[-1] for line in attacks.splitlines() if "--seed0 |" in line]
+    assert len(cf_cells) == 2 and all(c.strip().startswith("does not hold") for c in cf_cells)
+    page = (out / "summary.html").read_text()
+    assert page.count('class="badge does-not-hold "') >= 2 and "<style>" in page
+
+
+def test_directory_rerun_resumes_without_reevaluating(capsys, evaluated_dir, monkeypatch, caplog) -> None:
+    models, out = evaluated_dir
+    calls = count_evaluations(monkeypatch)
+    before = (out / "identity--seed0" / "results.json").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="immunekit.cli.evaluate")
+    code, text, _ = run(capsys, "--model", str(models), *DIR_ARGS, "--out", str(out))
+    assert code == 0 and calls == []  # the predicted config sha256 equals the recorded one
+    assert (out / "identity--seed0" / "results.json").stat().st_mtime_ns == before
+    assert text.count("(already evaluated)") == 2 and "summary: " in text
+    assert "identity--seed0: already evaluated with the same config sha256" in caplog.text
+    code, text, _ = run(
+        capsys, "--model", str(models), "--match", "sub/*", *DIR_ARGS, "--out", str(out)
+    )  # a filter: only one model visited, the summary still covers both
+    assert code == 0 and calls == [] and "kappa--seed0" in text and "identity--seed0" not in text
+    assert len(summary_rows(out)) == 2
+
+
+def test_directory_refuses_to_mix_configurations(capsys, evaluated_dir, monkeypatch) -> None:
+    models, out = evaluated_dir
+    calls = count_evaluations(monkeypatch)
+    code, _, err = run(capsys, "--model", str(models), *DIR_ARGS, "--budget", "steps=12", "--out", str(out))
+    assert code == 2 and calls == []
+    assert "refusing to mix" in err and str(out / "identity--seed0") in err and "budget" in err
+    code, _, err = run(capsys, "--model", str(models), "--match", "*nothing*", *DIR_ARGS, "--out", str(out))
+    assert code == 2 and "matches --match '*nothing*'" in err
+
+
+def test_report_rebuilds_the_directory_summary(capsys, evaluated_dir) -> None:
+    _, out = evaluated_dir
+    before = (out / "summary.md").read_text()
+    (out / "summary.md").unlink()
+    (out / "summary.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == before and (out / "summary.html").is_file()
+    assert "summary.html" in capsys.readouterr().out

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from immunekit.config import load_config, parse_set
 from immunekit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 EXAMPLES = """\
 examples:
@@ -20,12 +25,19 @@ examples:
   immunekit evaluate --model m.safetensors --search-trials 30    # add the Optuna attacker search
   immunekit evaluate --model cnn.safetensors --reference base.safetensors --threshold harm=0.7
   immunekit report runs/eval                                     # rebuild report.md/report.html
+  immunekit evaluate --model runs/hp/models --out runs/hp-eval   # every checkpoint + summary.html
+  immunekit evaluate --model runs/hp/models --match '*--seed1.safetensors' --out runs/hp-eval
+  immunekit report runs/hp-eval                                  # rebuild summary.md/summary.html
 
 Writes DIR/results.json, DIR/report.md and a self-contained DIR/report.html (plots need the
-[plots] extra). Conditions: resistance (strong/weak), stability, generalization (in-domain and
-cross-domain), trainability; verdict IMMUNIZED, NOT IMMUNIZED or INCONCLUSIVE. Bad input (not an
-immunekit checkpoint, unknown attack, steps <= 0, thresholds outside the score range, a search on a
-task without a validation split) exits with code 2 and a one-line error.
+[plots] extra). With --model a directory, every *.safetensors below it is evaluated into
+OUT/<relative path without suffix>/ (same files; resumable: models already evaluated with the same
+config are skipped, another config in OUT is refused) and the method comparison is written to
+OUT/summary.md and OUT/summary.html. Conditions: resistance (strong/weak), stability,
+generalization (in-domain and cross-domain), trainability; verdict IMMUNIZED, NOT IMMUNIZED or
+INCONCLUSIVE. Bad input (not an immunekit checkpoint, unknown attack, steps <= 0, thresholds
+outside the score range, a search on a task without a validation split, a directory --out holding
+results of another configuration) exits with code 2 and a one-line error.
 """
 
 
@@ -45,7 +57,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", type=Path, required=True, help="immunized model: an immunekit safetensors checkpoint"
+        "--model",
+        type=Path,
+        required=True,
+        help="immunized model: an immunekit safetensors checkpoint, or a directory: every *.safetensors "
+        "below it (task from each checkpoint's metadata) plus a comparison summary",
+    )
+    p.add_argument(
+        "--match",
+        default=None,
+        metavar="GLOB",
+        help="with --model DIR: evaluate only checkpoints whose path relative to DIR matches GLOB, "
+        "e.g. --match '*--seed1.safetensors'",
     )
     p.add_argument(
         "--task",
@@ -113,7 +136,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="reference model (before immunization); default for linear models: θ_0 = I with a zero head",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="results directory (default: results/evaluate-<task>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: results/evaluate-<task>, or results/evaluate-<DIR name>)",
     )
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -139,36 +165,11 @@ def _flat_sets(items: list[str], flag: str) -> dict[str, Any]:
     return parse_set(items)
 
 
-def build_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """Resolve the CLI arguments into ``evaluate()`` keyword arguments (model and task loaded).
-
-    Raises:
-        ConfigError / DataError: bad input, before any attack runs.
-
-    """
+def _shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``evaluate()`` arguments every model of a run shares (attacks, budget, seeds, search, ...)."""
     from immunekit.attacks import AttackBudget
-    from immunekit.data import TASKS
-    from immunekit.experiments.evaluate import DEFAULT_ATTACKS, DEFAULT_BUDGET, load_model, parse_attack_list
+    from immunekit.experiments.evaluate import DEFAULT_ATTACKS, DEFAULT_BUDGET, parse_attack_list
     from immunekit.metrics.conditions import Thresholds
-
-    model, meta = load_model(args.model)
-    task_sets = _flat_sets(args.task_sets, "--task-set")
-    name = args.task or meta.get("task")
-    if not name:
-        raise ConfigError(
-            f"--task is required: the checkpoint {args.model} records no task in its metadata; "
-            "e.g. --task house_prices"
-        )
-    task_kwargs: dict[str, Any] = {}
-    if args.task is None or args.task == meta.get("task"):
-        task_kwargs.update(meta.get("task_config") or {})
-    task_kwargs.update(task_sets)
-    task_kwargs["evaluation_splits"] = True
-    builder = TASKS.get(str(name))
-    try:
-        task = builder(**task_kwargs)
-    except TypeError as err:  # a keyword the builder does not take
-        raise ConfigError(f"task {name!r}: {err}; check the --task-set keys") from None
 
     base = dataclasses.asdict(DEFAULT_BUDGET)
     budget = load_config(AttackBudget, {**base, **_flat_sets(args.budget_sets, "--budget")}, where="--budget")
@@ -187,31 +188,84 @@ def build_inputs(args: argparse.Namespace) -> dict[str, Any]:
         search = load_config(SearchConfig, search_over, where="--search-set")
     elif args.search_sets:
         raise ConfigError("--search-set needs --search-trials N to run the search")
-    reference = None
-    if args.reference is not None:
-        reference, _ = load_model(args.reference)
     return {
-        "model": model,
-        "task": task,
         "attacks": parse_attack_list(args.attacks) if args.attacks else DEFAULT_ATTACKS,
         "budget": budget,
         "seeds": _seeds(args.seeds),
-        "reference": reference,
         "search": search,
         "thresholds": thresholds,
         "benign": args.benign,
-        "model_source": str(args.model),
+    }
+
+
+def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the checkpoint at ``path`` and build its task (and the reference model).
+
+    Returns:
+        ``(inputs, metadata)``: the model-specific ``evaluate()`` keyword arguments and the
+        checkpoint's user metadata.
+
+    """
+    from immunekit.data import TASKS
+    from immunekit.experiments.evaluate import load_model
+
+    model, meta = load_model(path)
+    task_sets = _flat_sets(args.task_sets, "--task-set")
+    name = args.task or meta.get("task")
+    if not name:
+        raise ConfigError(
+            f"--task is required: the checkpoint {path} records no task in its metadata; "
+            "e.g. --task house_prices"
+        )
+    task_kwargs: dict[str, Any] = {}
+    if args.task is None or args.task == meta.get("task"):
+        task_kwargs.update(meta.get("task_config") or {})
+    task_kwargs.update(task_sets)
+    task_kwargs["evaluation_splits"] = True
+    builder = TASKS.get(str(name))
+    try:
+        task = builder(**task_kwargs)
+    except TypeError as err:  # a keyword the builder does not take
+        raise ConfigError(f"task {name!r}: {err}; check the --task-set keys") from None
+    reference = None
+    if args.reference is not None:
+        reference, _ = load_model(args.reference)
+    inputs = {
+        "model": model,
+        "task": task,
+        "reference": reference,
+        "model_source": str(path),
         "reference_source": None if args.reference is None else str(args.reference),
     }
+    return inputs, meta
+
+
+def build_inputs(args: argparse.Namespace, path: Path | None = None) -> dict[str, Any]:
+    """Resolve the CLI arguments into ``evaluate()`` keyword arguments (model and task loaded).
+
+    Args:
+        args: the parsed arguments.
+        path: the checkpoint (default: ``args.model``).
+
+    Raises:
+        ConfigError / DataError: bad input, before any attack runs.
+
+    """
+    shared = _shared_inputs(args)
+    return {**_model_inputs(args, args.model if path is None else path)[0], **shared}
 
 
 def handle(args: argparse.Namespace) -> int:
     """Evaluate, write results.json (and the report card), print the verdict."""
-    from immunekit.experiments.evaluate import evaluate
-
-    inputs = build_inputs(args)
+    if args.model.is_dir():
+        return handle_directory(args)
+    if args.match is not None:
+        raise ConfigError(f"--match filters the checkpoints of a directory; --model {args.model} is a file")
+    shared = _shared_inputs(args)
+    model_inputs, meta = _model_inputs(args, args.model)
+    inputs = {**model_inputs, **shared}
     out = args.out or Path("results") / f"evaluate-{inputs['task'].name}"
-    record = evaluate(**inputs, progress=not args.no_progress, out=out)
+    record = _evaluate_into(inputs, meta, out, progress=not args.no_progress)
     print(summary(record))
     print(f"results: {out / 'results.json'}")
     if not args.no_report:
@@ -222,10 +276,178 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_into(
+    inputs: dict[str, Any], meta: dict[str, Any], out: Path, *, progress: bool
+) -> dict[str, Any]:
+    """Run ``evaluate()`` and write ``out/results.json`` with the checkpoint path and metadata added."""
+    from immunekit.experiments.evaluate import evaluate
+    from immunekit.experiments.io import atomic_write_json
+
+    record = evaluate(**inputs, progress=progress, out=None)
+    record["checkpoint"] = {"path": inputs["model_source"], "metadata": meta}
+    atomic_write_json(Path(out) / "results.json", record)
+    return record
+
+
+# --- a directory of checkpoints -----------------------------------------------------------------
+
+
+def find_models(root: Path, match: str | None = None) -> list[tuple[str, Path]]:
+    """Every ``*.safetensors`` below ``root``, sorted by relative path, optionally filtered.
+
+    Args:
+        root: the checkpoint folder (e.g. ``runs/hp/models``).
+        match: a glob on the POSIX path relative to ``root`` (``*`` also crosses ``/``), e.g.
+            ``'*--seed1.safetensors'``; ``None`` keeps every checkpoint.
+
+    Returns:
+        ``(rel, path)`` pairs; ``rel`` is the relative path without the suffix (the output subfolder).
+
+    Raises:
+        ConfigError: no checkpoint (left) under ``root``.
+
+    """
+    found = []
+    for path in root.rglob("*.safetensors"):
+        rel = path.relative_to(root).as_posix()
+        if match is None or fnmatch.fnmatchcase(rel, match):
+            found.append((rel.removesuffix(".safetensors"), path))
+    if not found:
+        raise ConfigError(
+            f"--model {root}: no *.safetensors checkpoint below it"
+            + (f" matches --match {match!r}" if match is not None else "")
+            + "; save models with `immunekit run ... --save-models` or immunekit.models.save_checkpoint"
+        )
+    return sorted(found)
+
+
+def shared_config(shared: dict[str, Any]) -> dict[str, Any]:
+    """The settings every model of a directory run shares, as ``results.json`` records them (JSON)."""
+    from immunekit.config import to_dict
+    from immunekit.experiments.evaluate import resolve_settings
+
+    search = shared["search"]
+    config = {
+        "attacks": [s.to_dict() for s in resolve_settings(shared["attacks"], shared["budget"])],
+        "budget": to_dict(shared["budget"]),
+        "seeds": list(shared["seeds"]),
+        "thresholds": shared["thresholds"].to_dict(),
+        "search": None if search is None else to_dict(search),
+    }
+    return json.loads(json.dumps(config, default=str))
+
+
+def expected_config(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The ``config`` that ``evaluate(**inputs)`` will record (its sha256 decides whether to resume)."""
+    from immunekit.experiments.evaluate import evaluation_config
+
+    given = inputs["reference"] is not None
+    return evaluation_config(
+        inputs["model"],
+        inputs["task"],
+        attacks=inputs["attacks"],
+        budget=inputs["budget"],
+        seeds=inputs["seeds"],
+        thresholds=inputs["thresholds"],
+        search=inputs["search"],
+        benign=inputs["benign"],
+        reference_source=(inputs["reference_source"] or "given") if given else None,
+    )
+
+
+def _refuse(path: Path, why: str, delete: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} was written by a different configuration ({why}); refusing to mix results. Use a new "
+        f"--out directory, or delete {delete} to start over"
+    )
+
+
+def _check_existing(out: Path, shared: dict[str, Any]) -> None:
+    """Refuse an ``out`` whose evaluations were run with other shared settings (before any work)."""
+    from immunekit.reports.comparison import SHARED_CONFIG_KEYS, find_evaluations
+
+    if (out / "results.json").exists():
+        raise ConfigError(
+            f"--out {out} holds a single-model results.json; give a new --out directory for a "
+            "directory of checkpoints"
+        )
+    want = shared_config(shared)
+    for rel, path in find_evaluations(out):
+        have = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+        diff = [k for k in SHARED_CONFIG_KEYS if have.get(k) != want[k]]
+        if diff:
+            raise _refuse(out / rel, f"{', '.join(diff)} differ", out)
+
+
+def handle_directory(args: argparse.Namespace) -> int:
+    """Evaluate every checkpoint below ``--model DIR`` into ``OUT/<rel>/`` and write the comparison.
+
+    Resumable: a model whose ``OUT/<rel>/results.json`` has the config sha256 this run would record
+    is skipped; another sha256 (or other shared settings anywhere in ``OUT``) is refused before any
+    attack runs.
+    """
+    from tqdm.auto import tqdm
+
+    from immunekit.config import config_sha256
+
+    root: Path = args.model
+    models = find_models(root, args.match)
+    out: Path = args.out or Path("results") / f"evaluate-{root.resolve().name}"
+    shared = _shared_inputs(args)
+    _check_existing(out, shared)
+
+    done: dict[str, dict[str, Any]] = {}
+    for rel, path in models:  # models evaluated before: same full config sha256, or refuse
+        file = out / rel / "results.json"
+        if not file.exists():
+            continue
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ConfigError(f"{file} is not valid JSON; delete {out / rel} to evaluate it again") from None
+        inputs = {**_model_inputs(args, path)[0], **shared}
+        if not isinstance(record, dict) or record.get("config_sha256") != config_sha256(
+            expected_config(inputs)
+        ):
+            raise _refuse(out / rel, "another config sha256: model, task or benign recipe", out / rel)
+        done[rel] = record
+
+    results: list[tuple[str, str, bool]] = []
+    with tqdm(models, desc=f"evaluate {root.name}", unit="model", disable=args.no_progress) as bar:
+        for rel, path in bar:
+            bar.set_postfix_str(rel, refresh=False)
+            target = out / rel
+            cached = rel in done
+            if cached:
+                logger.info("%s: already evaluated with the same config sha256 in %s; skipped", rel, target)
+                record = done[rel]
+            else:
+                model_inputs, meta = _model_inputs(args, path)
+                _evaluate_into({**model_inputs, **shared}, meta, target, progress=False)
+                record = record_from_disk(target)
+            if not args.no_report and (not cached or not (target / "report.html").exists()):
+                from immunekit.reports.card import write_card
+
+                write_card(target, results=record)
+            results.append((rel, str(record["verdict"]["verdict"]), cached))
+    width = max(len(rel) for rel, _, _ in results)
+    for rel, verdict, cached in results:
+        print(f"{rel:<{width}}  {verdict}{'  (already evaluated)' if cached else ''}")
+    print(f"results: {out}/<model>/results.json ({len(results)} model(s))")
+    if not args.no_report:
+        from immunekit.reports import ReportError
+        from immunekit.reports.comparison import write_comparison
+
+        try:
+            md, page = write_comparison(out)
+        except ReportError as err:
+            raise ConfigError(str(err)) from None
+        print(f"summary: {md}\nhtml:    {page}")
+    return 0
+
+
 def record_from_disk(out: Path) -> dict[str, Any]:
     """The record as written (JSON-cleaned: NaN/Inf → null), so the card sees what a rebuild sees."""
-    import json
-
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Rebuild report.md and the PNG plots from DIR/results.json (no model needed). For a record "
             "written by 'immunekit evaluate' this rebuilds the report card: report.md and a "
-            "self-contained report.html."
+            "self-contained report.html. For a folder of per-model evaluations ('immunekit evaluate "
+            "--model DIR') it rebuilds the method comparison summary.md and summary.html."
         ),
     )
     p.add_argument("dir", type=Path, help="results directory (or a results.json file)")
@@ -24,8 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Render the report."""
-    from immunekit.reports import write_report
+    from immunekit.errors import ConfigError
+    from immunekit.reports import ReportError, write_report
 
-    path = write_report(args.dir, args.out)
+    try:
+        path = write_report(args.dir, args.out)
+    except ReportError as err:  # one-line error, exit code 2
+        raise ConfigError(str(err)) from None
     print(f"report: {path}")
+    if path.name == "summary.md":
+        print(f"html:   {path.with_name('summary.html')}")
     return 0

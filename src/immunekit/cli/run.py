@@ -17,7 +17,7 @@ examples:
   immunekit run house-prices --csv train.csv          # Kaggle's file: the paper's exact protocol
   immunekit run house-prices --seeds 0,1 --out runs/hp --set defenses.condition_number.steps=50
   immunekit run house-prices --config my.yaml         # a YAML diff over the packaged defaults
-  immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (work in progress)
+  immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (Table 2, Fig. 2)
   immunekit run mnist-pairs --workers 2               # a pool of 2 processes (default: all usable cores)
   immunekit run mnist-pairs --executor ray --ray-address 10.0.0.5:6379   # on a Ray cluster
   (interrupted? rerun the same command: finished trials under DIR/trials are kept, not recomputed)

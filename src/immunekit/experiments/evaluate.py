@@ -543,6 +543,44 @@ def _run_search(
 # --- evaluate -----------------------------------------------------------------------------------
 
 
+DEFAULT_REFERENCE_SOURCE = "θ_0 = identity extractor, zero head (default for a LinearModel)"
+
+
+def evaluation_config(
+    model: ImmunizableModel,
+    task: Task,
+    *,
+    attacks: Sequence[AttackSpec],
+    budget: AttackBudget,
+    seeds: Sequence[int],
+    thresholds: Thresholds,
+    search: Any = None,
+    benign: AttackSpec | None = None,
+    reference_source: str | None = None,
+) -> dict[str, Any]:
+    """The resolved ``config`` an :func:`evaluate` call records; its sha256 identifies the run.
+
+    Public so that a caller (the CLI's directory mode) can tell, before any attack, whether a
+    stored evaluation was made with the same settings. ``reference_source=None`` means the
+    default reference of a LinearModel.
+    """
+    if benign is None:
+        benign = "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
+    return {
+        "attacks": [s.to_dict() for s in resolve_settings(attacks, budget)],
+        "budget": to_dict(budget),
+        "seeds": [int(s) for s in seeds],
+        "thresholds": thresholds.to_dict(),
+        "benign": resolve_settings([benign], budget)[0].with_split("primary", "benign").to_dict(),
+        "search": None
+        if search is None
+        else (to_dict(search) if dataclasses.is_dataclass(search) else str(search)),
+        "task": {"name": task.name, "version": task.version},
+        "model": type(model).__name__,
+        "reference": reference_source or DEFAULT_REFERENCE_SOURCE,
+    }
+
+
 def evaluate(
     model: ImmunizableModel,
     task: Task,
@@ -612,7 +650,9 @@ def evaluate(
     ref_source = reference_source
     if reference is None:
         reference = default_reference(model)
-        ref_source = "θ_0 = identity extractor, zero head (default for a LinearModel)"
+        ref_source = DEFAULT_REFERENCE_SOURCE
+    elif ref_source is None:
+        ref_source = "given"
     models = {"immunized": model, "reference": reference}
 
     groups: dict[str, list[Setting]] = {
@@ -765,19 +805,17 @@ def evaluate(
     kappa = kappa_rir(model, reference, task)
     measure_seconds = time.perf_counter() - t_measure
 
-    config = {
-        "attacks": [s.to_dict() for s in settings],
-        "budget": to_dict(budget),
-        "seeds": seeds,
-        "thresholds": thresholds.to_dict(),
-        "benign": benign_setting.to_dict(),
-        "search": None
-        if search is None
-        else (to_dict(search) if dataclasses.is_dataclass(search) else str(search)),
-        "task": {"name": task.name, "version": task.version},
-        "model": type(model).__name__,
-        "reference": ref_source or "given",
-    }
+    config = evaluation_config(
+        model,
+        task,
+        attacks=attacks,
+        budget=budget,
+        seeds=seeds,
+        thresholds=thresholds,
+        search=search,
+        benign=benign,
+        reference_source=ref_source,
+    )
     sha = config_sha256(config)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     metrics = _headline_metrics(entries, conditions, kappa, attack_seconds, measure_seconds)

@@ -563,6 +563,12 @@ def _caption(fid: str) -> str:
     return "Harm vs attack step, mean ± 95% bootstrap band over seeds; dashed black line: the threshold φ."
 
 
+#: Public names of the table helpers, shared with :mod:`immunekit.reports.comparison`.
+badge = _badge
+escape = _e
+md_table = _md_table
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 
@@ -613,9 +619,12 @@ __all__ = [
     "HTML_FILENAME",
     "KIND",
     "MARKDOWN_FILENAME",
+    "badge",
+    "escape",
     "figure_ids",
     "is_evaluation",
     "load_evaluation",
+    "md_table",
     "render_card_html",
     "render_card_markdown",
     "render_figures",

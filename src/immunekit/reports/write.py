@@ -37,14 +37,21 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
 
     An evaluation record (``kind == "evaluation"``, from ``immunekit evaluate``) gets the report card
     instead: ``report.md`` and a self-contained ``report.html`` (:func:`immunekit.reports.card.write_card`).
+    A folder without its own ``results.json`` that holds evaluation records in subfolders (``immunekit
+    evaluate --model DIR``) gets the method comparison: ``summary.md`` and ``summary.html``
+    (:func:`immunekit.reports.comparison.write_comparison`).
 
     Returns:
-        Path of the written ``report.md``.
+        Path of the written ``report.md`` (``summary.md`` for a comparison folder).
 
     Raises:
         ReportError: the results file is missing, not JSON, or fails validation.
 
     """
+    from immunekit.reports import comparison
+
+    if comparison.is_comparison_dir(results_path_or_dir):
+        return comparison.write_comparison(results_path_or_dir, out_dir)[0]
     results_file = resolve_results_path(results_path_or_dir)
     if _is_evaluation_file(results_file):
         from immunekit.reports.card import write_card
