@@ -4,8 +4,11 @@ evaluate() with one attack (``full_finetune``, Adam), no search, the reference m
 (resistance + in-domain generalization + the benign trainability recipe) × 2 models × seeds attack
 runs. The bare loop does exactly those runs' optimizer steps: copy the model, Adam on every
 parameter, seeded mini-batches of the same size, squared loss, no records, no evaluations. The
-overhead (evaluations every Δt, step records, FLOP counting, statistics, κ/RIR, gates) is
-(t_evaluate − t_raw) / t_raw; the issue's target is ≤ 10 %.
+overhead is measured against the same loop that also runs, by hand, the held-out forward passes a
+harm-vs-step curve needs (at step 0, every Δt and at the end, on the run's eval split and on
+eval_primary): (t_evaluate − t_raw+evals) / t_raw+evals, i.e. step records, FLOP counting,
+grad norms, statistics, κ/RIR and gates. The issue's target is ≤ 10 %. The ratio against the
+bare training loop is printed too; it also charges the evaluations themselves to the harness.
 
 Run: ``python benchmarks/harness_overhead.py`` (about a minute on one CPU core).
 """
@@ -28,19 +31,37 @@ log = logging.getLogger("harness_overhead")
 
 
 def raw_loop(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, budget: AttackBudget, seed: int
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    budget: AttackBudget,
+    seed: int,
+    evals: tuple[torch.Tensor, ...] = (),
 ) -> None:
-    """``budget.steps`` Adam steps on all parameters of a copy of ``model``, mini-batches, MSE loss."""
+    """``budget.steps`` Adam steps on all parameters of a copy of ``model``, mini-batches, MSE loss.
+
+    With ``evals`` (held-out inputs), a forward pass over each at step 0, every ``eval_every``
+    steps and at the end: the measurements a harm-vs-step curve needs, done by hand.
+    """
     m = copy.deepcopy(model)
     opt = torch.optim.Adam(m.parameters(), lr=budget.lr)
     gen = torch.Generator().manual_seed(seed)
     y = y.to(torch.float64).reshape(len(y), -1)
-    for _ in range(budget.steps):
+
+    def evaluate_by_hand() -> None:
+        with torch.no_grad():
+            for xe in evals:
+                m(xe)
+
+    evaluate_by_hand()
+    for step in range(1, budget.steps + 1):
         idx = torch.randint(0, len(x), (budget.batch_size,), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(m(x[idx]), y[idx])
         loss.backward()
         opt.step()
+        if step % budget.eval_every == 0 or step == budget.steps:
+            evaluate_by_hand()
 
 
 def main() -> None:
@@ -76,26 +97,36 @@ def main() -> None:
             progress=False,
         )
 
-    def run_raw() -> None:
-        for data in splits:
+    # each run's curve evaluates its own held-out split and eval_primary (utility beside harm)
+    held_out = [task.eval_harmful.x, task.eval_harmful.x, task.eval_primary.x]
+
+    def run_raw(with_evals: bool = False) -> None:
+        for data, eval_x in zip(splits, held_out, strict=True):
             for seed in seeds:
                 for m in (model, reference):
-                    raw_loop(m, data.x, data.y, budget, seed)
+                    evals = (eval_x, task.eval_primary.x) if with_evals else ()
+                    raw_loop(m, data.x, data.y, budget, seed, evals)
 
     run_raw()  # warm-up (allocator, lazy imports)
     rec = run_eval()
     t_raw = min(_timed(run_raw) for _ in range(args.repeats))
+    t_raw_eval = min(_timed(lambda: run_raw(with_evals=True)) for _ in range(args.repeats))
     t_eval = min(_timed(run_eval) for _ in range(args.repeats))
     runs = len(splits) * len(seeds) * 2
-    overhead = (t_eval - t_raw) / t_raw
+    overhead = (t_eval - t_raw_eval) / t_raw_eval
     print(
         f"runs: {runs} × {args.steps} Adam steps (batch 32), D = {args.dim}, N = {args.n}, "
         f"Δt = {args.eval_every}"
     )
-    print(f"raw torch loop:   {t_raw:8.3f} s")
+    print(f"raw torch loop:   {t_raw:8.3f} s  (training steps only)")
+    print(f"  + held-out evals: {t_raw_eval:6.3f} s  (the same forward passes the harm curves need)")
+    print(f"vs training only: {(t_eval - t_raw) / t_raw:8.1%}  (includes the curves' evaluations)")
     print(f"evaluate():       {t_eval:8.3f} s  (attacks {rec['timing']['attack_seconds']:.3f} s, "
           f"measurements {rec['timing']['measure_seconds']:.3f} s in the warm-up run)")  # fmt: skip
-    print(f"overhead:         {overhead:8.1%}  (target <= 10 %: {'met' if overhead <= 0.10 else 'NOT met'})")
+    print(
+        f"overhead:         {overhead:8.1%}  vs the loop with its evaluations "
+        f"(target <= 10 %: {'met' if overhead <= 0.10 else 'NOT met'})"
+    )
 
 
 def _timed(fn) -> float:

@@ -11,6 +11,7 @@ import pytest
 
 from immunekit.reports import ReportError, write_report
 from immunekit.reports.comparison import (
+    SEARCH_COLUMN,
     comparison_rows,
     find_evaluations,
     load_comparison,
@@ -111,6 +112,7 @@ def test_rows_one_per_model_with_conditions_attacks_and_kappa(out: Path) -> None
         "strength": "strong",
         "min_ratio": 5.0,
         "max_harm": 0.31,
+        "setting": None,
     }
     assert [r["attacks"]["linear_probe"]["immunity"] for r in rows] == [
         "holds",
@@ -170,3 +172,26 @@ def test_a_folder_without_evaluations_is_refused(tmp_path: Path) -> None:
     assert find_evaluations(tmp_path) == []
     with pytest.raises(ReportError, match="no evaluation records"):
         write_comparison(tmp_path)
+
+
+def test_search_choices_share_one_column_with_the_chosen_setting() -> None:
+    # each model's search picks its own settings: one column, the choice written in the cell
+    def rec(chosen: str, holds: bool) -> dict:
+        entry = {"holds": holds, "strong": False, "min_ratio": 2.0 if holds else 1.0, "max_harm": 0.7}
+        return {
+            "groups": {"resistance": ["linear_probe"], "search": [f"search:{chosen}"]},
+            "per_attack": {"linear_probe": entry, f"search:{chosen}": entry},
+            "verdict": {"verdict": "NOT IMMUNIZED"},
+        }
+
+    items = [
+        ("a--seed1", rec("full_finetune[lr=0.03]", True)),
+        ("b--seed1", rec("linear_probe[lr=0.1]", False)),
+    ]
+    rows = comparison_rows(items)
+    assert list(rows[0]["attacks"]) == ["linear_probe", SEARCH_COLUMN]
+    assert [r["attacks"][SEARCH_COLUMN]["setting"] for r in rows] == [
+        "full_finetune[lr=0.03]",
+        "linear_probe[lr=0.1]",
+    ]
+    assert [r["attacks"][SEARCH_COLUMN]["immunity"] for r in rows] == ["holds", "does not hold"]

@@ -158,16 +158,35 @@ def model_identity(rel: str, record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+#: One column for the attacker search: each model's search picks its own settings (shown in the cell).
+SEARCH_COLUMN = "search (tuned per model)"
+
+
+def _column(key: str, group: str | None) -> str:
+    return SEARCH_COLUMN if group == "search" or key.startswith("search:") else key
+
+
 def resistance_attacks(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Attack keys of the resistance groups over all records, in grid order (first seen first)."""
+    """Attack columns of the resistance groups over all records, in grid order (first seen first).
+
+    The fixed attacks keep their keys; whatever the search chose is one :data:`SEARCH_COLUMN`.
+    """
     keys: list[str] = []
     for record in records:
         groups = record.get("groups") or {}
         attacks = record.get("attacks") or {}
-        ordered = [k for g in RESISTANCE_GROUPS for k in groups.get(g) or []]
-        ordered += [k for k, a in attacks.items() if a.get("group") in RESISTANCE_GROUPS]
+        ordered = [_column(k, g) for g in RESISTANCE_GROUPS for k in groups.get(g) or []]
+        ordered += [
+            _column(k, a.get("group")) for k, a in attacks.items() if a.get("group") in RESISTANCE_GROUPS
+        ]
         keys += [k for k in dict.fromkeys(ordered) if k not in keys]
     return keys
+
+
+def _search_key(record: Mapping[str, Any]) -> str | None:
+    chosen = list((record.get("groups") or {}).get("search") or [])
+    chosen += [k for k, a in (record.get("attacks") or {}).items() if a.get("group") == "search"]
+    return chosen[0] if chosen else None
 
 
 def _holds_text(entry: Mapping[str, Any] | None) -> str:
@@ -196,7 +215,8 @@ def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict
         kappa = record.get("kappa") if isinstance(record.get("kappa"), Mapping) else {}
         attacks = {}
         for key in attack_keys:
-            entry = per.get(key)
+            real = _search_key(record) if key == SEARCH_COLUMN else key
+            entry = per.get(real) if real is not None else None
             entry = entry if isinstance(entry, Mapping) else None
             strength = None
             if entry is not None and entry.get("holds"):
@@ -206,6 +226,7 @@ def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict
                 "strength": strength,
                 "min_ratio": None if entry is None else entry.get("min_ratio"),
                 "max_harm": None if entry is None else entry.get("max_harm"),
+                "setting": real.removeprefix("search:") if key == SEARCH_COLUMN and real else None,
             }
         rows.append(
             {
@@ -247,7 +268,8 @@ def method_rows(rows: Sequence[Mapping[str, Any]], attack_keys: Sequence[str]) -
 
 
 def _attack_detail(a: Mapping[str, Any]) -> str:
-    return f"min t* ratio {fmt_num(a['min_ratio'])}, max harm {fmt_num(a['max_harm'])}"
+    text = f"min t* ratio {fmt_num(a['min_ratio'])}, max harm {fmt_num(a['max_harm'])}"
+    return f"{text}; chose {a['setting']}" if a.get("setting") else text
 
 
 def _has_cells(rows: Sequence[Mapping[str, Any]]) -> bool:
