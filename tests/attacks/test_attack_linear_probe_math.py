@@ -114,7 +114,9 @@ def test_gd_exact_converges_in_one_step_when_the_hessian_is_proportional_to_iden
     assert res.info["kappa_probe_hessian"]["kappa"] == pytest.approx(1.0, abs=1e-12)
     assert res.initial.norm_ratio == 1.0
     assert res.records[0].norm_ratio < 1e-26
-    assert res.records[0].lr == pytest.approx(1.0 / (2 * 6.25), rel=1e-12)
+    # α = 1/λ(2AᵀA) along the summed-loss gradient, recorded as the step on the mean-loss gradient
+    # (AttackBudget.lr's unit): N·α = N/(2·6.25), the default 1/L of gd for the mean loss
+    assert res.records[0].lr == pytest.approx(30 / (2 * 6.25), rel=1e-12)
 
 
 def test_gd_exact_norm_ratio_is_non_increasing() -> None:
@@ -153,7 +155,8 @@ def test_gd_default_lr_obeys_the_linear_rate_bound(sv: torch.Tensor) -> None:
     kappa = big / small
     assert kappa == pytest.approx(4.0, rel=1e-12)
     assert res.info["kappa_probe_hessian"]["kappa"] == pytest.approx(kappa, rel=1e-10)
-    assert res.info["lr"] == pytest.approx(1.0 / big, rel=1e-12)  # default η = 1/L
+    # default η = 1/L of the mean loss (1/N)‖Aw − Y‖², L = λ_max(2AᵀA)/N
+    assert res.info["lr"] == pytest.approx(36 / big, rel=1e-12)
     ratios = res.curve("norm_ratio")
     rate = 1.0 - 1.0 / kappa
     for t in range(1, steps + 1):

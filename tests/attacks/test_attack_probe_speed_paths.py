@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from immunekit.attacks import ATTACKS, AttackBudget
+from immunekit.attacks.base import rng_streams
 from immunekit.attacks.linear_probe import LinearProbe, ProbeCache, accuracy, least_squares, probe_problem
 from immunekit.data.task import Dataset, Task
 from immunekit.models.base import linear_model
@@ -60,7 +61,7 @@ def _reference_run(a: torch.Tensor, y: torch.Tensor, budget: AttackBudget, w0: t
     a_pinv = torch.linalg.pinv(a, rtol=tol)
     w_star = a_pinv @ y + w0 - a_pinv @ (a @ w0)
     d0 = float(((w0 - w_star) ** 2).sum())
-    gen = torch.Generator().manual_seed(seed)
+    (gen,) = rng_streams(seed, "batches")  # the probe's mini-batch stream (issue 9: one per purpose)
     w = w0.clone()
     lr0 = budget.lr
     if lr0 is None:
@@ -160,7 +161,7 @@ def test_init_normal_and_classification_records_match_including_accuracy() -> No
     task = _task(a, labels, loss="ce")
     budget = AttackBudget(steps=40, optimizer="gd_exact")
     res = LinearProbe(init="normal")(linear_model(8), task, budget, seed=5)
-    w0 = torch.randn(8, 3, generator=torch.Generator().manual_seed(5), dtype=F64) / 8**0.5
+    w0 = torch.randn(8, 3, generator=rng_streams(5, "init")[0], dtype=F64) / 8**0.5
     y = torch.nn.functional.one_hot(labels, 3).to(F64)
     ratios, losses, accs, _ = _reference_run(a, y, budget, w0, seed=5)
     _assert_curves_close(res.curve("norm_ratio"), ratios, rel=1e-9, kappa_a=100.0)
@@ -191,8 +192,8 @@ def test_info_kappa_and_default_lr_come_from_the_factorization() -> None:
     ref = gram_condition_number(a)
     assert res.info["kappa_probe_hessian"]["kappa"] == pytest.approx(ref.kappa, rel=1e-10)
     assert res.info["kappa_probe_hessian"]["rank"] == ref.rank
-    assert res.info["lr"] == pytest.approx(
-        1.0 / (2.0 * float(torch.linalg.matrix_norm(a, ord=2)) ** 2), rel=1e-14
+    assert res.info["lr"] == pytest.approx(  # 1/L of the mean loss over the 30 rows
+        30 / (2.0 * float(torch.linalg.matrix_norm(a, ord=2)) ** 2), rel=1e-14
     )
 
 

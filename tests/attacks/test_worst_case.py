@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ from immunekit.attacks.worst_case import (
     search_attacker,
 )
 from immunekit.data.synthetic import gaussian_spectra
+from immunekit.data.task import Dataset
 from immunekit.errors import ConfigError, DataError
 from immunekit.metrics.task_scores import task_score
 from immunekit.models.base import linear_model
@@ -202,3 +204,149 @@ def test_when_no_member_meets_the_floor_the_strongest_is_reported_and_flagged(ta
     res = WorstCase([WEAK, STRONG], utility_floor=2.0)(linear_model(DIM), task, AttackBudget(steps=1), seed=0)
     assert res.info["chosen"]["key"] == member_key(*STRONG) and not res.info["chosen"]["meets_floor"]
     assert "no member keeps utility" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9, item 8c: WorstCase selects on val_harmful and reports on eval_harmful
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_validation(task, y):
+    """The task with val_harmful's targets replaced by ``y`` (same rows and ids)."""
+    val = task.val_harmful
+    return dataclasses.replace(task, val_harmful=Dataset(val.x, y, val.ids))
+
+
+def test_worst_case_selects_on_val_harmful_and_reports_eval_harmful(task):
+    # negated validation targets: the strongest attacker on eval_harmful is the weakest on val_harmful
+    flipped = _with_validation(task, -task.val_harmful.y)
+    res = WorstCase([WEAK, MID, STRONG])(linear_model(DIM), flipped, AttackBudget(steps=1), seed=0)
+    members = res.info["members"]
+    keys = [member_key(*s) for s in (WEAK, MID, STRONG)]
+    val = [_harm(*s, flipped, "val_harmful") for s in (WEAK, MID, STRONG)]
+    held = [_harm(*s, flipped) for s in (WEAK, MID, STRONG)]
+    assert [members[k]["selection_harm"] for k in keys] == pytest.approx(val, abs=1e-12)
+    assert [members[k]["final_harm"] for k in keys] == pytest.approx(held, abs=1e-12)
+    assert max(val) == val[0] and max(held) == held[2]  # the two splits disagree
+    assert res.info["chosen"]["key"] == keys[0]  # chosen on val_harmful ...
+    assert res.info["chosen"]["final_harm"] == pytest.approx(held[0], abs=1e-12)  # ... reported on eval
+    assert res.info["selection_split"] == "val_harmful" and res.info["eval_split"] == "eval_harmful"
+    assert res.info["selected_on_reported_split"] is False
+
+
+def test_worst_case_without_val_harmful_selects_on_the_reported_split_and_says_so(caplog):
+    plain = gaussian_spectra(dim=DIM, n=96, seed=0)
+    assert plain.val_harmful is None
+    res = WorstCase([WEAK, STRONG])(linear_model(DIM), plain, AttackBudget(steps=1), seed=0)
+    assert res.info["selection_split"] == "eval_harmful" and res.info["selected_on_reported_split"] is True
+    assert res.info["chosen"]["key"] == member_key(*STRONG)
+    assert "selected on the same split" in caplog.text and "optimistic for the attacker" in caplog.text
+    caplog.clear()
+    with_val = gaussian_spectra(dim=DIM, n=96, seed=0, evaluation_splits=True)
+    WorstCase([WEAK, STRONG])(linear_model(DIM), with_val, AttackBudget(steps=1), seed=0)
+    assert "optimistic" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 9, item 6: the search runs every grid setting exactly, so it is never weaker than the grid
+# ---------------------------------------------------------------------------------------------
+
+SPACE_X = {**SPACE, "optimizers": ["sgd", "adam", "sgd_momentum"]}
+ON_POINT = ("linear_probe", {}, AttackBudget(steps=8, optimizer="sgd", lr=0.05, batch_size=32))
+MOMENTUM = ("linear_probe", {}, AttackBudget(steps=8, optimizer="sgd_momentum", lr=0.05, momentum=0.5))
+EXACT_GRID = [
+    ON_POINT,  # a point of the space with the template's other fields: TPE learns from it
+    ("linear_probe", {}, AttackBudget(steps=8, optimizer="sgd", lr=0.05, batch_size=32, warmup_steps=4)),
+    ("linear_probe", {}, AttackBudget(steps=8, optimizer="adam", lr=0.05, batch_size=16, schedule="cosine")),
+    MOMENTUM,
+    ("linear_probe", {}, AttackBudget(steps=8, optimizer="adam", lr=0.05, batch_size=64, eval_every=2)),
+    ("linear_probe", {}, AttackBudget(steps=8, optimizer="sgd", lr=0.2, batch_size=64, max_examples=3 * 64)),
+    ("linear_probe", {"init": "normal"}, AttackBudget(steps=8, optimizer="adam", lr=0.05, batch_size=32)),
+    ("linear_probe", {}, AttackBudget(steps=30, optimizer="gd_exact")),  # lr None: outside the space
+    ("full_finetune", {"reset_head": True}, AttackBudget(steps=8, optimizer="sgd", lr=0.05, batch_size=32)),
+]
+
+
+def test_every_grid_setting_runs_exactly_and_the_search_is_never_weaker_than_any(task, caplog):
+    caplog.set_level("INFO", logger="immunekit.attacks.worst_case")
+    found = search_attacker(linear_model(DIM), task, n_trials=2, grid=EXACT_GRID, seed=3, **SPACE_X)
+    direct = [_harm(*s, task, "val_harmful", seed=3) for s in EXACT_GRID]
+    assert [g["value"] for g in found.grid] == pytest.approx(direct, abs=1e-12)
+    assert all(found.best_value >= v for v in direct)
+    assert found.grid_best_value == max(direct)
+    # n_trials raised to the grid size, and said so
+    assert found.n_trials_requested == 2 and found.n_trials_effective == len(EXACT_GRID)
+    assert "n_trials raised from 2 to 9" in caplog.text
+    assert len(found.trials) == 9 and all(t["enqueued"] for t in found.trials)
+    assert [g["state"] for g in found.grid] == ["COMPLETE"] * 9
+    assert [g["budget"] for g in found.grid] == [dataclasses.asdict(b) for _, _, b in EXACT_GRID]
+    # points of the space: ON_POINT, and the eval_every=2 member (evaluations move no weight)
+    assert [g["in_space"] for g in found.grid] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    first = found.trials[found.grid[0]["trial"]]
+    assert first["params"] == {"attack": "linear_probe", "optimizer": "sgd", "lr": 0.05, "batch_size": 32,
+                               "schedule": "constant"}  # fmt: skip
+    assert all(found.trials[g["trial"]]["params"] == {} for g in found.grid if not g["in_space"])
+    # the template's momentum (0.9), as the former enqueueing used, is a different attacker: the
+    # exact-budget check above can tell them apart
+    swapped = dataclasses.replace(MOMENTUM[2], momentum=0.9)
+    assert abs(_harm("linear_probe", {}, swapped, task, "val_harmful", seed=3) - direct[3]) > 1e-6
+    assert found.to_dict()["n_trials_effective"] == 9 and "grid setting" in found.to_dict()["guarantee"]
+
+
+def test_fewer_trials_than_grid_points_still_run_every_point(task):
+    found = search_attacker(linear_model(DIM), task, n_trials=1, grid=GRID, seed=3, **SPACE)
+    assert [t["enqueued"] for t in found.trials] == [True] * 3
+    assert [t["value"] for t in found.trials] == pytest.approx(_grid_values(task, GRID, seed=3), abs=1e-12)
+    assert found.best_value == max(t["value"] for t in found.trials)
+
+
+def test_a_grid_setting_chosen_as_best_is_rerun_exactly(task):
+    strong = ("linear_probe", {}, AttackBudget(steps=30, optimizer="gd_exact", eval_every=5))
+    found = search_attacker(linear_model(DIM), task, n_trials=1, grid=[WEAK, strong], seed=0, **SPACE)
+    assert found.n_trials_effective == 2 and found.chosen["grid"] == member_key(*strong)
+    assert found.chosen["budget"] == dataclasses.asdict(strong[2])
+    assert score(found.result.model, task.val_harmful, task.loss) == found.best_value
+    assert [s for s, _ in found.result.harm_curve()] == [0, 5, 10, 15, 20, 25, 30]  # its own eval_every
+    assert found.eval_harm == score(found.result.model, task.eval_harmful, task.loss)
+
+
+def test_a_resumed_study_runs_only_the_grid_settings_it_has_not_finished(task, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'grid.db'}"
+    grid = [ON_POINT, MOMENTUM, ON_POINT]  # a setting listed twice runs once
+    first = search_attacker(
+        linear_model(DIM), task, n_trials=3, grid=grid, seed=0, storage=storage, **SPACE_X
+    )
+    assert [t["enqueued"] for t in first.trials] == [True, True, False]
+    assert first.grid[0]["trial"] == first.grid[2]["trial"] == 0
+    again = search_attacker(
+        linear_model(DIM), task, n_trials=4, grid=grid, seed=0, storage=storage, **SPACE_X
+    )
+    assert again.trials[:3] == first.trials and len(again.trials) == 4 and not again.trials[3]["enqueued"]
+    more = [*grid, WEAK]
+    third = search_attacker(
+        linear_model(DIM), task, n_trials=4, grid=more, seed=0, storage=storage, **SPACE_X
+    )
+    assert third.n_trials_effective == 5 and third.trials[4]["grid"]["key"] == member_key(*WEAK)
+    assert third.grid[3]["value"] == pytest.approx(_harm(*WEAK, task, "val_harmful"), abs=1e-12)
+
+
+def test_grid_settings_that_cannot_be_trials_are_rejected_with_the_reason():
+    search = AttackerSearch(**SPACE)
+    b = AttackBudget(steps=8, optimizer="sgd", lr=0.05)
+    assert search.outside_space(("linear_probe", AttackBudget(steps=30, optimizer="gd_exact"))) is None
+    assert search.outside_space(("full_finetune", {"reset_head": True}, b)) is None
+    assert "val_harmful" in search.outside_space(("linear_probe", {"split": "val_harmful"}, b))
+    assert "did you mean 'linear_probe'" in search.outside_space(("linear_prob", b))
+    assert "lies outside the search space" in search.outside_space({**GRID[0], "lr": 10.0})
+    with pytest.raises(ConfigError, match="val_harmful"):
+        AttackerSearch(grid=[("linear_probe", {"split": "val_harmful"}, b)], **SPACE)

@@ -45,7 +45,7 @@ def test_help_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
         (["--budget", "steps=-3"], "budget.steps must be >= 1, got -3"),
         (["--attacks", "lin_probe"], "unknown attack 'lin_probe'; did you mean 'linear_probe'?"),
         (["--threshold", "harm=1.5"], "thresholds.harm (φ) = 1.5 is outside the range"),
-        (["--threshold", "slowdown=0.5"], "slowdown (κ) = 0.5 is outside [1, ∞)"),
+        (["--threshold", "slowdown=0.5"], "slowdown (κ) = 0.5 is outside (1, ∞)"),
         (["--seeds", "a,b"], "--seeds expects comma-separated integers"),
         (["--task-set", "bogus=1"], "check the --task-set keys"),
     ],

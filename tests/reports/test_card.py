@@ -16,7 +16,7 @@ from immunekit.reports import card, write_report
 from immunekit.reports.schema import ReportError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def band(values: list[float]) -> dict[str, Any]:
@@ -225,7 +225,7 @@ def test_invalid_records_are_refused(tmp_path: Path) -> None:
         card.load_evaluation(tmp_path)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (apt-get install chromium)")
 def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     (tmp_path / "results.json").write_text(json.dumps(make_record()))
@@ -252,3 +252,44 @@ def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     )
     assert shot.stat().st_size > 1000 and shot.read_bytes().startswith(PNG_MAGIC)
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def _current(rec: dict[str, Any]) -> dict[str, Any]:
+    from immunekit.metrics import conditions
+
+    rec = json.loads(json.dumps(rec))
+    rec["rules_version"] = conditions.RULES_VERSION
+    rec["verdict"]["rules"] = [list(r) for r in conditions.VERDICT_RULES]
+    return rec
+
+
+def test_rules_version_of_reports_matches_the_conditions_module() -> None:
+    from immunekit.metrics import conditions
+    from immunekit.reports import _common
+
+    assert _common.RULES_VERSION == conditions.RULES_VERSION
+
+
+def test_cards_written_by_older_rules_say_so(tmp_path: Path, monkeypatch) -> None:
+    """Issue 9: `immunekit report DIR` rebuilds an old card with a note that it predates the fix."""
+    monkeypatch.setattr(card, "_matplotlib_available", lambda: False)
+    (tmp_path / "results.json").write_text(json.dumps(make_record()))  # no rules_version: version 1
+    md, page = card.write_card(tmp_path)
+    assert "written by verdict rules version 1" in md.read_text(encoding="utf-8")
+    assert 'id="stale-rules"' in page.read_text(encoding="utf-8")
+
+
+def test_current_cards_write_the_verdict_rule_and_no_stale_note() -> None:
+    rec = _current(make_record())
+    text = card.render_card_markdown(rec, {})
+    assert "How the verdict is decided" in text and "| INVALID | a gate fails" in text
+    assert "verdict rules version" not in text
+    page = card.render_card_html(rec, {})
+    assert 'id="verdict-rules"' in page and "stale-rules" not in page
+    assert '<span class="badge INVALID ">INVALID</span>' in page
+
+
+def test_undecided_attacks_are_named_so() -> None:
+    rec = _current(make_record())
+    rec["per_attack"]["linear_probe"] = {"status": "INCONCLUSIVE", "holds": None, "min_ratio": None}
+    assert "| linear_probe | resistance | undecided |" in card.render_card_markdown(rec, {})

@@ -7,15 +7,17 @@ in one place:
   ``sgd_momentum``, ``adam`` and ``adamw`` are ``torch.optim``; ``gd_exact`` exists only for the
   linear probe. The lr of every step is computed explicitly (:func:`~immunekit.attacks.base.scheduled_lr`),
   written into the optimizer's parameter groups and recorded in :attr:`StepRecord.lr`.
-* **mini-batches** without replacement: a fresh ``torch.randperm`` (seeded ``torch.Generator``) per
-  epoch, consecutive slices of ``min(batch_size, N)`` rows; a tail shorter than a batch is dropped,
-  so every step costs the same examples, tokens and FLOPs.
+* **mini-batches** without replacement: a fresh ``torch.randperm`` per epoch from the run's ``batches``
+  stream (:func:`~immunekit.attacks.base.rng_streams`, never the generator of a head or a subset),
+  consecutive slices of ``min(batch_size, N)`` rows; a tail shorter than a batch is dropped, so
+  every step costs the same examples, tokens and FLOPs.
 * **budget**: before each step the examples, tokens and FLOPs it would use are added to the totals;
   the first cap that would be exceeded stops the run and is named (``examples``, ``tokens``,
   ``flops``; ``steps`` when the step budget is used up). A cap is never exceeded.
 * **FLOPs** are measured with :class:`torch.utils.flop_counter.FlopCounterMode` around the forward
-  and backward pass of the first step of each phase, divided by its batch size and extrapolated per
-  example (matrix products, the FLOP count of a dense layer, are linear in the batch). When the
+  and backward pass of the first step of each phase; every step of a phase uses as many rows, so
+  that count is the cost of each of its steps (kept as it is: ``info['flops_per_example']`` is
+  derived from it, never multiplied back, so a cap of k steps' FLOPs allows exactly k steps). When the
   counter sees no FLOPs or fails, the fallback is 6 · (model parameters) · (examples) (forward 2P,
   backward 4P per example). The method goes into ``info['flops_method']``.
 * **loss** from ``task.loss``: ``mse`` → mean squared error over all outputs; ``ce`` with one output
@@ -46,8 +48,11 @@ from immunekit.attacks.base import (
     OPTIMIZERS,
     AttackBudget,
     StepRecord,
+    eval_predictions,
+    rng_streams,
     scheduled_lr,
     split_of,
+    split_score,
 )
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
@@ -285,36 +290,26 @@ class _Run:
         self.t0 = time.perf_counter()
         self.examples, self.tokens, self.flops = 0, 0, 0.0
         self.methods: set[str] = set()
-        self.fpe: dict[int, float] = {}
+        # FLOPs of one step of each phase (a phase's steps all use the same number of rows), kept
+        # per step rather than per example: (c / n) · n need not round back to c, and a cap equal to
+        # k steps' cost must allow exactly k steps
+        self.fps: dict[int, float] = {}
+        self.rows: dict[int, int] = {}
 
-    def score(self, data: _Data) -> float:
-        return task_score(self.model(data.x), data.raw_y, self.task.loss)  # type: ignore[arg-type]
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            pred = self.model(self.held.x)
-            out = {
-                "harm": task_score(pred, self.held.raw_y, self.task.loss),  # type: ignore[arg-type]
-                "utility": self.score(self.util),
-                "loss": float(self.spec(pred, self.held.target)),
-            }
-        finally:
-            self.model.train(was)
-        return out
+        """Held-out ``{"harm", "utility", "loss"}`` in eval mode (the shared evaluation step of base.py)."""
+        loss = self.task.loss
+        pred = eval_predictions(self.model, self.held.x)
+        return {
+            "harm": task_score(pred, self.held.raw_y, loss),  # type: ignore[arg-type]
+            "utility": split_score(self.model, self.util.x, self.util.raw_y, loss),
+            "loss": float(self.spec(pred, self.held.target)),
+        }
 
-    @torch.no_grad()
     def split_metrics(self, data: _Data) -> tuple[float, float | None]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            pred = self.model(data.x)
-            loss = float(self.spec(pred, data.target))
-            acc = None if self.task.loss == "mse" else task_score(pred, data.raw_y, "ce")
-        finally:
-            self.model.train(was)
+        pred = eval_predictions(self.model, data.x)  # no autograd graph
+        loss = float(self.spec(pred, data.target))
+        acc = None if self.task.loss == "mse" else task_score(pred, data.raw_y, "ce")
         return loss, acc
 
     def record(
@@ -347,11 +342,11 @@ class _Run:
     def backward(self, phase_idx: int, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, float]:
         """Forward + backward of one batch; returns (loss, predictions, FLOPs of the pass)."""
         n = xb.shape[0]
-        if phase_idx in self.fpe:
+        if phase_idx in self.fps:
             pred = self.model(xb)
             loss = self.spec(pred, yb)
             loss.backward()
-            return loss, pred, self.fpe[phase_idx] * n
+            return loss, pred, self.fps[phase_idx]
         counted = 0.0
         try:
             from torch.utils.flop_counter import FlopCounterMode
@@ -369,11 +364,12 @@ class _Run:
             loss.backward()
         if counted > 0:
             self.methods.add(FLOPS_COUNTED)
-            self.fpe[phase_idx] = counted / n
+            self.fps[phase_idx] = counted
         else:
             self.methods.add(FLOPS_FALLBACK)
-            self.fpe[phase_idx] = 6.0 * count_params(self.model)
-        return loss, pred, self.fpe[phase_idx] * n
+            self.fps[phase_idx] = float(6 * count_params(self.model) * n)
+        self.rows[phase_idx] = n
+        return loss, pred, self.fps[phase_idx]
 
     def grad_norm(self) -> float:
         grads = [p.grad.detach() for p in self.params if p.grad is not None]
@@ -399,7 +395,7 @@ class _Run:
             first = step + 1
             for _ in range(phase.steps):
                 idx = next(sampler)
-                stop = self.over(per, tok, self.fpe[i] * per if i in self.fpe else None)
+                stop = self.over(per, tok, self.fps.get(i))
                 if stop is None:
                     xb, yb = data.rows(idx)
                     self.opt.zero_grad(set_to_none=True)
@@ -443,7 +439,9 @@ class _Run:
             "loss": self.spec.describe(),
             "loss_on": self.loss_on,
             "flops_method": "; ".join(sorted(self.methods)) or FLOPS_COUNTED,
-            "flops_per_example": [self.fpe.get(i) for i in range(len(phases))],
+            "flops_per_example": [
+                self.fps[i] / self.rows[i] if i in self.fps else None for i in range(len(phases))
+            ],
             "trainable_params": sum(p.numel() for p in self.params),
             "phases": phase_info,
         }
@@ -473,7 +471,8 @@ def run_loop(
         budget: steps, caps and optimizer settings; ``sum(phase.steps)`` should equal ``budget.steps``.
         phases: training stretches in order (one for most attacks; relearn has two).
         eval_split: held-out split of ``harm`` (``utility`` is always ``eval_primary``).
-        seed: seeds the mini-batch generator.
+        seed: the attack run's seed; the mini-batch order comes from its ``batches`` stream
+            (:func:`~immunekit.attacks.base.rng_streams`), independent of the attack's other draws.
         attack: the attack's name, for messages.
         loss_on: ``split`` (loss of the whole training split after each step) or ``batch``.
 
@@ -495,7 +494,7 @@ def run_loop(
     log.info("%s (%s, %s lr): %s", attack, budget.optimizer, budget.schedule, budget.describe(rows))
     if budget.max_tokens is not None and not any(tokens_per_example(p.data) for p in phases):
         log.warning("budget.max_tokens is set but the inputs are not token sequences: it cannot bind")
-    gen = torch.Generator().manual_seed(seed)
+    (gen,) = rng_streams(seed, "batches")
     with trainable_only(model, params):
         run = _Run(
             model, params, task, budget, eval_split=eval_split, gen=gen, loss_on=loss_on, attack=attack

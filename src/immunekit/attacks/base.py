@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
+from torch import Tensor, nn
+
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
+from immunekit.metrics.task_scores import task_score
 from immunekit.models.base import ImmunizableModel
 
 Optimizer = Literal["gd_exact", "gd", "sgd", "sgd_momentum", "adam", "adamw"]
@@ -30,9 +35,17 @@ class AttackBudget:
     Attributes:
         steps: optimizer steps (≥ 1).
         batch_size: examples per step for stochastic optimizers (full batch for ``gd``/``gd_exact``).
-        lr: base learning rate; ``None`` = the optimizer's default: ``1/L`` for ``gd`` in the linear
-            probe, :data:`DEFAULT_LR` = 1e-3 otherwise (``gd_exact`` chooses its own step by exact
-            line search).
+        lr: base learning rate η, one meaning for every attack and optimizer: the step multiplies the
+            gradient of the **mean** training loss over the examples of the step (the mini-batch, or
+            the whole split for ``gd``), as ``torch.optim`` does with a mean-reduced loss; e.g. plain
+            GD/SGD takes w ← w − η ∇_w (1/B) Σ_i ℓ_i(w). (In the linear probe ℓ_i is the squared error
+            of row i summed over its target columns; the torch loop's ``mse_loss`` also averages over
+            the C columns, so there the same η moves C times less; with one column both are the same
+            step.) ``None`` = the optimizer's default: ``1/L`` for ``gd`` in the
+            linear probe, with L = λ_max(2AᵀA/N) the smoothness constant of that mean loss (the same
+            iterates as 1/λ_max(2AᵀA) on the summed loss ‖Aw − Y‖²), :data:`DEFAULT_LR` = 1e-3
+            otherwise (``gd_exact`` chooses its own step by exact line search and records it in the
+            same mean-loss units).
         optimizer: ``gd_exact`` (full-batch GD, exact line search — Fig. 1 of arXiv 2505.23760; linear
             probe only), ``gd`` (full-batch, fixed step), ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``.
         max_examples: cap on examples processed, or ``None``.
@@ -165,9 +178,10 @@ class StepRecord:
         step: 1-based step index (0 for the initial state).
         examples: cumulative examples processed.
         flops: cumulative FLOPs (method in ``AttackResult.info['flops_method']``).
-        lr: step size actually applied.
+        lr: step size actually applied, in the units of :attr:`AttackBudget.lr` (it multiplies the
+            gradient of the mean loss over the step's examples).
         loss: training loss on the attacker's split after the step (mean squared error for probes).
-        grad_norm: gradient norm at the step.
+        grad_norm: norm of the gradient ``lr`` multiplies (that of the mean loss) at the step.
         wall_time: cumulative seconds.
         norm_ratio: ‖w_t − w*‖²/‖w_0 − w*‖² for linear probes (``None`` otherwise).
         accuracy: attacker-split accuracy for classification (``None`` for regression).
@@ -267,3 +281,90 @@ def split_of(task: Task, name: str) -> Dataset:
 def default_eval_split(split: str) -> str:
     """The held-out split matching a training split: eval_primary for primary, else eval_harmful."""
     return "eval_primary" if split == "primary" else "eval_harmful"
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for the random stream ``name`` of an attack run with ``seed``.
+
+    The first 8 bytes of sha256(``"immunekit-rng:{seed}:{name}"``), shifted right by one bit: a pure
+    function of (seed, name), different for different names (so two streams of one run never start
+    in the same state) and independent of which other streams the run asks for.
+
+    Example:
+        >>> stream_seed(0, "batches") == stream_seed(0, "batches") != stream_seed(0, "init")
+        True
+
+    """
+    digest = hashlib.sha256(f"immunekit-rng:{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def rng_streams(seed: int, *names: str) -> tuple[torch.Generator, ...]:
+    """One seeded CPU ``torch.Generator`` per name, each from :func:`stream_seed` (seed, name).
+
+    An attack that draws for several purposes (head initialisation, a data subset, mini-batch order)
+    takes one stream per purpose, so no draw of one purpose repeats or shifts those of another; the
+    names used are ``init``, ``subset`` and ``batches``.
+
+    Args:
+        seed: the attack run's seed.
+        names: distinct stream names.
+
+    Returns:
+        Generators in the order of ``names``.
+
+    Raises:
+        ConfigError: a name repeated (two equal streams would be the bug this avoids).
+
+    Example:
+        >>> init, batches = rng_streams(0, "init", "batches")
+        >>> bool(torch.equal(torch.randperm(8, generator=init), torch.randperm(8, generator=batches)))
+        False
+
+    """
+    if len(set(names)) != len(names):
+        raise ConfigError(f"rng_streams: stream names must be distinct, got {list(names)}")
+    return tuple(torch.Generator().manual_seed(stream_seed(seed, name)) for name in names)
+
+
+@torch.no_grad()
+def eval_predictions(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode without autograd; the model's training flag is restored afterwards.
+
+    Floating inputs are cast to the dtype of the model's first parameter, and every input moved to
+    its device (token ids keep their integer dtype).
+
+    Args:
+        model: the model.
+        x: inputs ``(N, ...)``.
+
+    Returns:
+        The predictions ``(N, outputs)``.
+
+    """
+    first = next(iter(model.parameters()))
+    x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
+def split_score(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> float:
+    """Task score (R² for ``mse``, accuracy for ``ce``) of ``model`` on inputs ``x`` and targets ``y``.
+
+    The one evaluation step of the attacks: :func:`eval_predictions` then
+    :func:`~immunekit.metrics.task_scores.task_score`. Non-finite values (a diverged attack) are
+    returned as they are; callers that rank decide what they mean.
+
+    Example:
+        >>> from immunekit.models.base import linear_model
+        >>> x = torch.eye(3, dtype=torch.float64)
+        >>> split_score(linear_model(3), x, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), "mse")
+        -1.5
+
+    """
+    pred = eval_predictions(model, x)
+    return task_score(pred, y.to(pred.device), loss)  # type: ignore[arg-type]

@@ -10,6 +10,12 @@
   al., arXiv 2402.16382: a little harmful data after benign training). Both phases count against
   the budget, share one optimizer and lr schedule, and are listed in ``info['phases']``.
 
+Randomness: a run with ``seed`` draws a fresh head from its ``init`` stream, the relearn rows from
+its ``subset`` stream and the mini-batch order from its ``batches`` stream
+(:func:`~immunekit.attacks.base.rng_streams`): three generators seeded from (seed, name), so no
+draw repeats or shifts another (one seed in two generators would make the relearn subset and the
+first batch order the same permutation).
+
 Every attack deep-copies its input (the input's state_dict is left bit-identical), trains the copy
 with :func:`immunekit.attacks._loop.run_loop` and returns it; see that module for the loss, the
 optimizers (``gd_exact`` is rejected: exact line search exists only for ``linear_probe``), the budget
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -39,13 +46,24 @@ import torch
 from torch import nn
 
 from immunekit.attacks._loop import LoopOutput, Phase, check_optimizer, run_loop
-from immunekit.attacks.base import Attack, AttackBudget, AttackResult, default_eval_split, split_of
+from immunekit.attacks.base import (
+    Attack,
+    AttackBudget,
+    AttackResult,
+    default_eval_split,
+    rng_streams,
+    split_of,
+)
 from immunekit.config import load_config
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 
 log = logging.getLogger(__name__)
+
+PREPARE_STREAMS: tuple[str, ...] = ("init", "subset")
+"""Random streams of an attack's preparation (:func:`~immunekit.attacks.base.rng_streams`); batches
+come from the loop's ``batches`` stream."""
 
 TrainSplit = Literal["attack", "primary", "attack_disjoint", "attack_cross", "val_harmful"]
 EvalSplit = Literal["eval_harmful", "eval_primary", "val_harmful"]
@@ -181,8 +199,8 @@ class _TorchAttack(Attack):
         """Attack a deep copy of ``model``; the input is never modified."""
         check_optimizer(budget, self.name)
         attacked = copy.deepcopy(model)
-        gen = torch.Generator().manual_seed(seed)
-        attacked, params, phases, extra = self.prepare(attacked, task, budget, gen)
+        rngs = dict(zip(PREPARE_STREAMS, rng_streams(seed, *PREPARE_STREAMS), strict=True))
+        attacked, params, phases, extra = self.prepare(attacked, task, budget, rngs)
         out = run_loop(
             attacked,
             params,
@@ -201,12 +219,20 @@ class _TorchAttack(Attack):
         return AttackResult(attacked, out.initial, out.records, out.stopped_by, info)
 
     def prepare(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
-        """(model to train, parameters that move, phases, extra info); default: all params, one phase."""
+        """(model to train, parameters that move, phases, extra info); default: all params, one phase.
+
+        ``rngs`` holds the run's ``init`` (fresh heads) and ``subset`` (relearn rows) streams
+        (:data:`PREPARE_STREAMS`); the loop draws its batches from a third one.
+        """
         cfg = self.config
         if getattr(cfg, "reset_head", False):
-            model.head = fresh_head(model, head_outputs(task, cfg.split), gen)
+            model.head = fresh_head(model, head_outputs(task, cfg.split), rngs["init"])
         phase = Phase("attack", cfg.split, split_of(task, cfg.split), budget.steps)
         return model, list(model.parameters()), [phase], {}
 
@@ -218,11 +244,16 @@ class HeadResetProbe(_TorchAttack):
     Config = HeadResetProbeConfig
 
     def prepare(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
         assert isinstance(cfg, HeadResetProbeConfig)
-        model.head = fresh_head(model, head_outputs(task, cfg.split), gen, init=cfg.head_init, bias=cfg.bias)
+        outputs = head_outputs(task, cfg.split)
+        model.head = fresh_head(model, outputs, rngs["init"], init=cfg.head_init, bias=cfg.bias)
         phase = Phase("attack", cfg.split, split_of(task, cfg.split), budget.steps)
         return model, list(model.head.parameters()), [phase], {"head_init": cfg.head_init}
 
@@ -249,11 +280,15 @@ class PartialFinetune(_TorchAttack):
     Config = PartialFinetuneConfig
 
     def prepare(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
         assert isinstance(cfg, PartialFinetuneConfig)
-        model, _, phases, extra = super().prepare(model, task, budget, gen)
+        model, _, phases, extra = super().prepare(model, task, budget, rngs)
         blocks = extractor_blocks(model.extractor)
         if cfg.blocks > len(blocks):
             raise ConfigError(
@@ -272,7 +307,11 @@ class Relearn(_TorchAttack):
     Config = RelearnConfig
 
     def prepare(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, gen: torch.Generator
+        self,
+        model: ImmunizableModel,
+        task: Task,
+        budget: AttackBudget,
+        rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
         assert isinstance(cfg, RelearnConfig)
@@ -282,9 +321,9 @@ class Relearn(_TorchAttack):
                 f"budget of {budget.steps} steps; use warmup_steps_benign < budget.steps"
             )
         if cfg.reset_head:
-            model.head = fresh_head(model, head_outputs(task, cfg.split), gen)
+            model.head = fresh_head(model, head_outputs(task, cfg.split), rngs["init"])
         data = split_of(task, cfg.split)
-        rows = torch.randperm(len(data), generator=gen)[: cfg.subset_size].sort().values
+        rows = torch.randperm(len(data), generator=rngs["subset"])[: cfg.subset_size].sort().values
         if cfg.subset_size >= len(data):
             log.info(
                 "relearn: subset_size %d >= %d rows of %r: the whole split",

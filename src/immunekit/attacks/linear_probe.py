@@ -12,12 +12,26 @@ O(NDC). FLOPs are still counted for the attacker's algorithm on A (the budget's 
 for this simulation of it. :class:`ProbeCache` shares features and factorizations between probes
 (and closed-form evaluations) of the same extractor on the same split.
 
+Learning rates are in one unit for every optimizer (:attr:`AttackBudget.lr`): η multiplies the
+gradient of the mean loss over the step's B rows, ∇ (1/B)‖A_B w − Y_B‖²_F = (2/B) A_Bᵀ(A_B w − Y_B)
+(B = N for the full-batch optimizers), as ``torch.optim`` on a mean-reduced loss; the recorded
+``lr`` and ``grad_norm`` are those of that mean loss.
+
 Optimizers:
-    * ``gd_exact``: g = 2Aᵀ(Aw − Y), α = ‖g‖²/(2‖Ag‖²), w ← w − αg (Eq. 16 / Fig. 1 protocol).
-    * ``gd``: fixed step, default η = 1/L with L = λ_max(2AᵀA).
+    * ``gd_exact``: g = 2Aᵀ(Aw − Y), α = ‖g‖²/(2‖Ag‖²), w ← w − αg (Eq. 16 / Fig. 1 protocol); the
+      recorded step is N·α, the same step expressed on the mean-loss gradient g/N.
+    * ``gd``: w ← w − η·(2/N)Aᵀ(Aw − Y); default η = 1/L with L = λ_max(2AᵀA/N) = 2‖A‖₂²/N, the
+      smoothness constant of the mean loss (the same iterates as the step 1/λ_max(2AᵀA) on the
+      summed loss ‖Aw − Y‖²_F).
     * ``sgd`` / ``sgd_momentum`` / ``adam`` / ``adamw``: mini-batches of ``budget.batch_size`` on the mean
       squared error, with the update rules of ``torch.optim`` (SGD without dampening; Adam β = (0.9,
       0.999), ε = 1e-8; AdamW's decoupled decay w ← w(1 − η·λ) before the Adam step).
+
+FLOPs: 2·B·D·C per product with B rows (a step of a mini-batch optimizer is two products, ``gd`` two
+on all N rows, ``gd_exact`` three), computed in integers so that a cap of k steps' FLOPs allows
+exactly k steps. Randomness: w_0 (``init="normal"``) comes from the run's ``init`` stream and the
+mini-batch rows from its ``batches`` stream (:func:`~immunekit.attacks.base.rng_streams`), so the
+batch order does not depend on the initialisation.
 
 Every optimizer but ``gd_exact`` follows ``budget.schedule``/``warmup_steps``
 (:func:`~immunekit.attacks.base.scheduled_lr`). Harm curve: the held-out split is evaluated at step
@@ -44,6 +58,7 @@ from immunekit.attacks.base import (
     AttackResult,
     StepRecord,
     default_eval_split,
+    rng_streams,
     scheduled_lr,
     split_of,
 )
@@ -280,14 +295,14 @@ class LinearProbe(Attack):
         """
         cfg = self.config
         prob = self.problem(model, task, cache)
-        gen = torch.Generator().manual_seed(seed)
+        init, batches = rng_streams(seed, "init", "batches")
         n, d = prob.a.shape
         c = prob.y.shape[1]
         w0 = torch.zeros(d, c, dtype=torch.float64)
         if cfg.init == "normal":
-            w0 = torch.randn(d, c, generator=gen, dtype=torch.float64) / d**0.5
+            w0 = torch.randn(d, c, generator=init, dtype=torch.float64) / d**0.5
         factor = prob.factor(cfg.rtol)
-        run = _ProbeRun(prob, budget, w0, factor, gen, record_accuracy=cfg.record_accuracy)
+        run = _ProbeRun(prob, budget, w0, factor, batches, record_accuracy=cfg.record_accuracy)
         log.info("linear probe (%s) on %s, D=%d: %s", budget.optimizer, cfg.split, d, budget.describe(n))
         records, stopped = run.execute()
         attacked = copy.deepcopy(model)
@@ -355,7 +370,8 @@ class _ProbeRun:
         self.unreachable = float(unreachable.sum())
         self.predict = bool(prob.classes) and record_accuracy  # predictions needed for the accuracy
         n, d = prob.a.shape
-        self.flops_per_product = 2.0 * n * d * prob.y.shape[1]
+        self.n, self.dc = n, d * prob.y.shape[1]
+        self.flops_per_product = self.product_flops(n)
         self.base_lr = self._default_lr()
         # Adam moments (β1 = 0.9, β2 = 0.999, ε = 1e-8, as torch.optim.Adam), written out so the
         # probe stays a plain tensor loop without autograd.
@@ -365,12 +381,17 @@ class _ProbeRun:
         self.t0 = time.perf_counter()
         self.initial = self._record(0, 0, 0.0, 0.0, float("nan"))
 
+    def product_flops(self, rows: int) -> float:
+        """FLOPs of one product of ``rows`` feature rows with the head: 2·rows·D·C, exact (integers)."""
+        return float(2 * rows * self.dc)
+
     def _default_lr(self) -> float:
         if self.b.lr is not None:
             return float(self.b.lr)
         if self.b.optimizer == "gd":
             lam = self.factor.sigma_max**2  # ‖A‖₂², from the SVD of T
-            return 1.0 / (2.0 * lam) if lam > 0 else 1.0
+            # 1/L for the mean loss (1/N)‖Aw − Y‖², L = 2‖A‖₂²/N: the step 1/(2‖A‖₂²) on the summed loss
+            return self.n / (2.0 * lam) if lam > 0 else 1.0
         return 0.0 if self.b.optimizer == "gd_exact" else 1e-3
 
     def _record(self, step: int, examples: int, flops: float, lr: float, gnorm: float) -> StepRecord:
@@ -426,10 +447,14 @@ class _ProbeRun:
         return records, stopped
 
     def step_cost(self) -> tuple[int, float]:
-        """(examples, FLOPs) of one step of the configured optimizer."""
-        n = self.p.a.shape[0]
+        """(examples, FLOPs) of one step of the configured optimizer.
+
+        Products of B rows cost 2·B·D·C, in integers: the former ``2·B/N · 2·N·D·C`` rounded B/N
+        (e.g. 21/72), so a cap equal to one step's cost could stop the run before that step.
+        """
+        n = self.n
         if self.b.optimizer not in ("gd", "gd_exact"):
-            return self._batch(), 2.0 * self._batch() / n * self.flops_per_product
+            return self._batch(), 2.0 * self.product_flops(self._batch())
         return n, (3.0 if self.b.optimizer == "gd_exact" else 2.0) * self.flops_per_product
 
     def _over_budget(self, examples: int, flops: float) -> str | None:
@@ -444,15 +469,17 @@ class _ProbeRun:
         if opt in ("gd", "gd_exact"):
             t = self.core  # A = QT: Aᵀ(Aw − Y) = Tᵀ(Tw − QᵀY) and ‖Ag‖ = ‖Tg‖
             g = 2.0 * (t.T @ (t @ self.w - self.c))  # scale the vector, not the matrix (exact either way)
-            gnorm = float(g.norm())
+            mean_g = g / self.n  # gradient of the mean loss, the one the recorded lr multiplies
+            gnorm = float(mean_g.norm())
             if opt == "gd_exact":
                 ag = float(((t @ g) ** 2).sum())
                 if ag == 0.0:  # gradient in the null space: GD has converged exactly
                     return None, gnorm, 0, 0.0
-                lr = gnorm**2 / (2.0 * ag)
-            else:
-                lr = scheduled_lr(self.base_lr, step, self.b)
-            self.w = self.w - lr * g
+                alpha = float(g.norm()) ** 2 / (2.0 * ag)  # exact line search along g
+                self.w = self.w - alpha * g
+                return alpha * self.n, gnorm, *self.step_cost()  # the same step along g/N
+            lr = scheduled_lr(self.base_lr, step, self.b)
+            self.w = self.w - lr * mean_g
             return lr, gnorm, *self.step_cost()
         if self._batch() >= a.shape[0]:  # full batch: no sampling needed
             ab, yb = a, y

@@ -1,11 +1,13 @@
 """LoRA fine-tuning attack (peft; extra ``[lora]``): low-rank updates of the model's ``nn.Linear`` layers.
 
 Every targeted weight W (``out × in``) becomes W + (α/r)·B·A with A ``(r, in)``, B ``(out, r)``; only
-A and B move. A is drawn from U(−1/√in, 1/√in) with the attack's seeded generator (replacing peft's
-draw from the global RNG, so the result depends on ``seed`` only), B starts at 0, so the attacked
-model starts equal to the input. After training, the adapters are merged into the weights of a deep
-copy (``merge_and_unload``): the returned model is a plain model of the input's class, usable like
-any other (e.g. by :func:`immunekit.metrics.task_scores.task_score`); the input is never modified.
+A and B move. A is drawn from U(−1/√in, 1/√in) with the run's ``init`` stream
+(:func:`~immunekit.attacks.base.rng_streams`; replacing peft's draw from the global RNG, so the
+result depends on ``seed`` only, and independent of the loop's ``batches`` stream), B starts at 0,
+so the attacked model starts equal to the input. After training, the adapters are merged into the
+weights of a deep copy (``merge_and_unload``): the returned model is a plain model of the input's
+class, usable like any other (e.g. by :func:`immunekit.metrics.task_scores.task_score`); the input
+is never modified.
 The loop, loss, budget accounting, FLOPs and harm curve are those of :mod:`immunekit.attacks._loop`.
 
 References:
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from immunekit.attacks._loop import Phase, check_optimizer, run_loop
-from immunekit.attacks.base import AttackBudget, AttackResult, split_of
+from immunekit.attacks.base import AttackBudget, AttackResult, rng_streams, split_of
 from immunekit.attacks.finetune import TrainConfig, _TorchAttack
 from immunekit.data.task import Task
 from immunekit.errors import ConfigError
@@ -105,8 +107,8 @@ class LoraFinetune(_TorchAttack):
                 r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
             ),
         )
-        gen = torch.Generator().manual_seed(seed)
-        _seeded_init(work, gen)
+        (init,) = rng_streams(seed, "init")  # the loop's batch order comes from the "batches" stream
+        _seeded_init(work, init)
         params = [p for p in work.parameters() if p.requires_grad]
         out = run_loop(
             work,

@@ -30,6 +30,43 @@ SCI_LOW = 1e-3
 SCI_HIGH = 1e4
 
 
+#: The verdict-rules version this immunekit writes (``metrics.conditions.RULES_VERSION``; reports
+#: read JSON only, so the number is repeated here and a test keeps the two equal).
+RULES_VERSION = 2
+HOLDS, NOT_HOLDS, UNDECIDED, NOT_TESTED = "holds", "does not hold", "undecided", "not tested"
+
+
+def immunity_text(entry: Mapping[str, Any] | None) -> str:
+    """What a per-attack verdict says in words: holds, does not hold, undecided, not tested."""
+    if not isinstance(entry, Mapping):
+        return DASH
+    status = entry.get("status")
+    if status is None:  # records written before rules version 2
+        holds = entry.get("holds")
+        return NOT_TESTED if holds is None else (HOLDS if holds else NOT_HOLDS)
+    return {"PASS": HOLDS, "FAIL": NOT_HOLDS, "INCONCLUSIVE": UNDECIDED}.get(str(status), NOT_TESTED)
+
+
+def stale_rules_note(record: Mapping[str, Any]) -> str | None:
+    """A warning for evaluation records written by older verdict rules, or ``None``."""
+    version = int(record.get("rules_version") or 1)
+    if version >= RULES_VERSION:
+        return None
+    return (
+        f"This card was written by verdict rules version {version}, which could call a non-immune "
+        "model IMMUNIZED: attacks that broke only the immunized model were ignored, diverged runs "
+        "counted as resistance, and t* depended on the evaluation grid. Its verdict is shown as "
+        "recorded; rerun `immunekit evaluate` for a verdict under the current rules "
+        f"(version {RULES_VERSION})."
+    )
+
+
+def verdict_rules(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (verdict, when) rule table the record's verdict was decided by ([] when not recorded)."""
+    rules = (record.get("verdict") or {}).get("rules") or []
+    return [(str(r[0]), str(r[1])) for r in rules if isinstance(r, list | tuple) and len(r) == 2]
+
+
 def display_name(method: str) -> str:
     """Human-readable name of a method key; unknown keys are returned as-is."""
     return METHOD_NAMES.get(method, method)

@@ -26,7 +26,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from immunekit.reports._common import DASH, atomic_target, atomic_write_text, fmt_num, safe_filename
+from immunekit.reports._common import (
+    DASH,
+    atomic_target,
+    atomic_write_text,
+    fmt_num,
+    immunity_text,
+    safe_filename,
+    stale_rules_note,
+    verdict_rules,
+)
 from immunekit.reports.schema import RERUN_HINT, ReportError, resolve_results_path
 
 logger = logging.getLogger(__name__)
@@ -48,7 +57,7 @@ GATE_NAMES = {
     "disjointness": "Disjoint splits",
     "safe_at_release": "Immunized model safe at release",
     "reference_safe_at_release": "Reference safe at release",
-    "attack_validity": "Attack validity (some attack breaks the reference)",
+    "attack_validity": "Attack validity (some attack breaks the reference or the immunized model)",
 }
 PLOT_GROUPS = ("resistance", "search", "in_domain", "cross_domain")
 IMMUNIZED_COLOR = "#d62728"
@@ -62,7 +71,8 @@ th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top
 th{background:#f3f3f3}
 .badge{display:inline-block;padding:.1em .55em;border-radius:.7em;font-weight:600;font-size:.85em;color:#fff}
 .PASS,.IMMUNIZED{background:#2e7d32}.FAIL,.NOT-IMMUNIZED{background:#c62828}
-.NOT-RUN{background:#757575}.INCONCLUSIVE{background:#ef8f00}
+.NOT-RUN,.NOT-TESTED{background:#757575}.INCONCLUSIVE{background:#ef8f00}.INVALID{background:#6a1b9a}
+.stale{background:#fff3e0;border-left:4px solid #ef8f00;padding:.6em 1em}
 .verdict{font-size:1.6em;padding:.25em .8em}
 .statement{background:#f7f7f7;border-left:4px solid #888;padding:.6em 1em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
@@ -293,12 +303,11 @@ def attack_rows(results: Mapping[str, Any]) -> list[list[str]]:
             continue
         summ = (attack.get("summary") or {}).get("final_harm") or {}
         verdict = per.get(key) or {}
-        holds = verdict.get("holds")
         rows.append(
             [
                 key,
                 str(attack.get("group", "")),
-                "not tested" if holds is None else ("holds" if holds else "does not hold"),
+                immunity_text(verdict),
                 _summary_text(summ.get("immunized")),
                 _summary_text(summ.get("reference")),
                 _summary_text(summ.get("difference")),
@@ -411,9 +420,16 @@ def render_card_markdown(results: Mapping[str, Any], figures: Mapping[str, str] 
         "",
     ]
     lines += [f"- {r}" for r in verdict.get("reasons") or []]
+    stale = stale_rules_note(results)
+    if stale:
+        lines += ["", f"> **Note.** {stale}"]
     statement = (results.get("statement") or {}).get("text")
     if statement:
         lines += ["", f"> {statement}"]
+    rules = verdict_rules(results)
+    if rules:
+        lines += ["", "How the verdict is decided (the first rule that applies):", ""]
+        lines += _md_table(["verdict", "when"], rules)
     lines += ["", "## Conditions", ""]
     lines += _md_table(["condition", "status", "value", "threshold", "detail"], condition_rows(results))
     if results.get("gates"):
@@ -487,9 +503,16 @@ def render_card_html(results: Mapping[str, Any], images: Mapping[str, bytes] | N
     ]
     if verdict.get("reasons"):
         parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in verdict["reasons"]) + "</ul>")
+    stale = stale_rules_note(results)
+    if stale:
+        parts.append(f'<p class="stale" id="stale-rules"><b>Note.</b> {_e(stale)}</p>')
     statement = (results.get("statement") or {}).get("text")
     if statement:
         parts.append(f'<p class="statement">{_e(statement)}</p>')
+    rules = verdict_rules(results)
+    if rules:
+        parts.append('<p class="note">How the verdict is decided (the first rule that applies):</p>')
+        parts.append(_html_table(["verdict", "when"], rules, badge_col=0, table_id="verdict-rules"))
     parts.append("<h2>Conditions</h2>")
     parts.append(
         _html_table(

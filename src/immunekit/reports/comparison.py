@@ -29,7 +29,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from immunekit.reports._common import DASH, atomic_write_text, fmt_num
+from immunekit.reports._common import (
+    DASH,
+    HOLDS,
+    NOT_HOLDS,
+    NOT_TESTED,
+    UNDECIDED,
+    atomic_write_text,
+    fmt_num,
+    immunity_text,
+    stale_rules_note,
+)
 from immunekit.reports.card import (
     CONDITION_ORDER,
     CSS,
@@ -48,9 +58,9 @@ SUMMARY_HTML = "summary.html"
 SHARED_CONFIG_KEYS = ("attacks", "budget", "seeds", "thresholds", "search")
 #: Attack groups shown as resistance columns (the grid and the attacker search's choice).
 RESISTANCE_GROUPS = ("resistance", "search")
-HOLDS, NOT_HOLDS, NOT_TESTED = "holds", "does not hold", "not tested"
 EXTRA_CSS = """
 .holds{background:#2e7d32}.does-not-hold{background:#c62828}.not-tested{background:#757575}
+.undecided{background:#ef8f00}
 td small{color:#555;display:block}
 """
 _REL_PATTERN = re.compile(r"^(?:(?P<cell>.+)/)?(?P<method>[^/]+?)--seed(?P<seed>-?\d+)$")
@@ -189,13 +199,6 @@ def _search_key(record: Mapping[str, Any]) -> str | None:
     return chosen[0] if chosen else None
 
 
-def _holds_text(entry: Mapping[str, Any] | None) -> str:
-    if not isinstance(entry, Mapping):
-        return DASH
-    holds = entry.get("holds")
-    return NOT_TESTED if holds is None else (HOLDS if holds else NOT_HOLDS)
-
-
 def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One JSON-ready row per model.
 
@@ -220,9 +223,9 @@ def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict
             entry = entry if isinstance(entry, Mapping) else None
             strength = None
             if entry is not None and entry.get("holds"):
-                strength = "strong" if entry.get("strong") else "weak"
+                strength = "strong" if entry.get("strong") in (True, "PASS") else "weak"
             attacks[key] = {
-                "immunity": _holds_text(entry),
+                "immunity": immunity_text(entry),
                 "strength": strength,
                 "min_ratio": None if entry is None else entry.get("min_ratio"),
                 "max_harm": None if entry is None else entry.get("max_harm"),
@@ -233,6 +236,7 @@ def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict
                 "model": rel,
                 **model_identity(rel, record),
                 "verdict": str((record.get("verdict") or {}).get("verdict", "?")),
+                "stale_rules": stale_rules_note(record) is not None,
                 "conditions": {
                     key: str(conditions[key].get("status"))
                     if isinstance(conditions.get(key), Mapping)
@@ -262,7 +266,9 @@ def method_rows(rows: Sequence[Mapping[str, Any]], attack_keys: Sequence[str]) -
         for key in attack_keys:
             tested = [r for r in members if r["attacks"][key]["immunity"] in (HOLDS, NOT_HOLDS)]
             held = sum(r["attacks"][key]["immunity"] == HOLDS for r in tested)
-            line.append(f"{HOLDS} {held} of {len(tested)}" if tested else NOT_TESTED)
+            undecided = sum(r["attacks"][key]["immunity"] == UNDECIDED for r in members)
+            text = f"{HOLDS} {held} of {len(tested)}" if tested else NOT_TESTED
+            line.append(text + (f", {UNDECIDED} {undecided}" if undecided else ""))
         out.append(line)
     return out
 
@@ -312,6 +318,9 @@ def render_comparison_markdown(items: Sequence[tuple[str, Mapping[str, Any]]]) -
     keys = resistance_attacks([r for _, r in items])
     cells = _has_cells(rows)
     lines = ["# Immunization comparison", "", _setup_text(items[0][1]) + ".", "", _INTRO, ""]
+    stale = _stale_text(rows)
+    if stale:
+        lines += [f"> **Note.** {stale}", ""]
     lines += ["## Conditions", ""]
     lines += md_table(
         [*_head(rows), "verdict", *(label for _, label in CONDITION_ORDER), "κ ratio (i)", "κ ratio (ii)"],
@@ -345,6 +354,17 @@ def render_comparison_markdown(items: Sequence[tuple[str, Mapping[str, Any]]]) -
     lines += ["", "## Which attackers the immunity holds against", ""]
     lines += [f"- **{r['model']}** ({r['verdict']}): {r['statement']}" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _stale_text(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    stale = [str(r["model"]) for r in rows if r.get("stale_rules")]
+    if not stale:
+        return None
+    return (
+        f"{len(stale)} of {len(rows)} model(s) ({', '.join(stale[:5])}{', …' if len(stale) > 5 else ''}) "
+        "were judged by older verdict rules that could call a non-immune model IMMUNIZED; their "
+        "verdicts are shown as recorded. Rerun `immunekit evaluate` for the current rules."
+    )
 
 
 def _attack_md(a: Mapping[str, Any]) -> str:
@@ -390,6 +410,11 @@ def render_comparison_html(items: Sequence[tuple[str, Mapping[str, Any]]]) -> st
         "<h1>Immunization comparison</h1>",
         f'<p class="note">{escape(_setup_text(items[0][1]))}</p>',
         f"<p>{escape(_INTRO)}</p>",
+        *(
+            [f'<p class="stale"><b>Note.</b> {escape(_stale_text(rows) or "")}</p>']
+            if _stale_text(rows)
+            else []
+        ),
         "<h2>Conditions</h2>",
         _table(
             [*head, "verdict", *(label for _, label in CONDITION_ORDER), "κ ratio (i)", "κ ratio (ii)"],
