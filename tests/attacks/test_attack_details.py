@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from _attack_models import perturbed_linear
 
 from immunekit.attacks import ATTACKS, AttackBudget
 from immunekit.attacks.base import eval_predictions, rng_streams, scheduled_lr, split_score, stream_seed
@@ -17,7 +18,7 @@ from immunekit.data.synthetic import gaussian_spectra
 from immunekit.data.task import Dataset
 from immunekit.errors import ConfigError
 from immunekit.metrics.task_scores import task_score
-from immunekit.models.base import ImmunizableModel, linear_model
+from immunekit.models.base import linear_model
 
 F64 = torch.float64
 
@@ -27,13 +28,7 @@ def task():
     return gaussian_spectra(dim=6, n=96, seed=0)  # the task: 72 attack rows, D = 6, C = 1
 
 
-def _linear(d: int, seed: int = 2) -> ImmunizableModel:
-    m = linear_model(d)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        m.extractor.weight.add_(0.2 * torch.randn(d, d, generator=g, dtype=F64))
-        m.head.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
-    return m
+_linear = perturbed_linear
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from _attack_models import perturbed_linear
 from torch import nn
 
 from immunekit.attacks import ATTACKS, AttackBudget, _loop, scheduled_lr
 from immunekit.data.synthetic import gaussian_spectra
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
-from immunekit.models.base import ImmunizableModel, linear_model
+from immunekit.models.base import linear_model
 
 F64 = torch.float64
 
@@ -21,13 +22,7 @@ def _task(loss: str = "mse", n: int = 64, dim: int = 6) -> Task:
     return gaussian_spectra(dim=dim, n=n, cond_primary=10.0, cond_harmful=30.0, loss=loss, seed=5)
 
 
-def _linear(d: int, seed: int = 2) -> ImmunizableModel:
-    m = linear_model(d)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        m.extractor.weight.add_(0.2 * torch.randn(d, d, generator=g, dtype=F64))
-        m.head.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
-    return m
+_linear = perturbed_linear
 
 
 # ---------------------------------------------------------------------------------------------
