@@ -121,7 +121,10 @@ def test_identity_model_matches_its_reference(task) -> None:
     )
     assert rec["per_attack"]["linear_probe[eval_every=1]"]["min_ratio"] == 1.0
     assert rec["per_attack"]["linear_probe[eval_every=1]"]["status"] == "FAIL"
-    assert rec["per_attack"]["linear_probe"]["status"] == "INCONCLUSIVE"
+    # Δt = 5 left it undecided, so the same seeded attack was re-run evaluated at every step
+    assert rec["attacks"]["linear_probe"]["refined_from_eval_every"] == 5
+    assert rec["per_attack"]["linear_probe"]["status"] == "FAIL"
+    assert rec["attacks"]["linear_probe"]["curves"] == rec["attacks"]["linear_probe[eval_every=1]"]["curves"]
     assert rec["conditions"]["resistance"]["status"] == "FAIL"
     assert rec["verdict"]["verdict"] == "NOT IMMUNIZED"
     assert rec["kappa"]["rir"] == pytest.approx(1.0, rel=1e-12)
@@ -199,7 +202,8 @@ def test_full_finetune_attack_and_benign_recipe(task) -> None:
         progress=False,
     )
     entry = rec["attacks"]["full_finetune"]
-    assert [p[0] for p in entry["curves"]["immunized"][0]] == [0, 5, 10]
+    dt = 1 if entry.get("refined_from_eval_every") == 5 else 5  # refined when Δt = 5 could not decide
+    assert [p[0] for p in entry["curves"]["immunized"][0]] == list(range(0, 11, dt))
     assert rec["groups"]["benign"] == ["benign:full_finetune"]
     assert rec["conditions"]["trainability"]["recipe"] == "benign:full_finetune"
     assert rec["attacks"]["benign:full_finetune"]["split"] == "primary"
@@ -289,3 +293,15 @@ def test_stability_against_a_reference_that_fails_its_task_is_inconclusive() -> 
     stab = rec["conditions"]["stability"]
     assert stab["q_reference"] <= 0.0 and stab["trivial"] == 0.0
     assert stab["status"] == "INCONCLUSIVE" and "vacuous" in stab["detail"]
+
+
+def test_grid_refinement_re_runs_the_same_trajectory(task) -> None:
+    """The refined run is the coarse run seen at every step: evaluating changes no weight."""
+    from immunekit.attacks import ATTACKS
+
+    rec = evaluate(linear_model(6), task, attacks=["linear_probe"], budget=BUDGET, seeds=(0,), progress=False)
+    entry = rec["attacks"]["linear_probe"]
+    assert entry["refined_from_eval_every"] == 5 and entry["budget"]["eval_every"] == 1
+    coarse = ATTACKS.get("linear_probe")()(linear_model(6), task, BUDGET, seed=0).harm_curve()
+    fine = dict(map(tuple, entry["curves"]["immunized"][0]))
+    assert [(s, fine[s]) for s, _ in coarse] == coarse

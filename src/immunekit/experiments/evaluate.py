@@ -309,6 +309,34 @@ def _run_setting(
     }
 
 
+#: Grid refinement: a comparison the evaluation grid leaves undecided (both models cross φ, or
+#: reach the benign target, between the same two evaluations) is re-run evaluated at every step,
+#: for budgets of at most this many steps.
+REFINE_MAX_STEPS = 5_000
+
+
+def _undecided_by_grid(entry: Mapping[str, Any], group: str, th: Thresholds, phi: float, loss: str) -> bool:
+    """Whether the setting's verdict is INCONCLUSIVE only because evaluations were too sparse."""
+    budget = entry["budget"]
+    if budget["eval_every"] == 1 or budget["steps"] <= 1 or budget["steps"] > REFINE_MAX_STEPS:
+        return False
+    imm, ref = entry["curves"]["immunized"], entry["curves"]["reference"]
+    if group == "benign":
+        t = cond.trainability(imm, ref, delta_train=th.train, epsilon=th.train_steps)
+        return any(s["status"] == cond.INCONCLUSIVE and s["bracket"] is not None for s in t["seeds"])
+    r = cond.resistance(
+        {"g": imm},
+        {"g": ref},
+        phi=phi,
+        slowdown=th.slowdown,
+        losses_immunized={"g": entry["loss_curves"]["immunized"]},
+        losses_reference={"g": entry["loss_curves"]["reference"]},
+        divergence=th.divergence,
+        score=loss,
+    )["per_attack"]["g"]
+    return r["status"] == cond.INCONCLUSIVE and r["degenerate_seeds"] == 0
+
+
 #: Learning-rate back-off: a setting whose runs diverge is re-run with lr / BACKOFF_FACTOR, up to
 #: BACKOFF_ROUNDS times (the attacker's obvious next move; a diverged run is no evidence).
 BACKOFF_FACTOR = 10.0
@@ -770,9 +798,8 @@ def evaluate(
     t_attack = time.perf_counter()
     with tqdm(total=n_runs, desc=f"evaluate {task.name}", unit="run", disable=not progress) as bar:
 
-        def run(group: str, s: Setting) -> dict[str, Any]:
+        def measure(s: Setting) -> dict[str, Any]:
             entry = _run_setting(s, models, task, seeds, bar)
-            entry["group"] = group
             entry["degenerate"] = {
                 role: [
                     cond.degeneracy(c, loss, factor=th.divergence, score=task.loss)
@@ -780,6 +807,23 @@ def evaluate(
                 ]
                 for role in models
             }
+            return entry
+
+        def run(group: str, s: Setting) -> dict[str, Any]:
+            entry = measure(s)
+            if _undecided_by_grid(entry, group, th, phi, task.loss):
+                # the runs are seeded and evaluating changes no weight: the same attack, every step seen
+                logger.info(
+                    "%s: every %d steps cannot decide the comparison; re-running it evaluated at every step",
+                    s.key,
+                    s.budget.eval_every,
+                )
+                grow(1)
+                entry = measure(
+                    Setting(s.key, s.name, s.overrides, dataclasses.replace(s.budget, eval_every=1))
+                )
+                entry["refined_from_eval_every"] = s.budget.eval_every
+            entry["group"] = group
             entries[s.key] = entry
             return entry
 

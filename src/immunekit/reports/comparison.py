@@ -267,8 +267,9 @@ def method_rows(rows: Sequence[Mapping[str, Any]], attack_keys: Sequence[str]) -
             tested = [r for r in members if r["attacks"][key]["immunity"] in (HOLDS, NOT_HOLDS)]
             held = sum(r["attacks"][key]["immunity"] == HOLDS for r in tested)
             undecided = sum(r["attacks"][key]["immunity"] == UNDECIDED for r in members)
-            text = f"{HOLDS} {held} of {len(tested)}" if tested else NOT_TESTED
-            line.append(text + (f", {UNDECIDED} {undecided}" if undecided else ""))
+            parts = [f"{HOLDS} {held} of {len(tested)}"] if tested else []
+            parts += [f"{UNDECIDED} {undecided}"] if undecided else []
+            line.append(", ".join(parts) or NOT_TESTED)
         out.append(line)
     return out
 
