@@ -146,11 +146,11 @@ class _Sampler:
     def __next__(self) -> Tensor | None:
         if self.gen is None:  # full batch
             return None
-        if self.pos + self.batch > self.n:
-            self.order = torch.randperm(self.n, generator=self.gen)
+        order = self.order
+        if order is None or self.pos + self.batch > self.n:
+            order = self.order = torch.randperm(self.n, generator=self.gen)
             self.pos = 0
-        assert self.order is not None
-        idx = self.order[self.pos : self.pos + self.batch]
+        idx = order[self.pos : self.pos + self.batch]
         self.pos += self.batch
         return idx
 

@@ -242,6 +242,7 @@ class HeadResetProbe(_TorchAttack):
 
     name = "head_reset_probe"
     Config = HeadResetProbeConfig
+    config: HeadResetProbeConfig  # what __init__ loads: the subclass's own Config
 
     def prepare(
         self,
@@ -251,7 +252,6 @@ class HeadResetProbe(_TorchAttack):
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
-        assert isinstance(cfg, HeadResetProbeConfig)
         outputs = head_outputs(task, cfg.split)
         model.head = fresh_head(model, outputs, rngs["init"], init=cfg.head_init, bias=cfg.bias)
         phase = Phase("attack", cfg.split, split_of(task, cfg.split), budget.steps)
@@ -278,6 +278,7 @@ class PartialFinetune(_TorchAttack):
 
     name = "partial_finetune"
     Config = PartialFinetuneConfig
+    config: PartialFinetuneConfig  # what __init__ loads: the subclass's own Config
 
     def prepare(
         self,
@@ -287,7 +288,6 @@ class PartialFinetune(_TorchAttack):
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
-        assert isinstance(cfg, PartialFinetuneConfig)
         model, _, phases, extra = super().prepare(model, task, budget, rngs)
         blocks = extractor_blocks(model.extractor)
         if cfg.blocks > len(blocks):
@@ -305,6 +305,7 @@ class Relearn(_TorchAttack):
 
     name = "relearn"
     Config = RelearnConfig
+    config: RelearnConfig  # what __init__ loads: the subclass's own Config
 
     def prepare(
         self,
@@ -314,7 +315,6 @@ class Relearn(_TorchAttack):
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         cfg = self.config
-        assert isinstance(cfg, RelearnConfig)
         if cfg.warmup_steps_benign >= budget.steps:
             raise ConfigError(
                 f"relearn warmup_steps_benign={cfg.warmup_steps_benign} leaves no harmful step in a "

@@ -78,13 +78,13 @@ class LoraFinetune(_TorchAttack):
 
     name = "lora"
     Config = LoraConfig
+    config: LoraConfig  # what __init__ loads: the subclass's own Config
 
     def __call__(
         self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
     ) -> AttackResult:
         """Attack a deep copy of ``model`` with LoRA adapters (merged into the returned copy)."""
         cfg = self.config
-        assert isinstance(cfg, LoraConfig)
         check_optimizer(budget, self.name)
         available = linear_modules(model)
         if not available:

