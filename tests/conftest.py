@@ -28,3 +28,31 @@ def _no_network(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest)
 
     monkeypatch.setattr(socket.socket, "connect", guard)
     monkeypatch.setattr(socket, "create_connection", guard)
+
+
+def assets_selected(config: pytest.Config) -> bool:
+    """True when the run asked for the asset tests (``pytest -m assets``), not just allowed them."""
+    expr = str(config.getoption("markexpr") or "")
+    return "assets" in expr and "not assets" not in expr
+
+
+@pytest.fixture
+def asset(request: pytest.FixtureRequest):
+    """``asset(name)`` → the cached path of a pinned asset.
+
+    When the asset cannot be had: a skip in a run that merely includes asset tests, a failure in
+    ``pytest -m assets`` (asking for them and getting none must not pass). A sha256 mismatch
+    always fails.
+    """
+    from immunekit.data import assets
+    from immunekit.errors import AssetError
+
+    def get(name: str):
+        try:
+            return assets.asset_path(name)
+        except AssetError as exc:
+            if "sha256 mismatch" in str(exc) or assets_selected(request.config):
+                pytest.fail(f"asset {name!r} could not be loaded: {exc}")
+            pytest.skip(f"asset {name!r} unavailable: {exc}")
+
+    return get

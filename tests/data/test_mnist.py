@@ -328,18 +328,9 @@ def test_digit_missing_from_a_split_raises_data_error(monkeypatch):
     assert len(mnist_pair(primary=4, harmful=2, test_split="val").eval_primary) > 0
 
 
-def _asset_or_skip():
-    try:
-        return assets.asset_path("mnist")
-    except AssetError as exc:
-        if "sha256 mismatch" in str(exc):
-            raise
-        pytest.skip(f"asset 'mnist' unavailable: {exc}")
-
-
 @pytest.mark.assets
-def test_real_mnist_shapes_and_pair_counts():
-    _asset_or_skip()
+def test_real_mnist_shapes_and_pair_counts(asset):
+    asset("mnist")
     data = mnist.load_mnist()
     shapes = {s: (data.images(s).shape, data.labels(s).shape) for s in ("train", "val", "test")}
     assert shapes == {
