@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from immunekit import _atomic
+from immunekit import _atomic, _versions
 from immunekit.experiments.io import atomic_write_json
 from immunekit.models import linear_model
 from immunekit.models.checkpoint import save_checkpoint
@@ -54,8 +54,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
     assert target.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_the_writer_imports_only_the_standard_library() -> None:
-    tree = ast.parse(Path(_atomic.__file__).read_text())
+@pytest.mark.parametrize("module", [_atomic, _versions])
+def test_the_modules_reports_may_import_use_only_the_standard_library(module) -> None:
+    tree = ast.parse(Path(module.__file__).read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert mods <= set(sys.stdlib_module_names) | {"__future__"}, mods

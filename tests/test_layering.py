@@ -19,9 +19,9 @@ ALLOWED = {
     "reports": set(),
     "cli": {"experiments", "reports", "attacks", "data", "defenses", "metrics"},
 }
-SHARED = {"errors", "registry", "config", "_typing", "_atomic"}
+SHARED = {"errors", "registry", "config", "_typing", "_atomic", "_versions"}
 #: Standard-library-only utilities that even ``reports`` (JSON in, files out) may import.
-STDLIB_ONLY = {"_atomic"}
+STDLIB_ONLY = {"_atomic", "_versions"}
 
 
 def imported_layers(path: Path) -> set[str]:

@@ -263,13 +263,6 @@ def _current(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def test_rules_version_of_reports_matches_the_conditions_module() -> None:
-    from immunekit.metrics import conditions
-    from immunekit.reports import _common
-
-    assert _common.RULES_VERSION == conditions.RULES_VERSION
-
-
 def test_cards_written_by_older_rules_say_so(tmp_path: Path, monkeypatch) -> None:
     """Issue 9: `immunekit report DIR` rebuilds an old card with a note that it predates the fix."""
     monkeypatch.setattr(card, "_matplotlib_available", lambda: False)

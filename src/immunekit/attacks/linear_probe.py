@@ -145,7 +145,7 @@ def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: s
             f"{task.input_dim} features; attack a model built for this task"
         )
     train, held = split_of(task, split), split_of(task, eval_split)
-    classes = 0 if task.loss == "mse" else int(max(train.y.max(), held.y.max())) + 1
+    classes = task.classes
     util = split_of(task, "eval_primary")
     dtype = next(model.parameters()).dtype
     feats = [model.features(d.x.to(dtype)).to(torch.float64) for d in (train, held)]

@@ -54,7 +54,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from immunekit.attacks.base import OPTIMIZERS, Attack, AttackBudget, AttackResult, split_score
+from immunekit.attacks.base import (
+    OPTIMIZERS,
+    Attack,
+    AttackBudget,
+    AttackResult,
+    default_eval_split,
+    split_score,
+)
 from immunekit.config import load_config
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
@@ -183,7 +190,7 @@ def _steps_to_max(result: AttackResult, final_harm: float, curve_split: str, spl
 def _curve_split(config: Mapping[str, Any]) -> str:
     """The split an attack's own harm curve is evaluated on (attack-config convention)."""
     split = config.get("split", "attack")
-    return config.get("eval_split") or ("eval_primary" if split == "primary" else "eval_harmful")
+    return config.get("eval_split") or default_eval_split(split)
 
 
 class WorstCase(Attack):

@@ -140,6 +140,18 @@ class Task:
         """Flattened input dimension D."""
         return int(self.primary.x[0].numel())
 
+    @property
+    def classes(self) -> int:
+        """Number of classes C of a ``ce`` task: 1 + the largest label of any split; 0 otherwise.
+
+        The one definition every attack, defense and measurement uses (a split that lacks the
+        largest class must not shrink a probe's output layer).
+        """
+        if self.loss != "ce":
+            return 0
+        present = [getattr(self, s) for s in SPLITS if getattr(self, s) is not None]
+        return 1 + max(int(d.y.max()) for d in present if len(d))
+
 
 def _check_disjoint(a_name: str, a: Dataset, b_name: str, b: Dataset) -> None:
     overlap = a.row_hashes() & b.row_hashes()

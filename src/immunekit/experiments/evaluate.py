@@ -52,7 +52,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
+from immunekit.attacks.base import default_eval_split
 from immunekit.config import config_sha256, to_dict
 from immunekit.data.task import SPLITS, Task
 from immunekit.errors import ConfigError, DataError
@@ -68,7 +70,6 @@ from immunekit.spectral.lstsq import MinNormLstsq
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 KIND = "evaluation"
 KAPPA_MAX_DIM = 4096
 N_BOOT = 10_000
@@ -299,7 +300,7 @@ def _run_setting(
         "budget": to_dict(setting.budget),
         "split": setting.overrides.get("split", "attack"),
         "eval_split": setting.overrides.get(
-            "eval_split", "eval_primary" if setting.overrides.get("split") == "primary" else "eval_harmful"
+            "eval_split", default_eval_split(setting.overrides.get("split", "attack"))
         ),
         "curves": curves,
         "utility_curves": utility,
@@ -483,13 +484,6 @@ def _features(model: ImmunizableModel, x: torch.Tensor) -> torch.Tensor:
         model.train(was)
 
 
-def _classes(task: Task) -> int:
-    if task.loss != "ce":
-        return 0
-    ys = [d.y for d in (task.primary, task.eval_primary, task.attack, task.eval_harmful)]
-    return int(max(int(y.max()) for y in ys)) + 1
-
-
 def _fit_targets(y: torch.Tensor, loss: str, classes: int) -> torch.Tensor:
     if loss == "mse":
         return y.to(torch.float64).reshape(len(y), -1)
@@ -512,7 +506,7 @@ def primary_score(model: ImmunizableModel, task: Task) -> dict[str, float]:
     """
     from immunekit.metrics.task_scores import task_score
 
-    classes = _classes(task)
+    classes = task.classes
     phi = _features(model, task.primary.x)
     w = MinNormLstsq.of(phi).solve(_fit_targets(task.primary.y, task.loss, classes))
     pred = _features(model, task.eval_primary.x) @ w
@@ -765,7 +759,7 @@ def evaluate(
         raise ConfigError(f"seeds must be distinct integers, got {seeds}; e.g. seeds=(0, 1, 2)")
     if task.loss not in ("mse", "ce"):
         raise ConfigError(f"evaluate supports tasks with loss 'mse' or 'ce', got {task.loss!r} ({task.name})")
-    th = thresholds.resolve(task.loss, _classes(task) or 2)
+    th = thresholds.resolve(task.loss, task.classes or 2)
     phi = float(th.harm)  # type: ignore[arg-type]
     settings = resolve_settings(attacks, budget)
     if search is not None and getattr(task, "val_harmful", None) is None:
@@ -995,7 +989,7 @@ def evaluate(
             "name": task.name,
             "version": task.version,
             "loss": task.loss,
-            "classes": _classes(task) or None,
+            "classes": task.classes or None,
             "score": score_name,
             "splits": {s: len(getattr(task, s)) for s in SPLITS if getattr(task, s, None) is not None},
         },

@@ -13,6 +13,7 @@ from typing import Any
 
 from immunekit._atomic import atomic_path
 from immunekit._atomic import atomic_write_text as _write_text
+from immunekit._versions import RULES_VERSION
 
 DASH = "—"
 
@@ -31,9 +32,6 @@ SCI_LOW = 1e-3
 SCI_HIGH = 1e4
 
 
-#: The verdict-rules version this immunekit writes (``metrics.conditions.RULES_VERSION``; reports
-#: read JSON only, so the number is repeated here and a test keeps the two equal).
-RULES_VERSION = 2
 HOLDS, NOT_HOLDS, UNDECIDED, NOT_TESTED = "holds", "does not hold", "undecided", "not tested"
 
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from immunekit._versions import SCHEMA_VERSION
 from immunekit.reports._common import (
     DASH,
     atomic_target,
@@ -41,7 +42,6 @@ from immunekit.reports.schema import RERUN_HINT, ReportError, resolve_results_pa
 logger = logging.getLogger(__name__)
 
 KIND = "evaluation"
-SCHEMA_VERSION = 1
 MARKDOWN_FILENAME = "report.md"
 HTML_FILENAME = "report.html"
 DPI = 110

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
 
-SCHEMA_VERSION = 1
+from immunekit._versions import SCHEMA_VERSION
+
 RESULTS_FILENAME = "results.json"
 RERUN_HINT = "rerun `immunekit run <experiment>` to regenerate it"
 
