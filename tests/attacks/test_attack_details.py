@@ -5,6 +5,7 @@ Each test starts from the issue's minimal input where it gives one; the maths is
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -275,3 +276,14 @@ def test_the_evaluation_step_runs_in_eval_mode_without_a_graph_and_restores_the_
     huge = Dataset(torch.full((2, 3), 1e308, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
     assert not torch.isfinite(eval_predictions(m, huge.x)).any()  # overflow: a diverged model
     assert score(m, huge, "mse") == float("-inf")  # ranked last by worst_case, never a crash
+
+
+@pytest.mark.parametrize("name", ["linear_probe", "full_finetune"])
+def test_dense_evaluation_window_sees_the_same_trajectory(task, name: str) -> None:
+    """eval_dense_until adds evaluations, never changes a weight: the curve is the every-step one."""
+    attack = ATTACKS.get(name)()
+    base = AttackBudget(steps=20, optimizer="adam", lr=0.05, batch_size=16, eval_every=10)
+    windowed = attack(_linear(6), task, dataclasses.replace(base, eval_dense_until=3), seed=1).harm_curve()
+    every = dict(attack(_linear(6), task, dataclasses.replace(base, eval_every=1), seed=1).harm_curve())
+    assert [s for s, _ in windowed] == [0, 1, 2, 3, 10, 20]
+    assert windowed == [(s, every[s]) for s, _ in windowed]

@@ -122,9 +122,11 @@ def test_identity_model_matches_its_reference(task) -> None:
     assert rec["per_attack"]["linear_probe[eval_every=1]"]["min_ratio"] == 1.0
     assert rec["per_attack"]["linear_probe[eval_every=1]"]["status"] == "FAIL"
     # Δt = 5 left it undecided, so the same seeded attack was re-run evaluated at every step
-    assert rec["attacks"]["linear_probe"]["refined_from_eval_every"] == 5
+    assert rec["attacks"]["linear_probe"]["refined_until"] == 5  # both cross φ by step 5
     assert rec["per_attack"]["linear_probe"]["status"] == "FAIL"
-    assert rec["attacks"]["linear_probe"]["curves"] == rec["attacks"]["linear_probe[eval_every=1]"]["curves"]
+    dense = rec["attacks"]["linear_probe[eval_every=1]"]["curves"]["immunized"][0]
+    refined = rec["attacks"]["linear_probe"]["curves"]["immunized"][0]
+    assert refined == [p for p in dense if p[0] <= 5 or p[0] % 5 == 0]
     assert rec["conditions"]["resistance"]["status"] == "FAIL"
     assert rec["verdict"]["verdict"] == "NOT IMMUNIZED"
     assert rec["kappa"]["rir"] == pytest.approx(1.0, rel=1e-12)
@@ -202,8 +204,9 @@ def test_full_finetune_attack_and_benign_recipe(task) -> None:
         progress=False,
     )
     entry = rec["attacks"]["full_finetune"]
-    dt = 1 if entry.get("refined_from_eval_every") == 5 else 5  # refined when Δt = 5 could not decide
-    assert [p[0] for p in entry["curves"]["immunized"][0]] == list(range(0, 11, dt))
+    dense = entry.get("refined_until", 0)  # refined when Δt = 5 could not decide
+    steps = [p[0] for p in entry["curves"]["immunized"][0]]
+    assert steps == sorted({*range(0, 11, 5), *range(dense + 1)})
     assert rec["groups"]["benign"] == ["benign:full_finetune"]
     assert rec["conditions"]["trainability"]["recipe"] == "benign:full_finetune"
     assert rec["attacks"]["benign:full_finetune"]["split"] == "primary"
@@ -301,7 +304,9 @@ def test_grid_refinement_re_runs_the_same_trajectory(task) -> None:
 
     rec = evaluate(linear_model(6), task, attacks=["linear_probe"], budget=BUDGET, seeds=(0,), progress=False)
     entry = rec["attacks"]["linear_probe"]
-    assert entry["refined_from_eval_every"] == 5 and entry["budget"]["eval_every"] == 1
+    window = entry["refined_until"]
+    assert window == entry["budget"]["eval_dense_until"] and entry["budget"]["eval_every"] == 5
     coarse = ATTACKS.get("linear_probe")()(linear_model(6), task, BUDGET, seed=0).harm_curve()
     fine = dict(map(tuple, entry["curves"]["immunized"][0]))
+    assert set(fine) == {*range(window + 1), *(s for s, _ in coarse)}
     assert [(s, fine[s]) for s, _ in coarse] == coarse

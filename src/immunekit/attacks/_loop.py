@@ -325,7 +325,7 @@ class _Run:
             step, self.examples, self.flops, lr, loss, gnorm, time.perf_counter() - self.t0, None, acc
         )
         rec.tokens = self.tokens
-        if step == 0 or (self.b.eval_every and step % self.b.eval_every == 0):
+        if self.b.evaluates(step):
             rec.eval = self.evaluate()
         return rec
 

@@ -59,6 +59,9 @@ class AttackBudget:
             is *not* used silently; set it explicitly. Only ``adamw`` accepts a non-zero value.
         max_tokens: cap on tokens processed (sequence inputs only; tabular and vision inputs count 0
             tokens, so the cap never binds for them), or ``None``.
+        eval_dense_until: also evaluate at every step up to this one (0: none), e.g. where a harm
+            curve crosses its threshold; evaluating changes no weight, so the trajectory is the
+            same whatever the evaluation steps.
 
     """
 
@@ -79,6 +82,9 @@ class AttackBudget:
         metadata={"help": "decoupled weight decay of adamw (0: none; torch's 0.01 is not implied)"},
     )
     max_tokens: int | None = field(default=None, metadata={"help": "cap on tokens seen (sequence inputs)"})
+    eval_dense_until: int = field(
+        default=0, metadata={"help": "also evaluate at every step up to this one (0: none)"}
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -99,6 +105,8 @@ class AttackBudget:
                 raise ConfigError(f"budget.{name} must be > 0 or None, got {value}")
         if self.eval_every < 0:
             raise ConfigError(f"budget.eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_dense_until < 0:
+            raise ConfigError(f"budget.eval_dense_until must be >= 0, got {self.eval_dense_until}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"budget.schedule {self.schedule!r} is unknown; choose one of {list(SCHEDULES)}"
@@ -121,6 +129,17 @@ class AttackBudget:
                 "budget.optimizer 'gd_exact' chooses its own step by line search; a schedule or warm-up "
                 "cannot apply: use schedule='constant', warmup_steps=0 or optimizer='gd'"
             )
+
+    def evaluates(self, step: int) -> bool:
+        """Whether step ``step`` is evaluated on the held-out split (the last step always is too).
+
+        Example:
+            >>> b = AttackBudget(steps=100, eval_every=25, eval_dense_until=3)
+            >>> [t for t in range(101) if b.evaluates(t)]
+            [0, 1, 2, 3, 25, 50, 75, 100]
+
+        """
+        return step <= self.eval_dense_until or (self.eval_every > 0 and step % self.eval_every == 0)
 
     def examples_per_step(self, n_rows: int) -> int:
         """Examples one step uses on a split of ``n_rows`` rows (full batch for gd/gd_exact)."""

@@ -414,7 +414,7 @@ class _ProbeRun:
             ratio,
             acc,
         )
-        if step == 0 or (self.b.eval_every and step % self.b.eval_every == 0):
+        if self.b.evaluates(step):
             rec.eval = self.evaluate()
         return rec
 

@@ -311,31 +311,43 @@ def _run_setting(
 
 
 #: Grid refinement: a comparison the evaluation grid leaves undecided (both models cross φ, or
-#: reach the benign target, between the same two evaluations) is re-run evaluated at every step,
-#: for budgets of at most this many steps.
+#: reach the benign target, between the same two evaluations) is re-run evaluated at every step up
+#: to the end of the undecided window (``AttackBudget.eval_dense_until``), for budgets of at most
+#: this many steps.
 REFINE_MAX_STEPS = 5_000
 
 
-def _undecided_by_grid(entry: Mapping[str, Any], group: str, th: Thresholds, phi: float, loss: str) -> bool:
-    """Whether the setting's verdict is INCONCLUSIVE only because evaluations were too sparse."""
+def _refine_window(entry: Mapping[str, Any], group: str, th: Thresholds, phi: float, loss: str) -> int:
+    """The step up to which dense evaluation would decide an undecided comparison (0: not needed).
+
+    Only comparisons that are INCONCLUSIVE because evaluations were too sparse qualify (not
+    degenerate runs); the window ends at the last evaluated step that bounds an open bracket.
+    """
     budget = entry["budget"]
-    if budget["eval_every"] == 1 or budget["steps"] <= 1 or budget["steps"] > REFINE_MAX_STEPS:
-        return False
+    steps = int(budget["steps"])
+    if budget["eval_every"] == 1 or steps <= 1 or steps > REFINE_MAX_STEPS:
+        return 0
     imm, ref = entry["curves"]["immunized"], entry["curves"]["reference"]
     if group == "benign":
-        t = cond.trainability(imm, ref, delta_train=th.train, epsilon=th.train_steps)
-        return any(s["status"] == cond.INCONCLUSIVE and s["bracket"] is not None for s in t["seeds"])
-    r = cond.resistance(
-        {"g": imm},
-        {"g": ref},
-        phi=phi,
-        slowdown=th.slowdown,
-        losses_immunized={"g": entry["loss_curves"]["immunized"]},
-        losses_reference={"g": entry["loss_curves"]["reference"]},
-        divergence=th.divergence,
-        score=loss,
-    )["per_attack"]["g"]
-    return r["status"] == cond.INCONCLUSIVE and r["degenerate_seeds"] == 0
+        seeds = cond.trainability(imm, ref, delta_train=th.train, epsilon=th.train_steps)["seeds"]
+        open_ = [s for s in seeds if s["status"] == cond.INCONCLUSIVE and s["bracket"] is not None]
+    else:
+        seeds = cond.resistance(
+            {"g": imm},
+            {"g": ref},
+            phi=phi,
+            slowdown=th.slowdown,
+            losses_immunized={"g": entry["loss_curves"]["immunized"]},
+            losses_reference={"g": entry["loss_curves"]["reference"]},
+            divergence=th.divergence,
+            score=loss,
+        )["per_attack"]["g"]["seeds"]
+        open_ = [s for s in seeds if s["outcome"] == cond.INCONCLUSIVE and s["degenerate"] is None]
+    ends = [
+        steps if hi is None else int(hi) for s in open_ for hi in (s["bracket"][1], s["bracket_reference"][1])
+    ]
+    window = max(ends, default=0)
+    return window if window > budget["eval_dense_until"] else 0
 
 
 #: Learning-rate back-off: a setting whose runs diverge is re-run with lr / BACKOFF_FACTOR, up to
@@ -805,18 +817,21 @@ def evaluate(
 
         def run(group: str, s: Setting) -> dict[str, Any]:
             entry = measure(s)
-            if _undecided_by_grid(entry, group, th, phi, task.loss):
-                # the runs are seeded and evaluating changes no weight: the same attack, every step seen
+            window = _refine_window(entry, group, th, phi, task.loss)
+            if window:
+                # the runs are seeded and evaluating changes no weight: the same attack, every step
+                # of the undecided window seen
                 logger.info(
-                    "%s: every %d steps cannot decide the comparison; re-running it evaluated at every step",
+                    "%s: evaluations every %d steps cannot decide the comparison; re-running it "
+                    "evaluated at every step up to step %d",
                     s.key,
                     s.budget.eval_every,
+                    window,
                 )
                 grow(1)
-                entry = measure(
-                    Setting(s.key, s.name, s.overrides, dataclasses.replace(s.budget, eval_every=1))
-                )
-                entry["refined_from_eval_every"] = s.budget.eval_every
+                dense = dataclasses.replace(s.budget, eval_dense_until=window)
+                entry = measure(Setting(s.key, s.name, s.overrides, dense))
+                entry["refined_until"] = window
             entry["group"] = group
             entries[s.key] = entry
             return entry
