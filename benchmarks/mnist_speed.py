@@ -6,7 +6,7 @@ family is timed twice, with the fast paths (default) and with the original dense
 (``use_fast_paths = False``), and a per-step breakdown is printed for both:
 
 * covariance       K_P, K_H = XᵀX (setup)
-* K eigh           eigendecompositions of K_P, K_H: preconditioners, factors, projector (setup)
+* X svd (rank of K) SVDs of X_P, X_H: the rank rule, preconditioners, factors, projector (setup)
 * κ (svdvals)      κ(H_P), κ(H_H) from the factors F·θ (rank for the terms, history, safeguard)
 * terms (H, eigh)  H_P, H_H and the spectral terms R_well / R_ill / log κ (their eigendecomposition)
 * safeguard        backtracking on τ_H, excluding its exact κ evaluations (counted above) —
@@ -44,7 +44,7 @@ from immunekit.spectral import fast
 
 SPECTRAL = ("condition_number", "rill_only", "opt_kappa")
 OTHERS = ("imma", "identity")
-CATEGORIES = ("covariance", "K eigh", "κ (svdvals)", "terms (H, eigh)", "safeguard", "update")
+CATEGORIES = ("covariance", "X svd (rank of K)", "κ (svdvals)", "terms (H, eigh)", "safeguard", "update")
 
 
 class Timer:
@@ -78,11 +78,9 @@ def instrumented(timer: Timer, defense_cls: type) -> Iterator[None]:
     """
     targets: list[tuple[object, str, str]] = [
         (cn, "covariance", "covariance"),
-        (cn, "make_preconditioner", "K eigh"),
-        (cn, "psd_factor", "K eigh"),
-        (cn.PsdSpectrum, "of", "K eigh"),
-        (cn.PsdSpectrum, "preconditioner", "K eigh"),
-        (cn.PsdSpectrum, "factor", "K eigh"),
+        (cn.FactorSpectrum, "of", "X svd (rank of K)"),
+        (cn.FactorSpectrum, "preconditioner", "X svd (rank of K)"),
+        (cn.FactorSpectrum, "factor", "X svd (rank of K)"),
         (cn._Setup, "kappa_p", "κ (svdvals)"),
         (cn._Setup, "kappa_h", "κ (svdvals)"),
         (cn._FastSetup, "_kappa", "κ (svdvals)"),

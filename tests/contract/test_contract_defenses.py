@@ -157,4 +157,4 @@ def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
 def test_wrong_input_dimension_is_a_clear_error(name: str) -> None:
     task = _task()
     with pytest.raises(DataError, match=f"linear_model\\({task.input_dim}\\)"):
-        DEFENSES.get(name)(steps=1).fit(linear_model(task.input_dim + 1), task, seed=0)
+        _defense(name).fit(linear_model(task.input_dim + 1), task, seed=0)

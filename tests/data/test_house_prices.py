@@ -102,7 +102,7 @@ def test_features_zscored_and_constants_zero(csv_path):
     varying = [j for j in range(len(FEATURES)) if j not in constant]
     np.testing.assert_allclose(x[:, varying].mean(0), 0, atol=1e-12)
     np.testing.assert_allclose(x[:, varying].std(0, ddof=1), 1, atol=1e-12)
-    assert np.all(x[:, constant] == 0)  # zero std -> 1, so a constant becomes exactly 0
+    assert np.all(x[:, constant] == 0)  # constant in the statistics rows: zeroed
     assert np.isfinite(task.eval_harmful.x.numpy()).all()
 
 
@@ -274,3 +274,30 @@ def test_real_kaggle_train_csv_matches_paper():
     assert (rank_p, rank_h) == (74, 74)
     assert kappa_p == pytest.approx(7.7e3, rel=0.05)
     assert kappa_h == pytest.approx(2.1e5, rel=0.05)
+
+
+def test_column_constant_in_the_training_rows_is_zero_in_every_row(tmp_path):
+    # PoolArea is 0 in every training row but up to 800 in held-out rows: it has no training scale, so
+    # it is zeroed everywhere (std 1 kept held-out rows in raw units, far outside the training rows' span)
+    frame = _frame()
+    ids = frame["Id"].to_numpy()
+    frame["PoolArea"] = np.where(ids > 45, 800.0 - ids, 0.0)  # non-zero only after Id 45
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False, na_rep="NA")
+    task = house_prices(csv=str(path), n_train=8, fit_stats_on="train")  # file order: Ids ≤ 24 train
+    j = task.info["feature_names"].index("PoolArea")
+    assert "PoolArea" in task.info["constant_features"]["primary"]
+    assert "PoolArea" in task.info["constant_features"]["harmful"]
+    for split in (task.primary, task.harmful, task.eval_primary, task.eval_harmful):
+        assert np.all(split.x.numpy()[:, j] == 0)
+    raw = frame.set_index("Id")["PoolArea"]
+    held = [int(i.split(":")[1]) for i in task.eval_harmful.ids]
+    assert raw.loc[held].max() > 700  # the held-out rows did have large raw values
+    assert "set to 0 in every row" in task.info["preprocessing"]
+    # a column that varies in the training rows is z-scored as before (held-out rows keep their values)
+    k = task.info["feature_names"].index("LotFrontage")
+    assert np.abs(task.eval_harmful.x.numpy()[:, k]).max() > 0
+    # whole-domain statistics (the paper's protocol): PoolArea varies over the domain, so it is kept
+    whole = house_prices(csv=str(path), n_train=8, fit_stats_on="domain")
+    assert "PoolArea" not in whole.info["constant_features"]["harmful"]
+    assert np.abs(whole.eval_harmful.x.numpy()[:, j]).max() > 0

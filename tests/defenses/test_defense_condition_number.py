@@ -47,13 +47,13 @@ BEHAVIOUR_TASK = {"dim": 16, "n": 512, "cond_primary": 100.0, "cond_harmful": 10
 def behaviour() -> dict[str, object]:
     task = gaussian_spectra(**BEHAVIOUR_TASK)
     model0 = linear_model(task.input_dim)
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
-    ref = kappa_pair(model0.theta, k_h, k_p)
+    x_h, x_p = task.harmful.x, task.primary.x
+    ref = kappa_pair(model0.theta, x_h, x_p)
     out: dict[str, object] = {"task": task}
     for name in ("condition_number", "rill_only"):
         defense = DEFENSES.get(name)()
         model = defense.fit(model0, task, seed=0)
-        out[name] = rir(ref, kappa_pair(model.theta, k_h, k_p))
+        out[name] = rir(ref, kappa_pair(model.theta, x_h, x_p))
         out[name + "_model"] = model
         out[name + "_defense"] = defense
     return out

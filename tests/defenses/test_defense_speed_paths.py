@@ -21,7 +21,7 @@ from immunekit.defenses import condition_number as cn
 from immunekit.experiments.linear import kappa_pair
 from immunekit.metrics import rir
 from immunekit.models.base import linear_model
-from immunekit.spectral import covariance, linear_l2_hessian
+from immunekit.spectral import linear_l2_hessian
 
 F64 = torch.float64
 SPECTRAL = ("condition_number", "rill_only", "opt_kappa")
@@ -64,10 +64,10 @@ def _assert_same_fit(task: Task, name: str, **overrides: object) -> None:
     assert new.info_["preconditioner_primary"] == ref.info_["preconditioner_primary"]
     final = ref.info_["final_log_kappa_primary"]
     assert new.info_["final_log_kappa_primary"] == pytest.approx(final, abs=1e-9)
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
-    base = kappa_pair(linear_model(task.input_dim).theta, k_h, k_p)
-    r_ref = rir(base, kappa_pair(ref_model.theta, k_h, k_p))
-    r_new = rir(base, kappa_pair(new_model.theta, k_h, k_p))
+    x_h, x_p = task.harmful.x, task.primary.x
+    base = kappa_pair(linear_model(task.input_dim).theta, x_h, x_p)
+    r_ref = rir(base, kappa_pair(ref_model.theta, x_h, x_p))
+    r_new = rir(base, kappa_pair(new_model.theta, x_h, x_p))
     assert r_new.rir == pytest.approx(r_ref.rir, rel=1e-8)
 
 
@@ -158,7 +158,8 @@ def test_fast_safeguard_matches_the_reference_backtracking(singular: Task, monke
         if point is not None:
             # the accepted candidate and its κ are what the next step starts from
             assert torch.equal(point.theta, theta - tau_h * d_h)
-            assert point.info.log_kappa <= limit
+            # thin and full factor differ by rounding: within TIE_MARGIN the reference decided
+            assert point.info.log_kappa <= limit + cn.TIE_MARGIN * max(1.0, abs(limit))
             assert point.info.log_kappa == pytest.approx(su.kappa_p(point.theta).log_kappa, abs=1e-12)
 
 

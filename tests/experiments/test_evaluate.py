@@ -96,7 +96,13 @@ def test_conditions_gates_and_kappa(record) -> None:
     assert conds["stability"]["q_reference"] > 0.9  # the least-squares head on θ_0 = I
     assert record["gates"]["disjointness"]["status"] == "PASS"
     assert record["gates"]["attack_validity"]["status"] == "PASS"
-    assert record["kappa"]["kappa_ratio_harmful"] > 1.0  # θ squeezes the harmful features
+    kappa = record["kappa"]
+    assert kappa["kappa_ratio_harmful"] > 1.0  # θ squeezes the harmful features
+    assert kappa["rank_rule"]["rule"] == "factor-svd-v1" and kappa["rank_harmful_reference"] == 6
+    # full-rank features far from every cut: the band edges give the same RIR, not sensitive
+    assert kappa["rir_band_low"] == pytest.approx(kappa["rir"], rel=1e-12)
+    assert kappa["rir_band_high"] == pytest.approx(kappa["rir"], rel=1e-12)
+    assert kappa["threshold_sensitive"] == 0.0
     assert record["metrics"]["attack_seconds"]["direction"] == "lower"
     assert record["thresholds"]["harm"] == 0.5 and record["thresholds"]["phi_rule"] == "default per task"
 

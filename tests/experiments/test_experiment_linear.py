@@ -23,7 +23,6 @@ from immunekit.experiments.linear import (
 )
 from immunekit.metrics import rir
 from immunekit.models.checkpoint import load_checkpoint, read_checkpoint_info
-from immunekit.spectral import covariance
 
 
 def tiny_config(**changes: object) -> dict:
@@ -139,9 +138,9 @@ def test_save_models_writes_loadable_checkpoints_with_the_task(tmp_path: Path) -
     # the saved model is the one the trial measured: its κ pair gives the recorded RIR
     model = load_checkpoint(path)
     task = TASKS.get(cfg.task)(**info.metadata["task_config"])
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
-    ref = kappa_pair(torch.eye(task.input_dim, dtype=torch.float64), k_h, k_p)
-    got = rir(ref, kappa_pair(model.theta, k_h, k_p)).log_rir
+    x_h, x_p = task.harmful.x, task.primary.x
+    ref = kappa_pair(torch.eye(task.input_dim, dtype=torch.float64), x_h, x_p)
+    got = rir(ref, kappa_pair(model.theta, x_h, x_p)).log_rir
     trial = read_json(trial_path(tmp_path, method, seed))
     assert got == pytest.approx(trial["metrics"]["log_rir"], rel=1e-9, abs=1e-9)
 
@@ -152,3 +151,72 @@ def test_save_models_refuses_ray(tmp_path: Path) -> None:
             build_config(tiny_config()), tmp_path, executor="ray", save_models=True, progress=False
         )
     assert not (tmp_path / "trials").exists()
+
+
+# ------------------------------------------------------------------ the rank rule and its band
+
+
+def test_records_carry_the_rank_rule_and_the_band(tmp_path: Path) -> None:
+    from immunekit.spectral import RANK_RULE, FactorSpectrum
+
+    cfg = build_config(tiny_config(seeds=[1], methods=["identity", "condition_number", "whiten_primary"]))
+    results = run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    assert results["rank_rule"]["rule"] == RANK_RULE
+    assert results["rank_rule"]["band_multipliers"] == [0.01, 1.0, 100.0]
+    trial = read_json(trial_path(tmp_path, "condition_number", 1))
+    task = TASKS.get(cfg.task)(**cfg.task_config, seed=1)
+    spec_p = FactorSpectrum.of(task.primary.x)
+    rule = trial["rank_rule"]
+    assert rule["rule"] == RANK_RULE and rule["primary"] == spec_p.describe()
+    assert rule["band_rank_primary"] == [spec_p.scaled(m).rank for m in (0.01, 1.0, 100.0)]
+    # the defense decided null(K) with the same rule on the same data
+    assert trial["defense_info"]["rank_rule"]["primary"] == spec_p.describe()
+    m = trial["metrics"]
+    for name in ("kappa_ratio_harmful", "kappa_ratio_primary", "rir", "log_rir"):
+        assert f"{name}_band_low" in m and f"{name}_band_high" in m
+    # full-rank synthetic K: every cut gives the same κ, so the band is flat
+    assert m["rir_band_low"] == pytest.approx(m["rir"], rel=1e-12)
+    assert m["rir_band_spread"] == pytest.approx(1.0, rel=1e-12) and m["threshold_sensitive"] == 0.0
+    # whiten_primary: κ(H_P) = 1, so (ii) = 1/κ(K_P)
+    w = read_json(trial_path(tmp_path, "whiten_primary", 1))["metrics"]
+    assert w["kappa_ratio_primary"] == pytest.approx(1 / spec_p.kappa().kappa, rel=1e-9)
+
+
+def test_experiment_rank_rtol_reaches_the_defenses(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config(seeds=[1], rank_rtol=1e-9))
+    run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    trial = read_json(trial_path(tmp_path, "condition_number", 1))
+    assert trial["rank_rule"]["primary"]["rtol"] == 1e-9
+    assert trial["defense_info"]["rank_rule"]["primary"]["rtol"] == 1e-9
+    assert trial["defense_info"]["rank_rule"]["harmful"]["rtol"] == 1e-9
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank_rtol": 0.0}, r"rank_rtol must be a relative threshold in \(0, 1\), got 0.0"),
+        ({"rank_rtol": 1.5}, r"rank_rtol must be a relative threshold in \(0, 1\), got 1.5"),
+        ({"band": 1.0}, "band factor must be a finite number > 1, got 1.0"),
+        ({"band": 0.5}, "band factor must be a finite number > 1, got 0.5"),
+        ({"rank_rtol": 0.05}, "rank_rtol × band must be < 1"),
+    ],
+)
+def test_bad_rank_rule_settings_are_config_errors(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(tiny_config(**change))
+
+
+def test_a_directory_from_the_old_rank_rule_is_refused_with_the_reason(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config(seeds=[1]))
+    run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    path = trial_path(tmp_path, "condition_number", 1)
+    record = read_json(path)
+    del record["rank_rule"]  # as written before the rule was recorded
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="older rank rule") as err:
+        run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    assert "factor-svd-v1" in str(err.value) and "new --out" in str(err.value)
+    record["rank_rule"] = {"rule": "eigvalsh-k-v0"}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="rank rule 'eigvalsh-k-v0'"):
+        run_linear_experiment(cfg, tmp_path, progress=False, workers=1)

@@ -1,6 +1,7 @@
-"""One trial's measurements: thin-factor κ, shared reference measurements, shared solves, timings.
+"""One trial's measurements: the rank rule's κ, shared reference measurements, shared solves, timings.
 
-``kappa_pair`` now uses the rank(K) non-zero rows of K's factor; ``run_trial`` measures θ_0 once
+``kappa_pair`` decides rank K on the singular values of the data factor X and computes κ(θᵀKθ) from
+the thin factor F·θ with that rank fixed (spectral.rank); ``run_trial`` measures θ_0 once
 per task object (``_REFERENCES``) and shares features and least-squares factorizations between the
 closed-form losses and the attacks. Each is checked against the computation it replaces.
 """
@@ -21,17 +22,20 @@ from immunekit.experiments import default_config_path
 from immunekit.experiments.linear import build_config, kappa_pair, probe_test_loss, run_trial
 from immunekit.metrics import KappaPair, rir
 from immunekit.models.base import linear_model
-from immunekit.spectral import covariance, default_rtol, gram_condition_number, psd_factor
+from immunekit.spectral import default_rtol, gram_condition_number
 from immunekit.spectral.lstsq import MinNormLstsq
 
 F64 = torch.float64
 
 
-def _old_kappa_pair(theta: torch.Tensor, k_h: torch.Tensor, k_p: torch.Tensor) -> KappaPair:
-    """kappa_pair before thin factors: the full (D, D) factor of K."""
-    return KappaPair(
-        gram_condition_number(psd_factor(k_h) @ theta), gram_condition_number(psd_factor(k_p) @ theta)
-    )
+def _direct_kappa_pair(theta: torch.Tensor, x_h: torch.Tensor, x_p: torch.Tensor) -> KappaPair:
+    """κ(θᵀXᵀXθ) from the full product X·θ ``(N, D_hid)``, with the rank decided on X by the rule."""
+
+    def one(x: torch.Tensor) -> object:
+        rank = gram_condition_number(x).rank  # the rule on X: r = #{s_i > max(N, D)·eps·s_1}
+        return gram_condition_number(x @ theta, rank=rank, rtol=default_rtol(*x.shape))
+
+    return KappaPair(one(x_h), one(x_p))
 
 
 def _old_probe_test_loss(model, task, split, eval_split):
@@ -50,13 +54,13 @@ def _with_null_directions(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.full((n, 1), 0.7, dtype=F64), x[:, :1], torch.zeros(n, 1, dtype=F64)], dim=1)
 
 
-def _rank_deficient_covariances(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _rank_deficient_factors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x_h = _with_null_directions(torch.randn(80, 7, generator=g, dtype=F64))
     x_p = _with_null_directions(
         torch.randn(80, 7, generator=g, dtype=F64) * torch.logspace(0, -2, 7, dtype=F64)
     )
-    return covariance(x_h), covariance(x_p)
+    return x_h, x_p
 
 
 def _theta(d_in: int, d_hid: int, log_kappa: float, seed: int) -> torch.Tensor:
@@ -78,32 +82,24 @@ def _theta(d_in: int, d_hid: int, log_kappa: float, seed: int) -> torch.Tensor:
     [(10, 0.0), (10, 2.0), (10, 4.0), (6, 1.0), (14, 1.0)],
     ids=["identity-like", "kappa-1e2", "kappa-1e4", "narrow-theta", "wide-theta"],
 )
-def test_kappa_pair_from_thin_factors_equals_the_full_factor_computation(
-    d_hid: int, log_kappa: float
-) -> None:
-    k_h, k_p = _rank_deficient_covariances()
+def test_kappa_pair_from_the_thin_factor_equals_the_full_product(d_hid: int, log_kappa: float) -> None:
+    x_h, x_p = _rank_deficient_factors()
     theta = torch.eye(10, dtype=F64) if log_kappa == 0.0 else _theta(10, d_hid, log_kappa, seed=1)
-    new, old = kappa_pair(theta, k_h, k_p), _old_kappa_pair(theta, k_h, k_p)
-    for got, ref in ((new.harmful, old.harmful), (new.primary, old.primary)):
+    new, ref_pair = kappa_pair(theta, x_h, x_p), _direct_kappa_pair(theta, x_h, x_p)
+    for got, ref in ((new.harmful, ref_pair.harmful), (new.primary, ref_pair.primary)):
         assert (got.rank, got.dim, got.rtol) == (ref.rank, ref.dim, ref.rtol)
         assert got.kappa == pytest.approx(ref.kappa, rel=1e-10)
         assert got.log_kappa == pytest.approx(ref.log_kappa, rel=1e-10, abs=1e-12)
         assert got.sigma_max == pytest.approx(ref.sigma_max, rel=1e-12)
-    # rank K_H = 8 (7 + the constant column; the copy and the zero column add nothing), and θ is generic
+    # rank K_H = 8 (7 + the constant column; the copy and the zero column add nothing), fixed on K
     assert new.harmful.rank == min(8, d_hid)
 
 
-def test_thin_factor_keeps_the_nonzero_rows_of_psd_factor() -> None:
-    k_h, _ = _rank_deficient_covariances()
-    thin, full = linear._thin_factor(k_h), psd_factor(k_h)
-    assert thin.shape == (8, 10)
-    assert torch.equal(thin.T @ thin, full[(full != 0).any(1)].T @ full[(full != 0).any(1)])
-    assert torch.allclose(thin.T @ thin, k_h, rtol=0, atol=1e-12 * float(k_h.abs().max()))
-    zero = torch.zeros(4, 4, dtype=F64)
-    assert torch.equal(linear._thin_factor(zero), psd_factor(zero))  # K = 0: all rows, all zero
-    assert kappa_pair(torch.eye(4, dtype=F64), zero, zero) == _old_kappa_pair(
-        torch.eye(4, dtype=F64), zero, zero
-    )
+def test_kappa_pair_of_zero_data_is_infinite_with_rank_zero() -> None:
+    zero = torch.zeros(5, 4, dtype=F64)
+    pair = kappa_pair(torch.eye(4, dtype=F64), zero, zero)
+    assert pair.harmful.rank == pair.primary.rank == 0
+    assert pair.harmful.kappa == pair.primary.kappa == float("inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,14 +132,14 @@ def fresh_references(monkeypatch: pytest.MonkeyPatch) -> linear._ReferenceCache:
 def test_trial_metrics_equal_the_previous_measurements(fresh_references, loss: str) -> None:
     cfg = _cfg(loss=loss)
     task = linear.task_for(cfg, 1)
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
+    x_h, x_p = task.harmful.x, task.primary.x
     for method in cfg.methods:
         record = run_trial(cfg, method, 1, task)
         m = record["metrics"]
         defense = linear.DEFENSES.get(method.defense)(**method.overrides)
         model0 = linear_model(task.input_dim)
         immunized = defense.fit(model0, task, seed=1)
-        parts = rir(_old_kappa_pair(model0.theta, k_h, k_p), _old_kappa_pair(immunized.theta, k_h, k_p))
+        parts = rir(_direct_kappa_pair(model0.theta, x_h, x_p), _direct_kappa_pair(immunized.theta, x_h, x_p))
         for key, value in parts.to_dict().items():
             assert m[key] == pytest.approx(float(value), rel=1e-10), key
         ref_mse, ref_acc = _old_probe_test_loss(model0, task, "primary", "eval_primary")
@@ -223,7 +219,7 @@ def test_references_never_answer_for_another_or_a_modified_task(fresh_references
     old_mse = _old_probe_test_loss(linear_model(5), t1, "primary", "eval_primary")[0]
     assert r1b.primary[0] == pytest.approx(old_mse, rel=1e-12)
     assert r1b.primary[0] != pytest.approx(r1.primary[0], rel=1e-6)  # scaling the inputs changed it
-    old = _old_kappa_pair(torch.eye(5, dtype=F64), covariance(t1.harmful.x), covariance(t1.primary.x))
+    old = _direct_kappa_pair(torch.eye(5, dtype=F64), t1.harmful.x, t1.primary.x)
     assert r1b.kappa.primary.kappa == pytest.approx(old.primary.kappa, rel=1e-10)
 
 
@@ -242,8 +238,8 @@ def test_reference_cache_is_bounded_and_drops_freed_tasks(fresh_references) -> N
 def test_reference_values_are_those_of_theta0(fresh_references) -> None:
     task = gaussian_spectra(dim=6, n=64, cond_primary=30.0, cond_harmful=3.0, seed=2)
     ref = fresh_references.get(task)
-    k_h, k_p = covariance(task.harmful.x), covariance(task.primary.x)
-    old = _old_kappa_pair(torch.eye(6, dtype=F64), k_h, k_p)
+    x_h, x_p = task.harmful.x, task.primary.x
+    old = _direct_kappa_pair(torch.eye(6, dtype=F64), x_h, x_p)
     assert ref.kappa.harmful.kappa == pytest.approx(old.harmful.kappa, rel=1e-10)
     assert ref.kappa.primary.kappa == pytest.approx(old.primary.kappa, rel=1e-10)
     assert ref.primary[0] == pytest.approx(
@@ -254,7 +250,7 @@ def test_reference_values_are_those_of_theta0(fresh_references) -> None:
     with torch.no_grad():
         other.extractor.weight.mul_(0.5)
     assert ref.kappa_of(linear_model(6)) is ref.kappa
-    assert ref.kappa_of(other) == kappa_pair(other.theta, k_h, k_p)
+    assert ref.kappa_of(other) == kappa_pair(other.theta, x_h, x_p)
 
 
 def test_cached_and_uncached_trials_give_the_same_record(monkeypatch) -> None:

@@ -168,3 +168,57 @@ def test_verdict_defaults_are_the_documented_ones() -> None:
     assert v.threshold_a_min_ratio_harmful == 10.0
     assert v.threshold_b_max_ratio_primary == 1.0
     assert v.threshold_c_max_relative_loss_increase == 0.01
+
+
+# ------------------------------------------------------------------------ sensitivity band
+
+
+def test_band_ratios_by_hand_with_the_rank_recut_on_k() -> None:
+    from immunekit.errors import ConfigError
+    from immunekit.metrics.rir import rir_band
+    from immunekit.spectral import FactorSpectrum, band_multipliers
+
+    # X_H = diag(1, 0.1, 1e-11, 1e-13): at rtol 1e-14 / 1e-12 / 1e-10 rank K_H is 4 / 3 / 2
+    x_h = torch.diag(torch.tensor([1.0, 0.1, 1e-11, 1e-13], dtype=F64))
+    x_p = torch.diag(torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=F64))  # full rank at every cut
+    theta = torch.diag(torch.tensor([1.0, 1.0, 10.0, 100.0], dtype=F64))
+    mults = band_multipliers(100.0)
+    spec_h, spec_p = FactorSpectrum.of(x_h, rtol=1e-12), FactorSpectrum.of(x_p, rtol=1e-12)
+    refs = [KappaPair(spec_h.scaled(m).kappa(), spec_p.scaled(m).kappa()) for m in mults]
+    imms = [KappaPair(spec_h.scaled(m).kappa(theta), spec_p.scaled(m).kappa(theta)) for m in mults]
+    band = rir_band(refs, imms, mults)
+    # F_Hθ has singular values 1, 0.1, 1e-10, 1e-11; κ at the fixed rank over κ(K_H) at the same cut
+    # rank 4: κ(H) = (1/1e-11)², κ(K) = (1/1e-13)²; rank 3: (1/1e-10)² over (1/1e-11)²; rank 2: 1
+    i_want = [(1 / 1e-11) ** 2 / (1 / 1e-13) ** 2, (1 / 1e-10) ** 2 / (1 / 1e-11) ** 2, 1.0]
+    ii_want = (12.5 / 0.5) ** 2 / 8.0**2  # F_Pθ: 1, 0.5, 2.5, 12.5
+    got_i = [r.kappa_ratio_harmful for r in band.results]
+    assert got_i == pytest.approx([1e-4, 1e-2, 1.0], rel=1e-9)
+    assert got_i == pytest.approx(i_want, rel=1e-9)
+    assert [r.kappa_ratio_primary for r in band.results] == pytest.approx([ii_want] * 3, rel=1e-12)
+    assert [r.rir for r in band.results] == pytest.approx([g / ii_want for g in got_i], rel=1e-9)
+    assert band.spread == pytest.approx(1e4, rel=1e-9) and band.threshold_sensitive
+    flat = band.to_metrics()
+    assert flat["kappa_ratio_harmful_band_low"] == pytest.approx(1e-4, rel=1e-9)
+    assert flat["kappa_ratio_harmful_band_high"] == pytest.approx(1.0, rel=1e-9)
+    assert flat["rir_band_high"] == pytest.approx(1.0 / ii_want, rel=1e-9)
+    assert flat["log_rir_band_low"] == pytest.approx(math.log(1e-4 / ii_want), rel=1e-9)
+    assert flat["threshold_sensitive"] == 1.0
+    # an insensitive band: the same κ at every cut
+    same = rir_band(refs[1:2] * 3, imms[1:2] * 3, mults)
+    assert (
+        same.spread == 1.0
+        and not same.threshold_sensitive
+        and same.to_metrics()["threshold_sensitive"] == 0.0
+    )
+    # just at and just above the 2× flag
+    two = [_pair((2.0, 1.0), (1.0, 1.0)), _pair((4.0, 1.0), (1.0, 1.0))]
+    ref2 = [_pair((1.0, 1.0), (1.0, 1.0))] * 2
+    assert not rir_band(ref2, two, (1.0, 10.0)).threshold_sensitive  # spread exactly 2
+    two[1] = _pair((4.0 * (1 + 1e-9), 1.0), (1.0, 1.0))
+    assert rir_band(ref2, two, (1.0, 10.0)).threshold_sensitive
+    with pytest.raises(ConfigError, match="one reference and one immunized"):
+        rir_band(refs, imms[:2], mults)
+    with pytest.raises(ConfigError, match="ascending"):
+        rir_band(refs, imms, (100.0, 1.0, 0.01))
+    with pytest.raises(ConfigError, match="> 1"):
+        rir_band(refs, imms, mults, factor=1.0)

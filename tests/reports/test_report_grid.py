@@ -47,17 +47,20 @@ def assert_png(path: Path, min_size: tuple[int, int] = (600, 600)) -> None:
 
 def expected(method: str, pairs: list[tuple[int, int]] = GRID_PAIRS) -> dict[str, Any]:
     """Table 2 numbers recomputed from the synthetic per-seed ratios (independent of the code under test)."""
-    rir, ii, immunized = {}, {}, {}
+    rir, i_, ii, immunized = {}, {}, {}, {}
     for p, h in pairs:
         ratios = [grid_ratios(method, p, h, s) for s in SEEDS]
         rir[p, h] = statistics.fmean(a / b for a, b in ratios)
+        i_[p, h] = statistics.fmean(a for a, _ in ratios)
         ii[p, h] = statistics.fmean(b for _, b in ratios)
         c_ok = [not (method == "condition_number" and (p, h) == (3, 8)) or s == 0 for s in SEEDS]
         immunized[p, h] = all(a >= 10 and b <= 1 and c for (a, b), c in zip(ratios, c_ok, strict=True))
     return {
         "mean_rir": sum(rir.values()) / len(rir),
         "mean_ln_rir": sum(math.log(r) for r in rir.values()) / len(rir),
-        "success": sum(rir[k] > 1 and ii[k] <= 1 for k in rir),
+        "mean_i": statistics.fmean(i_.values()),
+        "geo_i": math.exp(statistics.fmean(math.log(v) for v in i_.values())),
+        "success": sum(i_[k] > 1 and ii[k] <= 1 for k in rir),
         "immunized": sum(immunized.values()),
         "rir": rir,
     }
@@ -97,6 +100,9 @@ def test_summarize_matches_independent_computation(grid_results: dict[str, Any],
     assert got.mean_rir == pytest.approx(want["mean_rir"], rel=1e-12)
     assert got.mean_ln_rir == pytest.approx(want["mean_ln_rir"], rel=1e-12)
     assert (got.n_success, got.n_immunized) == (want["success"], want["immunized"])
+    assert got.mean_ratio_harmful == pytest.approx(want["mean_i"], rel=1e-12)
+    assert got.geo_mean_ratio_harmful == pytest.approx(want["geo_i"], rel=1e-12)
+    assert got.geo_mean_rir == pytest.approx(math.exp(want["mean_ln_rir"]), rel=1e-12)
 
 
 @pytest.mark.parametrize("method", GRID_METHODS)
@@ -110,9 +116,11 @@ def test_table2_rows(md: str, method: str) -> None:
         if paper_ln
         else None
     )
+    # no identity cells and no band in the fixture: steps ratio and sensitivity are "—"
     row = (
-        f"| {NAMES[method]} | {n} | {fmt_num(want['mean_rir'])} | {fmt_num(want['mean_ln_rir'])} "
-        f"| {want['success']}/{n} | {want['immunized']}/{n} | {fmt_num(GRID_TABLE2[method])} "
+        f"| {NAMES[method]} | {n} | {fmt_num(want['mean_i'])} ({fmt_num(want['geo_i'])}) | — "
+        f"| {want['success']}/{n} | {fmt_num(want['mean_rir'])} | {fmt_num(math.exp(want['mean_ln_rir']))} "
+        f"| {fmt_num(want['mean_ln_rir'])} | — | {want['immunized']}/{n} | {fmt_num(GRID_TABLE2[method])} "
         f"| {fmt_num(paper_ln_mean)} |"
     )
     assert row in table
@@ -122,9 +130,11 @@ def test_table2_section_text(md: str) -> None:
     table = section(md, "Table 2")
     assert "mean of per-pair RIR, not ratio of means" in table
     assert "6 of the 90 ordered digit pairs" in table and "2 seed(s)" in table
-    assert "RIR > 1 and (ii) ≤ 1" in table
+    assert "(i) > 1 and (ii) ≤ 1" in table and "RIR > 1 and (ii) ≤ 1" not in table
     assert GRID_SUCCESS_TEXT in table
-    assert "| IMMA | — | — | — | — | — | 1.77 | 0.445 |" in table  # paper-only method
+    assert "| IMMA | — | — | — | — | — | — | — | — | — | 1.77 | 0.445 |" in table  # paper-only method
+    # rows ordered by the geometric mean of (i): R_ill only (≈ 92), Ours (≈ 29), Opt-κ (≈ 1.8)
+    assert table.index("| R_ill only |") < table.index("| Ours (condition") < table.index("| Opt-κ |")
     # order: Table 2 after the summary, before paper-vs-measured
     assert md.index("## Summary") < md.index("## Table 2") < md.index("## Paper vs measured")
 
@@ -189,9 +199,9 @@ def test_missing_pairs_and_methods(grid_results: dict[str, Any]) -> None:
     table = section(md, "Table 2")
     pairs = [k for k in GRID_PAIRS if k != (2, 4)]
     opt = expected("opt_kappa", [k for k in pairs if k != (0, 1)])
-    assert f"| Opt-κ | 4 | {fmt_num(opt['mean_rir'])} |" in table
-    assert f"| {opt['success']}/4 |" in table
-    assert "| 0/4 (1 without RIR or (ii)) | 0/4 |" in table  # R_ill only
+    assert f"| Opt-κ | 4 | {fmt_num(opt['mean_i'])} ({fmt_num(opt['geo_i'])}) |" in table
+    assert f"| {opt['success']}/4 | {fmt_num(opt['mean_rir'])} |" in table
+    assert "| 0/4 (1 without (i) or (ii)) |" in table  # R_ill only
     assert "5 of the 90" in table and "85 pairs were not run" in table
     assert "No heat map was rendered" in table
 
@@ -233,7 +243,8 @@ def test_grid_without_or_with_partial_paper(grid_results: dict[str, Any], paper:
         grid_results["paper"] = paper
     md = render_markdown(grid_results, {})
     table = section(md, "Table 2")
-    row = f"| Ours (condition number) | 6 | {fmt_num(expected('condition_number')['mean_rir'])} |"
+    want = expected("condition_number")
+    row = f"| Ours (condition number) | 6 | {fmt_num(want['mean_i'])} ({fmt_num(want['geo_i'])}) |"
     assert row in table and "| — | — |" in table
     assert "The paper's text on success counts" not in table
     if not paper:
@@ -318,3 +329,86 @@ def test_grid_record_loads_and_bad_cells_type_raises(tmp_path: Path, grid_result
     grid_results["cells"] = [grid_results["cells"]["0-1"]]
     with pytest.raises(ReportError, match="'cells' is a list"):
         load_results(dump(grid_results, tmp_path / "bad"))
+
+
+# ------------------------------------------------------------- success needs (i) > 1; attacker first
+
+
+def _summary_metric(values: list[float | None]) -> dict[str, Any]:
+    present = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "values": values,
+        "n": len(present),
+        "censored": len(values) - len(present),
+    }
+
+
+def test_rir_above_one_through_ii_alone_is_not_a_success(grid_results: dict[str, Any]) -> None:
+    # Opt-κ on (2, 4): (i) = 0.5 < 1 with (ii) = 0.05, so RIR = 10 > 1 and (ii) ≤ 1, yet the harmful
+    # task got easier to probe: not a success under the (i) > 1 rule (it was under RIR > 1)
+    metrics = grid_results["cells"]["2-4"]["methods"]["opt_kappa"]["metrics"]
+    metrics["kappa_ratio_harmful"] = _summary_metric([0.5, 0.5])
+    metrics["kappa_ratio_primary"] = _summary_metric([0.05, 0.05])
+    metrics["rir"] = _summary_metric([10.0, 10.0])
+    stats = next(s for s in grid.pair_stats(grid_results, "opt_kappa") if (s.primary, s.harmful) == (2, 4))
+    assert stats.rir == 10.0 and stats.ratio_primary <= 1 and stats.success is False
+    assert grid.success_matrix(grid_results, "opt_kappa")[4][2] is False
+    before = expected("opt_kappa")["success"]
+    assert grid.summarize(grid_results, "opt_kappa").n_success == before - 1  # (2, 4) succeeded before
+    # the boundary: (i) = 1 exactly is not > 1
+    metrics["kappa_ratio_harmful"] = _summary_metric([1.0, 1.0])
+    assert grid.summarize(grid_results, "opt_kappa").n_success == before - 1
+    metrics["kappa_ratio_harmful"] = _summary_metric([1.0 + 1e-9, 1.0 + 1e-9])
+    assert grid.summarize(grid_results, "opt_kappa").n_success == before
+
+
+def test_steps_ratio_against_identity_and_threshold_sensitive_pairs(grid_results: dict[str, Any]) -> None:
+    grid_results["attacks"] = [
+        {"key": "adam", "optimizer": "adam", "steps": 100},
+        {"key": "gd_exact", "optimizer": "gd_exact", "steps": 100},
+    ]
+    name = "steps_to_epsilon.harmful.gd_exact"
+    ours_steps = {(0, 1): [40.0, 60.0], (1, 0): [None, None], (2, 4): [20.0, 20.0]}
+    ident_steps = {(0, 1): [10.0, 10.0], (1, 0): [20.0, 30.0], (2, 4): [None, None]}
+    for (p, h), values in ours_steps.items():
+        cell = grid_results["cells"][f"{p}-{h}"]
+        cell["methods"]["condition_number"]["metrics"][name] = _summary_metric(values)
+        cell["methods"]["identity"] = {"metrics": {name: _summary_metric(ident_steps[p, h])}}
+    ratios = grid.pair_steps_ratios(grid_results, "condition_number")
+    # 50/10; a censored method (ε not reached in 100 steps → 101) over 25 is a lower bound; a censored
+    # reference makes an upper bound, left out of the summary
+    assert ratios == {(0, 1): (5.0, ""), (1, 0): (101 / 25, "≥"), (2, 4): (20 / 101, "≤")}
+    s = grid.summarize(grid_results, "condition_number")
+    assert s.steps_ratio == pytest.approx(math.sqrt(5.0 * 101 / 25), rel=1e-12)
+    assert (s.steps_ratio_n, s.steps_ratio_bound) == (2, "≥")
+    # threshold-sensitive: a pair is flagged when any seed is
+    band = grid_results["cells"]["0-1"]["methods"]["condition_number"]["metrics"]
+    band["threshold_sensitive"] = _summary_metric([0.0, 1.0])
+    band["rir_band_spread"] = _summary_metric([1.5, 3.0])
+    grid_results["cells"]["1-0"]["methods"]["condition_number"]["metrics"]["threshold_sensitive"] = (
+        _summary_metric([0.0, 0.0])
+    )
+    s = grid.summarize(grid_results, "condition_number")
+    assert (s.n_threshold_sensitive, s.n_sensitivity_known) == (1, 2)
+    md = render_markdown(grid_results, {})
+    table = section(md, "Table 2")
+    assert "Harmful steps-to-ε ratio (gd_exact) ↑" in table
+    assert f"| ≥{fmt_num(math.sqrt(5.0 * 101 / 25))} |" in table and "| 1/2 |" in table
+    pair_row = next(line for line in table.splitlines() if line.startswith("| 0 | 1 |"))
+    assert " ⚠ |" in pair_row
+    assert "Threshold-sensitive pairs" in section(md, "Summary")
+
+
+def test_order_uses_the_geometric_mean_of_i_so_one_pair_cannot_decide(grid_results: dict[str, Any]) -> None:
+    metrics = grid_results["cells"]["3-8"]["methods"]["opt_kappa"]["metrics"]
+    metrics["kappa_ratio_harmful"] = _summary_metric([1e6, 1e6])
+    s = grid.summarize(grid_results, "opt_kappa")
+    ours = grid.summarize(grid_results, "condition_number")
+    assert s.mean_ratio_harmful > 1e5 > ours.mean_ratio_harmful  # the arithmetic mean would put Opt-κ first
+    assert s.geo_mean_ratio_harmful < ours.geo_mean_ratio_harmful
+    assert grid.order_by_attacker(grid_results, ["opt_kappa", "condition_number", "rill_only"]) == [
+        "rill_only",
+        "condition_number",
+        "opt_kappa",
+    ]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import doctest
+import math
 from typing import Any
 
 import pytest
@@ -120,9 +121,12 @@ def test_empty_paper(results: dict[str, Any]) -> None:
 
 def test_metrics_table(md: str) -> None:
     table = section(md, "All metrics")
-    assert "| `rir` ↑ | ratio | 356.2 ± 8.77 | 1.24 ± 0.0566 | 1 ± 0 |" in table
+    # columns ordered by (i): R_ill only (90), Ours (18.9), identity (1)
+    assert "| `rir` ↑ | ratio | 1.24 ± 0.0566 | 356.2 ± 8.77 | 1 ± 0 |" in table
     assert "| `kappa_ratio_primary` ↓ |" in table
-    assert "| `kappa_harmful_immunized` |  | 4.20e+07 ± 1.41e+06 | 1.90e+07 ± 0 | 2.10e+05 ± 0 |" in table
+    assert "| `kappa_harmful_immunized` |  | 1.90e+07 ± 0 | 4.20e+07 ± 1.41e+06 | 2.10e+05 ± 0 |" in table
+    # (i) leads, then (ii), then RIR
+    assert table.index("`kappa_ratio_harmful`") < table.index("`kappa_ratio_primary`") < table.index("`rir`")
     # per-attack metrics are grouped by attack, in the order of results["attacks"]
     names = [
         "steps_to_epsilon.harmful.gd_exact",
@@ -146,9 +150,9 @@ def test_metrics_table(md: str) -> None:
 
 def test_steps_censored_text(md: str) -> None:
     table = section(md, "All metrics")
-    row = "| `steps_to_epsilon.harmful.gd_exact` ↑ | steps | > 200 (2/2 censored) | 155 ± 7.07 | 46 ± 1.41 |"
+    row = "| `steps_to_epsilon.harmful.gd_exact` ↑ | steps | 155 ± 7.07 | > 200 (2/2 censored) | 46 ± 1.41 |"
     assert row in table
-    assert "| `steps_to_epsilon.primary.gd_exact` ↓ | steps | 13 ± 1.41 | 145 ± 7.07 | 40 ± 0 |" in table
+    assert "| `steps_to_epsilon.primary.gd_exact` ↓ | steps | 145 ± 7.07 | 13 ± 1.41 | 40 ± 0 |" in table
     # partially censored: mean of the reached seeds plus the count, budget from results["attacks"]
     assert "80 (1/2 censored > 100)" in table
 
@@ -255,11 +259,25 @@ def test_deterministic(results: dict[str, Any]) -> None:
     assert render_markdown(results, FIGURES) == render_markdown(results, FIGURES)
 
 
-def test_method_order_from_config_strings(results: dict[str, Any]) -> None:
+def test_methods_ordered_by_harmful_ratio_whatever_the_config_order(results: dict[str, Any]) -> None:
     results["config"]["methods"] = ["identity", "not_run", "rill_only"]  # condition_number not listed
     table = section(render_markdown(results, {}), "Definition 3.1 verdict")
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "/" in line]
-    assert rows == ["| Identity (no defense)", "| R_ill only", "| Ours (condition number)"]
+    # (i): R_ill only 90.02, Ours 18.92, identity 1
+    assert rows == ["| R_ill only", "| Ours (condition number)", "| Identity (no defense)"]
+
+
+def test_equal_harmful_ratio_is_ordered_by_the_attackers_steps_ratio(results: dict[str, Any]) -> None:
+    ours = results["methods"]["condition_number"]["metrics"]
+    rill = results["methods"]["rill_only"]["metrics"]
+    ours["kappa_ratio_harmful"] = dict(rill["kappa_ratio_harmful"])  # a tie on (i)
+    table = section(render_markdown(results, {}), "What an attacker feels")
+    # Ours: ≥ 201/46 (censored at the budget of 200); R_ill only: 155/46
+    assert table.index("| Ours (condition number) |") < table.index("| R_ill only |")
+    ours["steps_to_epsilon.harmful.gd_exact"] = dict(rill["steps_to_epsilon.harmful.gd_exact"], mean=100.0)
+    ours["steps_to_epsilon.harmful.gd_exact"]["values"] = [100.0, 100.0]
+    table = section(render_markdown(results, {}), "What an attacker feels")
+    assert table.index("| R_ill only |") < table.index("| Ours (condition number) |")
 
 
 def test_method_order_without_config(results: dict[str, Any]) -> None:
@@ -293,3 +311,51 @@ def test_closed_form_accuracy_fallback(results: dict[str, Any]) -> None:
         record["metrics"]["harmful_test_accuracy_closed_form"] = mse
     summary = section(render_markdown(results, {}), "Summary")
     assert "harmful test accuracy of the closed-form least-squares probe" in summary
+
+
+# ------------------------------------------------------------------------ what an attacker feels
+
+
+def test_attacker_table_leads_with_i_and_the_steps_ratio(md: str) -> None:
+    table = section(md, "What an attacker feels")
+    header = next(line for line in table.splitlines() if line.startswith("| Method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[:5] == [
+        "Method",
+        "(i) ↑",
+        "harmful steps-to-ε ratio (gd_exact) ↑",
+        "(ii) ↓",
+        "RIR ↑ (mean ± std)",
+    ]
+    # Ours: ε never reached within 200 steps (counted as 201) vs identity's 46 → a lower bound 201/46
+    # share of ln RIR from (ii) = −mean ln(ii) / (mean ln(i) − mean ln(ii)), by hand from the fixture
+    ln_i = (math.log(18.5) + math.log(19.34)) / 2
+    ln_ii = (math.log(0.052) + math.log(0.054)) / 2
+    share = -ln_ii / (ln_i - ln_ii)
+    geo = math.exp((math.log(350.0) + math.log(362.4)) / 2)
+    row = (
+        f"| Ours (condition number) | 18.92 ± 0.594 | ≥{fmt_num(201 / 46)} | 0.053 ± 0.00141 | 356.2 ± 8.77 "
+        f"| {fmt_num(geo)} | {fmt_num(math.log(geo))} | {100 * share:.0f} % |"
+    )
+    assert row in table
+    assert f"| R_ill only | 90.02 ± 2.86 | {fmt_num(155 / 46)} | 72.42 ± 2.01 |" in table
+    assert "| R_ill only |" in table and "| 0 % |" in table  # (ii) > 1 contributes nothing
+    assert md.index("## Summary") < md.index("## What an attacker feels") < md.index("## Paper vs measured")
+
+
+def test_attacker_table_flags_threshold_sensitive_seeds(results: dict[str, Any]) -> None:
+    metrics = results["methods"]["condition_number"]["metrics"]
+    metrics["rir_band_spread"] = {"mean": 2.05, "values": [1.1, 3.0], "n": 2}
+    metrics["threshold_sensitive"] = {"mean": 0.5, "values": [0.0, 1.0], "n": 2}
+    table = section(render_markdown(results, {}), "What an attacker feels")
+    row = next(line for line in table.splitlines() if line.startswith("| Ours"))
+    assert row.endswith("| ×3 | yes (1/2) |")
+    assert "| — | — |" in next(line for line in table.splitlines() if line.startswith("| R_ill only"))
+
+
+def test_summary_names_the_share_of_ln_rir_from_ii(md: str) -> None:
+    summary = section(md, "Summary")
+    ln_i = (math.log(18.5) + math.log(19.34)) / 2
+    ln_ii = (math.log(0.052) + math.log(0.054)) / 2
+    assert f"{100 * -ln_ii / (ln_i - ln_ii):.0f} % of its mean ln RIR comes from (ii)" in summary
+    assert "R_ill only makes the harmful task hardest to probe" in summary

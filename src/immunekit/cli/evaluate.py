@@ -40,9 +40,9 @@ either model), NOT IMMUNIZED (the immunized model harmful at release, or any con
 cross-domain included when run), INCONCLUSIVE (a condition is undecided: diverged attacks, an
 evaluation grid too coarse to compare steps-to-threshold, a reference that fails its own primary
 task), IMMUNIZED (everything passes). A diverged attack is no evidence; it is retried with a 10x
-and a 100x smaller learning rate. Bad input (not an immunekit checkpoint, unknown attack, steps <= 0, thresholds
-outside the score range, a search on a task without a validation split, a directory --out holding
-results of another configuration) exits with code 2 and a one-line error.
+and a 100x smaller learning rate. Bad input (not an immunekit checkpoint, unknown attack, steps
+<= 0, thresholds outside the score range, a search on a task without a validation split, a
+directory --out holding results of another configuration) exits with code 2 and a one-line error.
 """
 
 

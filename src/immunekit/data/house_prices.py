@@ -4,7 +4,14 @@ The rows of a house-sales table are split by zoning: the ``RL`` rows form the ha
 (target ``SalePrice``), every other row the primary domain (target ``LotArea``). The features are
 all remaining columns (79, including ``Id`` and ``MSZoning``), preprocessed per domain: missing
 values become 0, categorical columns become ordinal codes in sorted string order, and features
-and target are z-scored (ddof = 1, a zero std becomes 1).
+and target are z-scored (ddof = 1) with the statistics rows' mean and std.
+
+A feature column that is constant in the statistics rows (e.g. ``PoolArea`` = 0 in 200 training
+rows) has no scale to z-score with. It is set to **zero in every row** of the domain, held-out rows
+included (recorded in ``info["constant_features"]``): the defender and the attacker never saw it
+vary, and giving it std 1 (the earlier rule) left held-out rows in raw units (``PoolArea`` up to
+800) far outside the training row space. With whole-domain statistics (the paper's ``csv``
+protocol) such a column is constant in every row, so it was already exactly 0 and nothing changes.
 
 Two sources:
 
@@ -53,7 +60,7 @@ DOMAIN_COLUMN = "MSZoning"
 HARMFUL_ZONE = "RL"
 TARGETS = {"primary": "LotArea", "harmful": "SalePrice"}
 REQUIRED_COLUMNS = ("Id", "MSZoning", "LotArea", "SalePrice")
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"  # 2: columns constant in the statistics rows are zeroed in every row
 
 # pandas' default missing-value markers of read_csv (pandas 2.x), applied to the Ames pickle too.
 _NA_STRINGS = frozenset(
@@ -284,6 +291,7 @@ class _Domain:
     target_std: float
     extra: dict[str, Dataset] = field(default_factory=dict)
     extra_doc: dict[str, str] = field(default_factory=dict)
+    constant_features: list[str] = field(default_factory=list)
 
 
 def _choose_rows(
@@ -326,7 +334,7 @@ def _build_domain(
         test_idx, extra_idx, extra_doc = _evaluation_rows(name, len(part), train_idx, test_idx, config, seed)
     stats_idx = train_idx if config.resolved_fit_stats_on == "train" else np.arange(len(part))
     x = _encode(part[features], categorical, stats_idx)
-    x = _zscore(x, stats_idx)
+    x, constant = _zscore(x, stats_idx)
     y_raw = part[TARGETS[name]].to_numpy(dtype=np.float64)
     y_mean, y_std = _mean_std(y_raw[stats_idx])
     y = (y_raw - y_mean) / y_std
@@ -340,7 +348,14 @@ def _build_domain(
 
     extra = {split: dataset(idx) for split, idx in extra_idx.items()}
     return _Domain(
-        dataset(train_idx), dataset(test_idx), len(part), float(y_mean), float(y_std), extra, extra_doc
+        dataset(train_idx),
+        dataset(test_idx),
+        len(part),
+        float(y_mean),
+        float(y_std),
+        extra,
+        extra_doc,
+        [f for f, c in zip(features, constant, strict=True) if c],
     )
 
 
@@ -423,9 +438,19 @@ def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _zscore(x: np.ndarray, stats_idx: np.ndarray) -> np.ndarray:
-    mean, std = _mean_std(x[stats_idx])
-    return (x - mean) / std
+def _zscore(x: np.ndarray, stats_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score every column with the statistics rows; columns constant there become 0 in every row.
+
+    Returns:
+        ``(z-scored x, boolean mask of the zeroed columns)``.
+
+    """
+    stats = x[stats_idx]
+    mean, std = _mean_std(stats)
+    constant = np.ptp(stats, axis=0) == 0
+    z = (x - mean) / std
+    z[:, constant] = 0.0
+    return z, constant
 
 
 def _check_finite(name: str, x: np.ndarray, features: list[str]) -> None:
@@ -487,9 +512,11 @@ def _info(
             **{k: len(v) for k, v in built["harmful"].extra.items()},
         },
         "target_stats": {k: {"mean": d.target_mean, "std": d.target_std} for k, d in built.items()},
+        "constant_features": {k: list(d.constant_features) for k, d in built.items()},
         "preprocessing": (
             "per domain: missing -> 0; categorical columns cast to str and coded by sorted category order "
             "of the statistics rows (unseen -> -1); features and target z-scored with the statistics rows' "
-            f"mean and std (ddof=1, zero std -> 1); statistics rows = {config.resolved_fit_stats_on}"
+            "mean and std (ddof=1); feature columns constant in the statistics rows set to 0 in every row "
+            f"(constant_features); statistics rows = {config.resolved_fit_stats_on}"
         ),
     }

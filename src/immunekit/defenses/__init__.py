@@ -11,5 +11,6 @@ DEFENSES.register_lazy("condition_number", "immunekit.defenses.condition_number:
 DEFENSES.register_lazy("rill_only", "immunekit.defenses.condition_number:RillOnly")
 DEFENSES.register_lazy("opt_kappa", "immunekit.defenses.opt_kappa:OptKappa")
 DEFENSES.register_lazy("imma", "immunekit.defenses.imma:Imma")
+DEFENSES.register_lazy("whiten_primary", "immunekit.defenses.whiten_primary:WhitenPrimary")
 
 __all__ = ["DEFENSES", "Defense", "DefenseConfig"]

@@ -19,6 +19,12 @@ regularizer step is clipped to its step bound, which guarantees that R_well alon
 and R_ill alone raises κ(H_H) (§4 of the spec); without it a fixed λ_H large enough to matter
 diverges within a few iterations. Every applied τ, λ and clip is recorded in ``history_``.
 
+Rank rule (methods/condition_number.md §7.1, :mod:`immunekit.spectral.rank`): null(K_P) and
+null(K_H) are decided once per fit on the singular values of X_P and X_H (r = #{s_i > rtol·s_1},
+``rank_rtol`` default max(N, D)·eps), and every κ of H = θᵀKθ, the rank k of R_ill and Opt-κ and the
+step bounds use that fixed rank; the decisions are recorded in ``info_["rank_rule"]``. The
+eigenvalues the spectral terms use are s² of the factor Fθ (eps-relative), not ``eigvalsh``'s.
+
 Three documented safeguards (each switchable, each recorded per step):
 
 * ``primary_safeguard``: the §4 guarantees hold per regularizer only (paper §4.4), and the R_ill
@@ -52,9 +58,10 @@ configs: final θ within 2e-11 relative for condition_number and rill_only and 3
 whose trajectory is that sensitive to rounding (the original code moves θ by 5e-9 when only the
 row order of X_H changes). At D = 784 a fit is 2.3–4.4× faster (benchmarks/mnist_speed.py):
 
-* once per fit: one ``eigh`` per K gives the preconditioner, the factor F (FᵀF = K) and the
-  range projector (:class:`~immunekit.spectral.fast.PsdSpectrum`); step 0 reuses the directions
-  computed at θ_0 for λ balancing; λ_max(K_P) is kept for the task-step guard.
+* once per fit: one SVD per data factor X decides null(K) by the rank rule and gives the
+  preconditioner, the factor F (FᵀF = K) and the range projector
+  (:class:`~immunekit.spectral.rank.FactorSpectrum`, shared with the dense path); step 0 reuses
+  the directions computed at θ_0 for λ balancing; λ_max(K_P) is kept for the task-step guard.
 * thin pieces: F keeps only its rank K rows; P_K and the primary-subspace projection use the
   thinner of the range/null bases (:class:`~immunekit.spectral.fast.RangeProjector`, nothing
   at full rank); H = (Fθ)ᵀ(Fθ) reuses the product formed for κ.
@@ -90,25 +97,23 @@ from immunekit.models.base import ImmunizableModel
 from immunekit.spectral.condition import (
     EPS64,
     KappaInfo,
-    default_rtol,
+    check_rtol,
     gram_condition_number,
     gram_spectrum,
-    psd_factor,
 )
 from immunekit.spectral.fast import (
-    PsdSpectrum,
     RangeProjector,
     g_ill_fast,
     g_well_fast,
     gram_kappa_bound,
 )
 from immunekit.spectral.hessians import covariance, linear_l2_hessian, symmetrize
+from immunekit.spectral.rank import FactorSpectrum
 from immunekit.spectral.regularizers import (
     Preconditioner,
     SpectralGrad,
     g_ill,
     g_well,
-    make_preconditioner,
     r_ill_step_bound,
     r_well_step_bound,
 )
@@ -147,13 +152,13 @@ class SpectralDefenseConfig(DefenseConfig):
     preconditioner: Literal["pinv", "ridge", "none"] = field(
         default="pinv", metadata={"help": "left preconditioner K⁺ (pinv), (K+εI)⁻¹ (ridge), none (ablation)"}
     )
-    pinv_rtol: float | None = field(
-        default=None, metadata={"help": "relative threshold of K⁺ (default D·eps)"}
-    )
     ridge: float = field(default=0.0, metadata={"help": "ε for the ridge preconditioner"})
     rank_rtol: float | None = field(
         default=None,
-        metadata={"help": "relative threshold on the singular values of F·θ (FᵀF = K) for rank and κ of H"},
+        metadata={
+            "help": "the rank rule's relative cut on the singular values of X_P and X_H (K = XᵀX): decides "
+            "null(K) for K⁺, the projector, the factor and rank H (default max(N, D)·eps); in (0, 1)"
+        },
     )
     delta_min: float = field(default=1e-300, metadata={"help": "floor of Δ(H_H) in R_ill (hits are logged)"})
     guard: bool = field(default=True, metadata={"help": "clip τ to the monotone-κ step bounds"})
@@ -198,6 +203,8 @@ class SpectralDefenseConfig(DefenseConfig):
         for name in ("step_norm_primary", "step_norm_harmful", "ridge", "delta_min"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rank_rtol is not None:
+            check_rtol(self.rank_rtol, name="rank_rtol")
         if self.preconditioner == "ridge" and self.ridge <= 0:
             raise ConfigError("preconditioner='ridge' needs ridge > 0, e.g. ridge=1e-6")
         if self.balance == "fixed" and (self.lambda_primary is None or self.lambda_harmful is None):
@@ -218,8 +225,8 @@ class SpectralLinearDefense(Defense):
     original dense ones (for benchmarks and equality tests; an instance attribute overrides it)."""
 
     def primary_term(self, h: Tensor, rank: int) -> SpectralGrad:
-        """∂R_P/∂H_P (to be descended); ``rank`` is H_P's numerical rank."""
-        return g_well(h)
+        """∂R_P/∂H_P (to be descended); ``rank`` is H_P's rank, fixed on K_P (the rank rule)."""
+        return g_well(h, rank=rank)
 
     def harmful_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂R_H/∂H_H (to be descended); ``rank`` is H_H's numerical rank (k of R_ill)."""
@@ -246,6 +253,7 @@ class SpectralLinearDefense(Defense):
         su = self._setup(theta, task)
         self.history_ = []
         self.info_ = {
+            "rank_rule": su.rank_rule,
             "preconditioner_primary": su.pre_p.describe(),
             "preconditioner_harmful": su.pre_h.describe(),
             "balance": cfg.balance,
@@ -262,15 +270,25 @@ class SpectralLinearDefense(Defense):
     def _setup(self, theta: Tensor, task: Task) -> _Setup:
         cfg = self.config
         k_p, k_h = covariance(task.primary.x), covariance(task.harmful.x)
-        kw = {"method": cfg.preconditioner, "rtol": cfg.pinv_rtol, "ridge": cfg.ridge}
-        pre_p, pre_h = make_preconditioner(k_p, **kw), make_preconditioner(k_h, **kw)
-        proj = (
-            make_preconditioner(k_p, method="pinv", rtol=cfg.pinv_rtol).projector
-            if cfg.primary_subspace
-            else None
+        # The rank rule (spectral.rank): null(K) decided once, on the singular values of X.
+        spec_p, spec_h = task_spectra(task, cfg.rank_rtol)
+        pre_p = spec_p.preconditioner(cfg.preconditioner, ridge=cfg.ridge)
+        pre_h = spec_h.preconditioner(cfg.preconditioner, ridge=cfg.ridge)
+        proj = spec_p.preconditioner("pinv").projector if cfg.primary_subspace else None
+        su = _Setup(
+            k_p,
+            k_h,
+            spec_p.factor(thin=False),
+            spec_h.factor(thin=False),
+            pre_p,
+            pre_h,
+            proj,
+            None,
+            None,
+            0.0,
+            spec_p,
+            spec_h,
         )
-        f_p, f_h = psd_factor(k_p, rtol=cfg.pinv_rtol), psd_factor(k_h, rtol=cfg.pinv_rtol)
-        su = _Setup(k_p, k_h, f_p, f_h, pre_p, pre_h, proj, None, None, 0.0, cfg.rank_rtol)
         lam_p, lam_h = self._initial_lambdas(theta, su)
         return dataclasses.replace(su, lam_p=lam_p, lam_h=lam_h, log_kappa_p0=su.kappa_p(theta).log_kappa)
 
@@ -290,8 +308,8 @@ class SpectralLinearDefense(Defense):
 
     def _directions(self, theta: Tensor, su: _Setup) -> tuple[SpectralGrad, SpectralGrad, Tensor, Tensor]:
         """Spectral terms and the preconditioned directions K_P⁺∇_θR_P, K_H⁺∇_θR_H (projected if asked)."""
-        sp = self.primary_term(linear_l2_hessian(theta, su.k_p), su.kappa_p(theta).rank)
-        sh = self.harmful_term(linear_l2_hessian(theta, su.k_h), su.kappa_h(theta).rank)
+        sp = self.primary_term(linear_l2_hessian(theta, su.k_p), su.spec_p.rank)
+        sh = self.harmful_term(linear_l2_hessian(theta, su.k_h), su.spec_h.rank)
         d_p, d_h = su.pre_p.spectral_step(theta, sp.g), su.pre_h.spectral_step(theta, sh.g)
         return sp, sh, su.project(d_p), su.project(d_h)
 
@@ -423,6 +441,7 @@ class SpectralLinearDefense(Defense):
         fs = self._fast_setup(theta, task)
         self.history_ = []
         self.info_ = {
+            "rank_rule": {"primary": fs.spec_p.describe(), "harmful": fs.spec_h.describe()},
             "preconditioner_primary": fs.pre_p.describe(),
             "preconditioner_harmful": fs.pre_h.describe(),
             "balance": cfg.balance,
@@ -443,15 +462,15 @@ class SpectralLinearDefense(Defense):
 
     def _fast_setup(self, theta: Tensor, task: Task) -> _FastSetup:
         cfg = self.config
-        k_p, k_h = covariance(task.primary.x), covariance(task.harmful.x)
-        # One eigh per K (the reference runs five between the preconditioners, factors and projector).
-        spec_p, spec_h = PsdSpectrum.of(k_p, rtol=cfg.pinv_rtol), PsdSpectrum.of(k_h, rtol=cfg.pinv_rtol)
+        # One SVD per data factor decides null(K) (the rank rule) and gives the preconditioner,
+        # the thin factor and the range projector.
+        spec_p, spec_h = task_spectra(task, cfg.rank_rtol)
         pinv = cfg.preconditioner == "pinv"
         pre_p = spec_p.preconditioner(cfg.preconditioner, ridge=cfg.ridge, dense=not pinv)
         pre_h = spec_h.preconditioner(cfg.preconditioner, ridge=cfg.ridge, dense=not pinv)
-        d_in, d_hid = theta.shape
         fs = _FastSetup(
             spec_p=spec_p,
+            spec_h=spec_h,
             f_p=spec_p.factor(thin=True),
             f_h=spec_h.factor(thin=True),
             pre_p=pre_p,
@@ -459,8 +478,8 @@ class SpectralLinearDefense(Defense):
             range_p=spec_p.projector() if pinv else None,
             range_h=spec_h.projector() if pinv else None,
             subspace=spec_p.projector() if cfg.primary_subspace else None,
-            rtol=default_rtol(d_in, d_hid) if cfg.rank_rtol is None else float(cfg.rank_rtol),
-            k_p_max=float(spec_p.eigenvalues[-1]),
+            rtol=spec_p.rtol,
+            k_p_max=float(spec_p.eigenvalues()[0]),
         )
         fs.start = fs.kappa_p(theta)
         fs.log_kappa_p0 = fs.start.info.log_kappa
@@ -500,14 +519,16 @@ class SpectralLinearDefense(Defense):
         """:meth:`primary_term` computing only v_1 (g_well_fast; on the Gram of F_Pθ if rank K_P < D)."""
         h = pp.hessian()
         if type(self).primary_term is SpectralLinearDefense.primary_term:
-            return g_well_fast(h, factor=pp.m)
+            return g_well_fast(h, factor=pp.m, rank=pp.info.rank, values=pp.values)
         return self.primary_term(h, pp.info.rank)
 
     def _fast_harmful_term(self, ph: _Point) -> SpectralGrad:
         """:meth:`harmful_term` computing only v_k (g_ill_fast; on the Gram of F_Hθ if rank K_H < D)."""
         h = ph.hessian()
         if type(self).harmful_term is SpectralLinearDefense.harmful_term:
-            return g_ill_fast(h, rank=ph.info.rank, delta_min=self.config.delta_min, factor=ph.m)
+            return g_ill_fast(
+                h, rank=ph.info.rank, delta_min=self.config.delta_min, factor=ph.m, values=ph.values
+            )
         return self.harmful_term(h, ph.info.rank)
 
     def _fast_step(
@@ -629,6 +650,15 @@ class SpectralLinearDefense(Defense):
         return (limit, True) if cfg.lr > limit else (cfg.lr, False)
 
 
+def task_spectra(task: Task, rtol: float | None = None) -> tuple[FactorSpectrum, FactorSpectrum]:
+    """The rank rule's decisions on the task's training inputs: (X_P's, X_H's) :class:`FactorSpectrum`.
+
+    The same function of the same data everywhere (defenses and the metric), so null(K) is decided
+    once per task.
+    """
+    return FactorSpectrum.of(task.primary.x, rtol=rtol), FactorSpectrum.of(task.harmful.x, rtol=rtol)
+
+
 def _gallop(ok: Callable[[int], bool], start: int, last: int) -> int | None:
     """Smallest j in [0, last] with ok(j), for a monotone ok (False…False True…True), from ``start``.
 
@@ -678,15 +708,21 @@ class _Setup:
     lam_p: float | None
     lam_h: float | None
     log_kappa_p0: float
-    rank_rtol: float | None
+    spec_p: FactorSpectrum
+    spec_h: FactorSpectrum
+
+    @property
+    def rank_rule(self) -> dict:
+        """The rank decisions on X_P and X_H (recorded in ``info_``)."""
+        return {"primary": self.spec_p.describe(), "harmful": self.spec_h.describe()}
 
     def kappa_p(self, theta: Tensor) -> KappaInfo:
-        """κ(θᵀK_Pθ) from the factor F_Pθ (small eigenvalues resolved to eps relative)."""
-        return gram_condition_number(self.f_p @ theta, rtol=self.rank_rtol)
+        """κ(θᵀK_Pθ) from the factor F_Pθ, rank fixed on K_P (small eigenvalues resolved to eps relative)."""
+        return gram_condition_number(self.f_p @ theta, rtol=self.spec_p.rtol, rank=self.spec_p.rank)
 
     def kappa_h(self, theta: Tensor) -> KappaInfo:
-        """κ(θᵀK_Hθ) from the factor F_Hθ."""
-        return gram_condition_number(self.f_h @ theta, rtol=self.rank_rtol)
+        """κ(θᵀK_Hθ) from the factor F_Hθ, rank fixed on K_H."""
+        return gram_condition_number(self.f_h @ theta, rtol=self.spec_h.rtol, rank=self.spec_h.rank)
 
     def project(self, update: Tensor) -> Tensor:
         """P_V Δ P_V + P_N Δ P_N with V = range(K_P), N = null(K_P) (identity when the constraint is off)."""
@@ -723,7 +759,8 @@ def _well_value(pp: _Point, p: int) -> SpectralGrad:
 class _FastSetup:
     """What the fast path computes once: thin factors and projectors from one eigh per K, λs, caches."""
 
-    spec_p: PsdSpectrum
+    spec_p: FactorSpectrum
+    spec_h: FactorSpectrum
     f_p: Tensor
     f_h: Tensor
     pre_p: Preconditioner
@@ -746,24 +783,25 @@ class _FastSetup:
     def __post_init__(self) -> None:
         self.norm_f_p = float(self.f_p.norm())
 
-    def _kappa(self, f: Tensor, theta: Tensor) -> _Point:
+    def _kappa(self, f: Tensor, theta: Tensor, spec: FactorSpectrum) -> _Point:
         m = f @ theta
-        info, values = gram_spectrum(m, rtol=self.rtol)
+        info, values = gram_spectrum(m, rtol=spec.rtol, rank=spec.rank)
         return _Point(theta, info, m, values)
 
     def kappa_p(self, theta: Tensor) -> _Point:
-        """κ(θᵀK_Pθ) from F_Pθ, exactly as _Setup.kappa_p (same rank threshold, thin factor)."""
-        return self._kappa(self.f_p, theta)
+        """κ(θᵀK_Pθ) from F_Pθ, exactly as _Setup.kappa_p (rank fixed on K_P, thin factor)."""
+        return self._kappa(self.f_p, theta, self.spec_p)
 
     def kappa_h(self, theta: Tensor) -> _Point:
-        """κ(θᵀK_Hθ) from F_Hθ."""
-        return self._kappa(self.f_h, theta)
+        """κ(θᵀK_Hθ) from F_Hθ (rank fixed on K_H)."""
+        return self._kappa(self.f_h, theta, self.spec_h)
 
     def reference_log_kappa_p(self, theta: Tensor) -> float:
-        """The log κ(θᵀK_Pθ) of _Setup.kappa_p, bit for bit (full D-row factor, same threshold)."""
+        """The log κ(θᵀK_Pθ) of _Setup.kappa_p, bit for bit (full D-row factor, same rank)."""
         if self.f_p_full is None:
-            self.f_p_full = self.spec_p.factor()
-        return gram_condition_number(self.f_p_full @ theta, rtol=self.rtol).log_kappa
+            self.f_p_full = self.spec_p.factor(thin=False)
+        rank, rtol = self.spec_p.rank, self.spec_p.rtol
+        return gram_condition_number(self.f_p_full @ theta, rtol=rtol, rank=rank).log_kappa
 
     def direction(self, pre: Preconditioner, rp: RangeProjector | None, theta: Tensor, g: Tensor) -> Tensor:
         """K⁺∇_θR = 2 P_K θ G (Preconditioner.spectral_step) with a thin P_K for the pseudo-inverse."""

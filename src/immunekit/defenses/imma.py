@@ -23,8 +23,7 @@ from immunekit.defenses.base import Defense, DefenseConfig, require_linear
 from immunekit.defenses.linear_common import head_width, task_grads
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
-from immunekit.spectral.condition import gram_condition_number, psd_factor
-from immunekit.spectral.hessians import covariance
+from immunekit.spectral.rank import FactorSpectrum
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +61,6 @@ class Imma(Defense):
         theta = lin.theta
         omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
         w = torch.zeros(theta.shape[1], head_width(task.harmful, task.loss), dtype=torch.float64)
-        k_p, k_h = covariance(task.primary.x), covariance(task.harmful.x)
         self.history_ = []
         for t in tqdm(range(cfg.steps), desc=self.name, disable=not cfg.progress, leave=False):
             for _ in range(cfg.inner_steps):
@@ -85,11 +83,14 @@ class Imma(Defense):
                 }
             )
         # κ of the result only: per-step κ at D = 784 would cost more than the iteration itself.
+        # The rank rule: null(K) decided on the singular values of X, rank of H fixed on K.
+        spec_p, spec_h = FactorSpectrum.of(task.primary.x), FactorSpectrum.of(task.harmful.x)
         self.info_ = {
             "adv_weight": cfg.adv_weight,
             "inner_steps": cfg.inner_steps,
             "inner_lr": cfg.inner_lr,
-            "final_log_kappa_primary": gram_condition_number(psd_factor(k_p) @ theta).log_kappa,
-            "final_log_kappa_harmful": gram_condition_number(psd_factor(k_h) @ theta).log_kappa,
+            "rank_rule": {"primary": spec_p.describe(), "harmful": spec_h.describe()},
+            "final_log_kappa_primary": spec_p.kappa(theta).log_kappa,
+            "final_log_kappa_harmful": spec_h.kappa(theta).log_kappa,
         }
         return lin.with_weights(theta, omega)

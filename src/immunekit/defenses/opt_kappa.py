@@ -36,13 +36,15 @@ class OptKappa(SpectralLinearDefense):
     def _fast_primary_term(self, pp: _Point) -> SpectralGrad:
         """primary_term computing only v_1 and v_k (see SpectralLinearDefense._fast_primary_term)."""
         if type(self).primary_term is OptKappa.primary_term:
-            return g_log_kappa_fast(pp.hessian(), rank=pp.info.rank, factor=pp.m)
+            return g_log_kappa_fast(pp.hessian(), rank=pp.info.rank, factor=pp.m, values=pp.values)
         return super()._fast_primary_term(pp)
 
     def _fast_harmful_term(self, ph: _Point) -> SpectralGrad:
         """harmful_term computing only v_1 and v_k."""
         if type(self).harmful_term is OptKappa.harmful_term:
-            return _inverse_log(g_log_kappa_fast(ph.hessian(), rank=ph.info.rank, factor=ph.m))
+            return _inverse_log(
+                g_log_kappa_fast(ph.hessian(), rank=ph.info.rank, factor=ph.m, values=ph.values)
+            )
         return super()._fast_harmful_term(ph)
 
     def primary_bound(self, sg: SpectralGrad) -> float:

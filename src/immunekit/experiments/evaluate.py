@@ -65,7 +65,6 @@ from immunekit.metrics.conditions import Thresholds
 from immunekit.metrics.rir import KappaPair, rir
 from immunekit.metrics.stats import paired_difference, summarise
 from immunekit.models.base import ImmunizableModel, LinearModel
-from immunekit.spectral.condition import gram_condition_number
 from immunekit.spectral.lstsq import MinNormLstsq
 
 logger = logging.getLogger(__name__)
@@ -545,23 +544,53 @@ def trivial_score(task: Task) -> float:
 
 
 def kappa_rir(model: ImmunizableModel, reference: ImmunizableModel, task: Task) -> dict[str, Any] | None:
-    """κ of the ℓ2 linear-probe Hessians (∝ ΦᵀΦ) on the harmful and primary splits, and RIR.
+    """κ of the ℓ2 linear-probe Hessians (∝ ΦᵀΦ) on the harmful and primary splits, RIR and its band.
+
+    The toolkit's one rank rule (:mod:`immunekit.spectral.rank`): the rank is decided once on the
+    reference's features Φ_M (r = #{s_i > rtol·s_1}, rtol = max(N, D)·ε₆₄) and fixed for the
+    immunized features, κ = (s_1/s_r)²; the same ratios at rtol/100 and rtol·100 form the
+    sensitivity band (``threshold_sensitive`` when RIR moves more than 2× across it).
 
     Returns ``None`` when the feature dimension exceeds :data:`KAPPA_MAX_DIM`.
     """
-    pairs = []
-    for m in (reference, model):
-        f_h, f_p = _features(m, task.harmful.x), _features(m, task.primary.x)
-        if f_h.shape[1] > KAPPA_MAX_DIM:
+    from immunekit.metrics.rir import rir_band
+    from immunekit.spectral.condition import gram_spectrum
+    from immunekit.spectral.rank import RANK_RULE, FactorSpectrum, band_multipliers
+
+    feats = {}
+    for role, m in (("reference", reference), ("immunized", model)):
+        feats[role] = (_features(m, task.harmful.x), _features(m, task.primary.x))
+        if feats[role][0].shape[1] > KAPPA_MAX_DIM:
             return None
-        pairs.append(KappaPair(gram_condition_number(f_h), gram_condition_number(f_p)))
-    out: dict[str, Any] = rir(pairs[0], pairs[1]).to_dict()
+    specs = [FactorSpectrum.of(f) for f in feats["reference"]]
+    mults = band_multipliers()
+    refs, imms = [], []
+    for mult in mults:
+        cuts = [spec.scaled(mult) for spec in specs]
+        refs.append(KappaPair(*(c.kappa() for c in cuts)))
+        imms.append(
+            KappaPair(
+                *(
+                    gram_spectrum(f, rtol=c.rtol, rank=c.rank)[0]
+                    for f, c in zip(feats["immunized"], cuts, strict=True)
+                )
+            )
+        )
+    centre = mults.index(1.0)
+    out: dict[str, Any] = rir(refs[centre], imms[centre]).to_dict()
+    out.update(rir_band(refs, imms, mults).to_metrics())
     out["hessian"] = (
         "ℓ2 linear probe on frozen features: H = 2ΦᵀΦ (harmful: 'harmful' split, primary: 'primary')"
     )
-    out["rank_harmful_reference"] = pairs[0].harmful.rank
-    out["rank_primary_reference"] = pairs[0].primary.rank
-    out["dim"] = pairs[1].harmful.dim
+    out["rank_rule"] = {
+        "rule": RANK_RULE,
+        "decided_on": "the reference's features, fixed for the immunized model",
+        "harmful": specs[0].describe(),
+        "primary": specs[1].describe(),
+    }
+    out["rank_harmful_reference"] = specs[0].rank
+    out["rank_primary_reference"] = specs[1].rank
+    out["dim"] = specs[0].dim
     return out
 
 

@@ -34,14 +34,17 @@ from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
+from immunekit.metrics.rir import rir_band
 from immunekit.models.base import LinearModel, linear_model
 from immunekit.models.checkpoint import save_checkpoint
-from immunekit.spectral import (
-    condition_number,
-    covariance,
-    default_rtol,
-    gram_condition_number,
-    psd_factor,
+from immunekit.spectral.condition import check_rtol
+from immunekit.spectral.rank import (
+    DEFAULT_BAND,
+    RANK_RULE,
+    RANK_RULE_TEXT,
+    FactorSpectrum,
+    band_multipliers,
+    check_band,
 )
 
 log = logging.getLogger(__name__)
@@ -113,9 +116,28 @@ class LinearExperimentConfig:
             "help": "digit-pair tasks: 'all' (90 ordered pairs) or '0-1,3-8'; each pair is a grid cell"
         },
     )
+    rank_rtol: float | None = field(
+        default=None,
+        metadata={
+            "help": "the rank rule's relative cut on the singular values of X_P and X_H, for the metric and "
+            "every defense with a rank_rtol setting (default max(N, D)·eps); in (0, 1)"
+        },
+    )
+    band: float = field(
+        default=DEFAULT_BAND,
+        metadata={"help": "sensitivity band: κ ratios also at rank_rtol/band and rank_rtol·band; > 1"},
+    )
 
     def __post_init__(self) -> None:
         TASKS.get(self.task)
+        if self.rank_rtol is not None:
+            check_rtol(self.rank_rtol, name="rank_rtol")
+        check_band(self.band)
+        if self.rank_rtol is not None and self.rank_rtol * self.band >= 1:
+            raise ConfigError(
+                f"rank_rtol × band must be < 1 (the band's upper cut), got {self.rank_rtol} × {self.band}; "
+                "lower rank_rtol or band"
+            )
         if not self.seeds:
             raise ConfigError("seeds must not be empty; e.g. --seeds 1,2,3")
         if len(set(self.seeds)) != len(self.seeds):
@@ -149,35 +171,24 @@ def build_config(data: dict[str, Any]) -> LinearExperimentConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def kappa_pair(theta: torch.Tensor, k_h: torch.Tensor, k_p: torch.Tensor) -> KappaPair:
-    """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ (pseudo-inverse κ, default relative thresholds).
+def kappa_pair(
+    theta: torch.Tensor, x_h: torch.Tensor, x_p: torch.Tensor, *, rtol: float | None = None
+) -> KappaPair:
+    """κ of H_H = θᵀK_Hθ and H_P = θᵀK_Pθ with K = XᵀX, by the rank rule (:mod:`immunekit.spectral.rank`).
 
-    Computed from the factors F·θ with FᵀF = K (:func:`immunekit.spectral.psd_factor`): K's null
-    space is decided once on K, and small eigenvalues of H are resolved to eps relative. Only the
-    rank(K) non-zero rows of F are used (:func:`_thin_factor`): the dropped rows of F·θ are exactly
-    zero, so the non-zero singular values, the rank and (with the threshold of the full D-row factor
-    passed explicitly) κ are those of the full factor, at about (rank K / D) of the cost.
+    null(K) is decided on the singular values of the data factor X (r = #{s_i > rtol·s_1}, default
+    rtol = max(N, D)·eps), and κ(H) = (s_1/s_r)² of the thin factor F·θ (FᵀF = K, ``(r, D)``) with
+    the rank r fixed on K.
+
+    Args:
+        theta: ``(D_in, D_hid)`` extractor.
+        x_h: ``(N_H, D_in)`` harmful training inputs.
+        x_p: ``(N_P, D_in)`` primary training inputs.
+        rtol: explicit relative cut in (0, 1), or ``None`` for the default.
+
     """
-    return _kappa_pair_from(theta, _thin_factor(k_h), _thin_factor(k_p))
-
-
-def _thin_factor(k: torch.Tensor) -> torch.Tensor:
-    """The non-zero rows of ``psd_factor(K)``: ``(rank K, D)`` with the same FᵀF (all D rows if K = 0)."""
-    f = psd_factor(k)
-    kept = f[(f != 0).any(dim=1)]
-    return kept if kept.shape[0] else f
-
-
-def _kappa_pair_from(theta: torch.Tensor, f_h: torch.Tensor, f_p: torch.Tensor) -> KappaPair:
-    """κ(θᵀF_HᵀF_Hθ), κ(θᵀF_PᵀF_Pθ) for (thin) factors ``(r, D_in)`` and θ ``(D_in, D_hid)``.
-
-    The threshold is the default of the full ``(D_in, D_hid)`` product, ``max(D_in, D_hid)·eps``.
-    """
-    rtol = default_rtol(theta.shape[0], theta.shape[1])
-    theta = theta.to(torch.float64)
-    return KappaPair(
-        gram_condition_number(f_h @ theta, rtol=rtol), gram_condition_number(f_p @ theta, rtol=rtol)
-    )
+    spec_h, spec_p = FactorSpectrum.of(x_h, rtol=rtol), FactorSpectrum.of(x_p, rtol=rtol)
+    return KappaPair(spec_h.kappa(theta), spec_p.kappa(theta))
 
 
 def probe_test_loss(
@@ -202,39 +213,83 @@ def probe_test_loss(
 
 @dataclass(frozen=True, eq=False)
 class _Reference:
-    """What every method of one task shares: θ_0 and its measurements, K_H's and K_P's thin factors.
+    """What every method of one task shares: θ_0 and its measurements, the rank rule's spectra.
 
     Attributes:
         model: the reference model θ_0 = I, ω_0 = 0 (``linear_model(D)``).
-        factors: thin factors (F_H, F_P), each ``(rank K, D)`` (:func:`_thin_factor`).
-        kappa: :func:`kappa_pair` of θ_0.
+        multipliers: the cuts of the sensitivity band, ascending multipliers of rtol (middle: 1).
+        spectra: per cut, (X_H's, X_P's) :class:`FactorSpectrum` (one SVD each, re-cut).
+        kappas: per cut, :func:`kappa_pair` of θ_0.
         primary: :func:`probe_test_loss` of θ_0 on primary → eval_primary.
         probes: features and factorizations of θ_0 (a fallback for models with θ = θ_0).
 
     """
 
     model: LinearModel
-    factors: tuple[torch.Tensor, torch.Tensor]
-    kappa: KappaPair
+    multipliers: tuple[float, ...]
+    spectra: tuple[tuple[FactorSpectrum, FactorSpectrum], ...]
+    kappas: tuple[KappaPair, ...]
     primary: tuple[float, float | None]
     probes: ProbeCache
 
     @classmethod
-    def of(cls, task: Task) -> _Reference:
-        """Measure θ_0 on ``task``."""
+    def of(cls, task: Task, *, rtol: float | None = None, band: float = DEFAULT_BAND) -> _Reference:
+        """Measure θ_0 on ``task`` at the default cut and at both edges of the band."""
         model = linear_model(task.input_dim)
-        f_h, f_p = _thin_factor(covariance(task.harmful.x)), _thin_factor(covariance(task.primary.x))
+        spec_h, spec_p = (
+            FactorSpectrum.of(task.harmful.x, rtol=rtol),
+            FactorSpectrum.of(task.primary.x, rtol=rtol),
+        )
+        mults = band_multipliers(band)
+        spectra = tuple((spec_h.scaled(m), spec_p.scaled(m)) for m in mults)
+        kappas = tuple(_kappa_pair_at(model.theta, h, p) for h, p in spectra)
         probes = ProbeCache(max_entries=2)
         primary = probe_test_loss(model, task, "primary", "eval_primary", cache=probes)
-        return cls(model, (f_h, f_p), _kappa_pair_from(model.theta, f_h, f_p), primary, probes)
+        return cls(model, mults, spectra, kappas, primary, probes)
+
+    @property
+    def center(self) -> int:
+        """Index of the default cut (multiplier 1)."""
+        return self.multipliers.index(1.0)
+
+    @property
+    def kappa(self) -> KappaPair:
+        """:func:`kappa_pair` of θ_0 at the default cut."""
+        return self.kappas[self.center]
+
+    def kappa_band(self, model: LinearModel) -> tuple[KappaPair, ...]:
+        """κ of ``model``'s θ at every cut (the stored values when θ = θ_0 bit for bit)."""
+        theta = model.theta
+        ref = self.model.theta
+        if theta.shape == ref.shape and torch.equal(theta, ref):
+            return self.kappas
+        return tuple(_kappa_pair_at(theta, h, p) for h, p in self.spectra)
 
     def kappa_of(self, model: LinearModel) -> KappaPair:
-        """:func:`kappa_pair` of ``model``'s θ (the stored value when θ = θ_0 bit for bit)."""
+        """:func:`kappa_pair` of ``model``'s θ at the default cut."""
         theta = model.theta
         ref = self.model.theta
         if theta.shape == ref.shape and torch.equal(theta, ref):
             return self.kappa
-        return _kappa_pair_from(theta, *self.factors)
+        return _kappa_pair_at(theta, *self.spectra[self.center])
+
+    def rank_rule(self) -> dict[str, Any]:
+        """The record's ``rank_rule`` entry: rule name, the decisions on X_P and X_H, the band's ranks."""
+        spec_h, spec_p = self.spectra[self.center]
+        return {
+            "rule": RANK_RULE,
+            "text": RANK_RULE_TEXT,
+            "primary": spec_p.describe(),
+            "harmful": spec_h.describe(),
+            "band_multipliers": list(self.multipliers),
+            "band_rank_primary": [p.rank for _, p in self.spectra],
+            "band_rank_harmful": [h.rank for h, _ in self.spectra],
+        }
+
+
+def _kappa_pair_at(theta: torch.Tensor, spec_h: FactorSpectrum, spec_p: FactorSpectrum) -> KappaPair:
+    """κ(θᵀK_Hθ), κ(θᵀK_Pθ) from the thin factors of the two spectra (rank fixed on K)."""
+    return KappaPair(spec_h.kappa(theta), spec_p.kappa(theta))
 
 
 class _ReferenceCache:
@@ -251,14 +306,14 @@ class _ReferenceCache:
         self.size = size
         self._entries: OrderedDict[int, tuple[weakref.ref[Task], tuple, _Reference]] = OrderedDict()
 
-    def get(self, task: Task) -> _Reference:
-        """The reference measurements of ``task`` (computed on the first call for this task)."""
-        key, stamp = id(task), _task_stamp(task)
+    def get(self, task: Task, *, rtol: float | None = None, band: float = DEFAULT_BAND) -> _Reference:
+        """The reference measurements of ``task`` (computed on the first call for this task and cut)."""
+        key, stamp = id(task), (_task_stamp(task), rtol, band)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is task and entry[1] == stamp:
             self._entries.move_to_end(key)
             return entry[2]
-        ref = _Reference.of(task)
+        ref = _Reference.of(task, rtol=rtol, band=band)
         self._entries[key] = (weakref.ref(task, functools.partial(self._forget, key)), stamp, ref)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
@@ -309,22 +364,28 @@ def immunize_and_measure(
     model0 = linear_model(task.input_dim)
     defense_cls = DEFENSES.get(method.defense)
     overrides = dict(method.overrides)
-    if task.info.get("task_term") is False and "task_loss" in defense_cls.Config.__dataclass_fields__:
+    fields = defense_cls.Config.__dataclass_fields__
+    if task.info.get("task_term") is False and "task_loss" in fields:
         # the task's protocol has no genuine primary loss (e.g. MNIST 'reference'): no task term
         overrides.setdefault("task_loss", False)
+    if cfg.rank_rtol is not None and "rank_rtol" in fields:
+        overrides.setdefault("rank_rtol", cfg.rank_rtol)  # one rank rule for metric and defense
     defense = defense_cls(**overrides)
     t0 = time.perf_counter()
     immunized = defense.fit(model0, task, seed=seed)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = _REFERENCES.get(task)
+    ref = _REFERENCES.get(task, rtol=cfg.rank_rtol, band=cfg.band)
     probes = ProbeCache(fallback=ref.probes)
-    parts = rir(ref.kappa, ref.kappa_of(immunized))
+    kappas = ref.kappa_band(immunized)
+    parts = rir(ref.kappa, kappas[ref.center])
+    band = rir_band(ref.kappas, kappas, ref.multipliers)
     mse_ref, acc_ref = ref.primary
     mse_imm, acc_imm = probe_test_loss(immunized, task, "primary", "eval_primary", cache=probes)
     harm_mse, harm_acc = probe_test_loss(immunized, task, "attack", "eval_harmful", cache=probes)
     metrics: dict[str, float | None] = {
         **{k: float(v) for k, v in parts.to_dict().items()},
+        **band.to_metrics(),
         "primary_test_mse": mse_imm,
         "primary_test_mse_reference": mse_ref,
         "harmful_test_mse_closed_form": harm_mse,
@@ -356,6 +417,7 @@ def immunize_and_measure(
         "seed": seed,
         "metrics": metrics,
         "verdict": {"seed": seed, **ver.to_dict()},
+        "rank_rule": ref.rank_rule(),
         "curves": curves,
         "defense_info": {**defense.info_, "steps_run": len(defense.history_)},
     }
@@ -491,10 +553,11 @@ def run_linear_experiment(
         )
     out = Path(out)
     trials = linear_trials(cfg, out / "models" if save_models else None)
+    check_rank_rule(out, trials)  # names the reason when an older rank rule wrote the directory
     _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
     first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
     if todo:
-        warn_rank_deficiency(first_task)
+        warn_rank_deficiency(first_task, cfg.rank_rtol)
     done = sweep.run_sweep(
         trials,
         run_linear_trial,
@@ -600,18 +663,56 @@ def model_path(out: Path, method: str, seed: int, cell: str = "") -> Path:
     return out.joinpath(*([cell] if cell else []), f"{method}--seed{seed}.safetensors")
 
 
-def warn_rank_deficiency(task: Task) -> None:
-    """Say once when K_P or K_H is singular: κ is then over the retained spectrum (pseudo-inverse)."""
+def warn_rank_deficiency(task: Task, rtol: float | None = None) -> None:
+    """Say once when K_P or K_H is singular: κ is then over the retained spectrum (pseudo-inverse).
+
+    The rank is the rank rule's (on the singular values of X), with the gap at the cut.
+    """
     for name, data in (("K_P", task.primary), ("K_H", task.harmful)):
-        info = condition_number(covariance(data.x), hermitian=True)
-        if info.rank < info.dim:
+        spec = FactorSpectrum.of(data.x, rtol=rtol)
+        if spec.rank < spec.dim:
+            last, first = spec.gap()
             log.warning(
                 "%s has rank %d of %d (constant or collinear features in the training rows); κ, RIR and "
-                "the K⁺ preconditioner use the pseudo-inverse over the retained spectrum (rtol %.1e)",
+                "the K⁺ preconditioner use the pseudo-inverse over the retained spectrum (rank rule %s: "
+                "rtol %.1e on σ(X); last kept σ/σ_1 %.2e, first dropped %s)",
                 name,
-                info.rank,
-                info.dim,
-                info.rtol,
+                spec.rank,
+                spec.dim,
+                RANK_RULE,
+                spec.rtol,
+                last if last is not None else 0.0,
+                "none" if first is None else f"{first:.2e}",
+            )
+
+
+def check_rank_rule(out: Path, trials: list[sweep.Trial]) -> None:
+    """Refuse, with the reason, a results directory whose trials were measured under another rank rule.
+
+    The config hash changes with the rule too (the sweep refuses the directory in any case); this
+    check runs first so that the message names the rule instead of a generic config mismatch.
+
+    Raises:
+        ConfigError: a trial record under ``out`` has no ``rank_rule`` or another rule's name.
+
+    """
+    for t in trials:
+        path = sweep.trial_file(out, t.key)
+        if not path.exists():
+            continue
+        record = read_json(path)
+        entry = record.get("rank_rule") if isinstance(record, dict) else None
+        rule = entry.get("rule") if isinstance(entry, dict) else None
+        if rule != RANK_RULE:
+            old = (
+                f"rank rule {rule!r}"
+                if rule
+                else "the older rank rule (rank of K on its eigenvalues at D·eps; no rank_rule recorded)"
+            )
+            raise ConfigError(
+                f"{path} was measured under {old}; this version decides ranks by the rank rule {RANK_RULE!r} "
+                f"({RANK_RULE_TEXT}), which changes κ, RIR and the defenses, so the results cannot be mixed "
+                f"or resumed. Use a new --out directory, or delete {out} to start over"
             )
 
 
@@ -644,6 +745,11 @@ def aggregate(
         "paper": paper_rows(cfg.paper_table),
         "attacks": [dataclasses.asdict(a) for a in cfg.attacks],
         "epsilon": cfg.epsilon,
+        "rank_rule": {
+            "rule": RANK_RULE,
+            "text": RANK_RULE_TEXT,
+            "band_multipliers": list(band_multipliers(cfg.band)),
+        },
         "trials": [
             str(trial_path(Path(""), m.key, s, cell))
             for cell, _ in grid
@@ -677,6 +783,7 @@ def _summarise_trials(recs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "metrics": {n: summarise(n, [r["metrics"].get(n) for r in recs]) for n in names},
         "verdict": [r["verdict"] for r in recs],
+        "rank_rule": [r.get("rank_rule") for r in recs],
         "curves": recs[0]["curves"],
         "defense_info": recs[0]["defense_info"],
     }

@@ -1,15 +1,25 @@
 """Relative Immunization Ratio (Eq. 15 of arXiv 2505.23760) and the Definition 3.1 verdict.
 
 RIR = (i)/(ii) with (i) = κ(H_H^I)/κ(H_H^ref) and (ii) = κ(H_P^I)/κ(H_P^ref). Ratios are formed
-as differences of log κ and exponentiated only for display. Success: (i) ≫ 1, (ii) ≤ 1.
+as differences of log κ and exponentiated only for display. Success: (i) > 1 and (ii) ≤ 1 (RIR can
+be bought through (ii) alone, so (i) is read first).
+
+Every ratio also carries a sensitivity band (:func:`rir_band`): the same ratios with the rank
+rule's cut at rtol/band and rtol·band (rank re-decided on K at each cut). A RIR that moves by more
+than :data:`~immunekit.spectral.rank.THRESHOLD_SENSITIVE_FACTOR` (2×) across the band is flagged
+*threshold-sensitive*.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from immunekit.errors import ConfigError
 from immunekit.spectral.condition import KappaInfo
+from immunekit.spectral.rank import THRESHOLD_SENSITIVE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,89 @@ def rir(reference: KappaPair, immunized: KappaPair) -> RIRResult:
         rank_harmful_immunized=immunized.harmful.rank,
         rank_primary_immunized=immunized.primary.rank,
     )
+
+
+BAND_EDGES = ("band_low", "band_high")
+"""Suffixes of the band metrics in records: ``<ratio>_band_low`` (cut rtol/band) and ``_band_high``."""
+
+
+@dataclass(frozen=True)
+class RIRBand:
+    """(i), (ii) and RIR at several cuts of the rank rule (ascending multipliers of rtol).
+
+    Attributes:
+        multipliers: multipliers of the default rtol, e.g. ``(0.01, 1.0, 100.0)``.
+        results: one :class:`RIRResult` per multiplier.
+        spread: exp(max ln RIR − min ln RIR) over the cuts (1 = insensitive; ``inf`` if a cut
+            gives a non-finite RIR).
+        threshold_sensitive: ``spread`` > :data:`THRESHOLD_SENSITIVE_FACTOR`.
+
+    """
+
+    multipliers: tuple[float, ...]
+    results: tuple[RIRResult, ...]
+    spread: float
+    threshold_sensitive: bool
+
+    def to_metrics(self) -> dict[str, float]:
+        """Flat record metrics, ``<name>_band_low`` / ``_band_high`` for (i), (ii), RIR, ln RIR.
+
+        The low and high edges are the first and last cut; also ``rir_band_spread`` and
+        ``threshold_sensitive`` (1.0 or 0.0).
+        """
+        out: dict[str, float] = {}
+        for edge, res in zip(BAND_EDGES, (self.results[0], self.results[-1]), strict=True):
+            for name in ("kappa_ratio_harmful", "kappa_ratio_primary", "rir", "log_rir"):
+                out[f"{name}_{edge}"] = float(getattr(res, name))
+        out["rir_band_spread"] = self.spread
+        out["threshold_sensitive"] = float(self.threshold_sensitive)
+        return out
+
+
+def rir_band(
+    references: Sequence[KappaPair],
+    immunized: Sequence[KappaPair],
+    multipliers: Sequence[float],
+    *,
+    factor: float = THRESHOLD_SENSITIVE_FACTOR,
+) -> RIRBand:
+    """RIR at every cut: ``references[j]`` and ``immunized[j]`` are κ measured at ``multipliers[j]``.
+
+    spread = exp(max_j ln RIR_j − min_j ln RIR_j); *threshold-sensitive* when spread > ``factor``.
+
+    Raises:
+        ConfigError: lengths differ, fewer than two cuts, multipliers not ascending and positive,
+            or ``factor`` ≤ 1.
+
+    Example:
+        >>> from immunekit.spectral import kappa_from_values
+        >>> import torch
+        >>> k = lambda a, b: kappa_from_values(torch.tensor([a, b]), rtol=1e-12, dim=2)
+        >>> refs = [KappaPair(k(10.0, 1.0), k(10.0, 1.0))] * 2
+        >>> imms = [KappaPair(k(100.0, 1.0), k(10.0, 1.0)), KappaPair(k(1000.0, 1.0), k(10.0, 1.0))]
+        >>> band = rir_band(refs, imms, (1.0, 100.0))
+        >>> round(band.spread, 9), band.threshold_sensitive
+        (10.0, True)
+
+    """
+    if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 1):
+        raise ConfigError(f"the threshold-sensitivity factor must be a finite number > 1, got {factor!r}")
+    mults = tuple(float(m) for m in multipliers)
+    if len(mults) < 2 or len(references) != len(mults) or len(immunized) != len(mults):
+        raise ConfigError(
+            f"rir_band needs one reference and one immunized KappaPair per cut (at least 2 cuts), got "
+            f"{len(references)} and {len(immunized)} for {len(mults)} multipliers"
+        )
+    if not all(m > 0 for m in mults) or any(b <= a for a, b in itertools.pairwise(mults)):
+        raise ConfigError(f"band multipliers must be positive and ascending, got {list(mults)}")
+    results = tuple(rir(r, i) for r, i in zip(references, immunized, strict=True))
+    logs = [res.log_rir for res in results]
+    if all(math.isfinite(v) for v in logs):
+        width = max(logs) - min(logs)
+        spread = math.exp(width) if width < 700 else math.inf
+    else:
+        spread = math.inf
+    return RIRBand(mults, results, spread, spread > factor)
 
 
 @dataclass(frozen=True)

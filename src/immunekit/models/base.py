@@ -41,6 +41,9 @@ class LinearModel(ImmunizableModel):
 
     """
 
+    extractor: nn.Linear
+    head: nn.Linear
+
     def __init__(
         self, d_in: int, d_hid: int | None = None, d_out: int = 1, *, dtype: torch.dtype = torch.float64
     ):

@@ -331,16 +331,24 @@ def kappa_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not isinstance(kappa, Mapping):
         return []
     names = (
+        ("kappa_ratio_harmful", "(i) κ(H_H) immunized / reference (what an attacker's probe feels)"),
+        ("kappa_ratio_primary", "(ii) κ(H_P) immunized / reference"),
         ("rir", "RIR = (i)/(ii)"),
         ("log_rir", "ln RIR"),
-        ("kappa_ratio_harmful", "(i) κ(H_H) immunized / reference"),
-        ("kappa_ratio_primary", "(ii) κ(H_P) immunized / reference"),
+        ("kappa_ratio_harmful_band_low", "(i) with the rank cut at rtol/100"),
+        ("kappa_ratio_harmful_band_high", "(i) with the rank cut at rtol·100"),
+        ("rir_band_low", "RIR with the rank cut at rtol/100"),
+        ("rir_band_high", "RIR with the rank cut at rtol·100"),
+        ("rir_band_spread", "RIR spread across the band (> 2: threshold-sensitive)"),
         ("kappa_harmful_immunized", "κ(H_H) immunized"),
         ("kappa_harmful_reference", "κ(H_H) reference"),
         ("kappa_primary_immunized", "κ(H_P) immunized"),
         ("kappa_primary_reference", "κ(H_P) reference"),
     )
-    return [(label, _fmt(kappa.get(k))) for k, label in names if k in kappa]
+    rows = [(label, _fmt(kappa.get(k))) for k, label in names if k in kappa]
+    if "threshold_sensitive" in kappa:
+        rows.append(("threshold-sensitive", "yes" if kappa["threshold_sensitive"] else "no"))
+    return rows
 
 
 def provenance_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:

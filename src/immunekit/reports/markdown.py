@@ -2,10 +2,18 @@
 
 Pure string building: no I/O, no plotting, deterministic for a given input. A grid record (MNIST digit
 pairs, top-level ``cells``; see :mod:`immunekit.reports.grid`) gets an extra "Table 2" section.
+
+Every table leads with what an attacker feels: methods are ordered by the harmful κ ratio (i) (highest
+geometric mean first), then by the harmful attacker's steps-to-ε ratio against identity, and the
+columns put (i) and that ratio before (ii) and RIR. RIR is shown as arithmetic mean, geometric mean and
+mean ln RIR, with the share of ln RIR that comes from (ii) and the rank rule's sensitivity band
+(*threshold-sensitive* when RIR moves by more than 2× across it).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,10 +49,20 @@ DEFAULT_DIRECTIONS = {
 ARROWS = {"higher": "↑", "lower": "↓"}
 
 METRIC_ORDER = (
-    "rir",
-    "log_rir",
     "kappa_ratio_harmful",
     "kappa_ratio_primary",
+    "rir",
+    "log_rir",
+    "kappa_ratio_harmful_band_low",
+    "kappa_ratio_harmful_band_high",
+    "kappa_ratio_primary_band_low",
+    "kappa_ratio_primary_band_high",
+    "rir_band_low",
+    "rir_band_high",
+    "log_rir_band_low",
+    "log_rir_band_high",
+    "rir_band_spread",
+    "threshold_sensitive",
     "kappa_harmful_reference",
     "kappa_harmful_immunized",
     "kappa_primary_reference",
@@ -82,7 +100,7 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> s
     sections = [
         _title(results),
         _summary(results),
-        _grid_section(results, figures) if grid.is_grid(results) else "",
+        _grid_section(results, figures) if grid.is_grid(results) else _attacker_table(results),
         _paper_table(results),
         _metrics_table(results),
         _verdict_table(results),
@@ -96,11 +114,71 @@ def render_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) -> s
 
 
 def _methods(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """Return the method records in display order (see :func:`method_order`)."""
+    """Return the method records ordered by (i), then the harmful steps-to-ε ratio (see _attacker_order)."""
     methods = results.get("methods")
     if not isinstance(methods, Mapping):
         return {}
-    return {m: methods[m] for m in method_order(results) if isinstance(methods[m], Mapping)}
+    present = [m for m in method_order(results) if isinstance(methods[m], Mapping)]
+    return {m: methods[m] for m in _attacker_order(results, present)}
+
+
+def _attacker_order(results: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
+    """Methods by mean ln (i) over seeds (descending), then harmful steps-to-ε ratio; unknown last, stable."""
+    if grid.is_grid(results):
+        return grid.order_by_attacker(results, methods)
+
+    def key(m: str) -> tuple[float, float]:
+        i = _mean_log(_metric(results, m, "kappa_ratio_harmful"))
+        if i is None:
+            mean = _metric_mean(results, m, "kappa_ratio_harmful")
+            i = math.log(mean) if mean is not None and mean > 0 else None
+        ratio = _harmful_steps_ratio(results, m)[0]
+        return (-(i if i is not None else -math.inf), -(ratio if ratio is not None else -math.inf))
+
+    return sorted(methods, key=key)
+
+
+def _metric_mean(results: Mapping[str, Any], method: str, name: str) -> float | None:
+    metric = _metric(results, method, name)
+    value = metric.get("mean") if metric is not None else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _harmful_steps_ratio(results: Mapping[str, Any], method: str) -> tuple[float | None, str]:
+    """The method's harmful steps-to-ε over identity's (first GD attack): (ratio, bound "", "≥", "≤")."""
+    attack = grid.harmful_steps_attack(results)
+    if attack is None:
+        return None, ""
+    name = STEPS_PREFIX + "harmful." + attack[0]
+    return grid.steps_ratio(_metric(results, method, name), _metric(results, IDENTITY, name), attack[1])
+
+
+def _mean_log(metric: Mapping[str, Any] | None) -> float | None:
+    """Mean over seeds of ln(value) (None if a value is missing or not positive)."""
+    values = metric.get("values") if metric is not None else None
+    if not isinstance(values, list) or not values:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    return statistics.fmean(math.log(v) for v in values)
+
+
+def _share_from_primary(ln_i: float | None, ln_ii: float | None) -> float | None:
+    """Fraction of ln RIR = ln (i) − ln (ii) contributed by −ln (ii) (None unless ln RIR > 0).
+
+    0 when (ii) ≥ 1 (the primary ratio does not help RIR); above 1 when (i) < 1.
+    """
+    if ln_i is None or ln_ii is None or not ln_i - ln_ii > 0:
+        return None
+    return max(0.0, -ln_ii) / (ln_i - ln_ii)
+
+
+def _fmt_ratio(value: float | None, bound: str) -> str:
+    return DASH if value is None else f"{bound}{fmt_num(value)}"
+
+
+def _fmt_share(share: float | None) -> str:
+    return DASH if share is None else f"{100 * share:.0f} %"
 
 
 def _metric(results: Mapping[str, Any], method: str, name: str) -> Mapping[str, Any] | None:
@@ -219,13 +297,30 @@ def _rir_sentence(results: Mapping[str, Any]) -> str:
     best = _best_method(results)
     if best is None:
         return intro + " No method has a measured RIR."
+    text = intro
+    lead = next((m for m in methods if m != IDENTITY), None)
+    if lead is not None and _metric(results, lead, "kappa_ratio_harmful") is not None:
+        ratio, bound = _harmful_steps_ratio(results, lead)
+        text += (
+            f" {display_name(lead)} makes the harmful task hardest to probe: harmful κ ratio (i) = "
+            f"{_mean_std(_metric(results, lead, 'kappa_ratio_harmful'))}"
+            + (f", harmful attacker steps to ε × {_fmt_ratio(ratio, bound)} of identity's" if ratio else "")
+            + "."
+        )
     h = _mean_std(_metric(results, best, "kappa_ratio_harmful"))
     p = _mean_std(_metric(results, best, "kappa_ratio_primary"))
-    return (
-        f"{intro} {display_name(best)} has the highest mean RIR, "
-        f"{_mean_std(_metric(results, best, 'rir'))} (harmful κ ratio (i) = {h}, "
-        f"primary κ ratio (ii) = {p})."
+    share = _share_from_primary(
+        _mean_log(_metric(results, best, "kappa_ratio_harmful")),
+        _mean_log(_metric(results, best, "kappa_ratio_primary")),
     )
+    text += (
+        f" {display_name(best)} has the highest mean RIR, "
+        f"{_mean_std(_metric(results, best, 'rir'))} (harmful κ ratio (i) = {h}, "
+        f"primary κ ratio (ii) = {p})"
+    )
+    if share is not None:
+        text += f"; {_fmt_share(share)} of its mean ln RIR comes from (ii)"
+    return text + "."
 
 
 def _grid_summary_sentences(results: Mapping[str, Any]) -> str:
@@ -248,7 +343,18 @@ def _grid_summary_sentences(results: Mapping[str, Any]) -> str:
         f"(mean ln RIR {fmt_num(best_s.mean_ln_rir)})."
     )
     success = [f"{display_name(m)} {s.n_success}/{s.n_success_known}" for m, s in summaries.items()]
-    text += " Pairs succeeding (RIR > 1 and (ii) ≤ 1): " + "; ".join(success) + "."
+    text += " Pairs succeeding ((i) > 1 and (ii) ≤ 1): " + "; ".join(success) + "."
+    sensitive = [
+        f"{display_name(m)} {s.n_threshold_sensitive}/{s.n_sensitivity_known}"
+        for m, s in summaries.items()
+        if s.n_threshold_sensitive
+    ]
+    if sensitive:
+        text += (
+            " Threshold-sensitive pairs (RIR moves > 2× across the rank rule's band): "
+            + "; ".join(sensitive)
+            + "."
+        )
     verdicts = [
         f"{display_name(m)} {s.n_immunized}/{s.n_verdict}" for m, s in summaries.items() if s.n_verdict
     ]
@@ -418,7 +524,7 @@ def _adam_sentence(results: Mapping[str, Any], best: str, attack: Mapping[str, A
 
 
 def _grid_table_methods(results: Mapping[str, Any]) -> list[str]:
-    measured = grid.grid_methods(results)
+    measured = grid.order_by_attacker(results, grid.grid_methods(results))
     return measured + [m for m in grid.paper_table2(results) if m not in measured]
 
 
@@ -428,12 +534,18 @@ def _count(k: int, n: int) -> str:
 
 def _grid_table2(results: Mapping[str, Any]) -> str:
     paper_rir = grid.paper_table2(results)
+    attack = grid.harmful_steps_attack(results)
+    steps_label = f"Harmful steps-to-ε ratio ({attack[0]}) ↑" if attack else "Harmful steps-to-ε ratio ↑"
     header = [
         "Method",
         "Pairs run",
+        "Mean (i) ↑ (geometric)",
+        steps_label,
+        "Success: (i) > 1 and (ii) ≤ 1",
         "Mean RIR ↑",
+        "Geometric mean RIR ↑",
         "Mean ln RIR ↑",
-        "Success: RIR > 1 and (ii) ≤ 1",
+        "Threshold-sensitive pairs",
         "Definition 3.1 on all seeds",
         "Paper mean RIR ↑",
         "Paper mean ln RIR ↑",
@@ -443,14 +555,21 @@ def _grid_table2(results: Mapping[str, Any]) -> str:
         s = grid.summarize(results, method)
         success = _count(s.n_success, s.n_success_known)
         if s.n_success_known and s.n_success_known < s.n_pairs:
-            success += f" ({s.n_pairs - s.n_success_known} without RIR or (ii))"
+            success += f" ({s.n_pairs - s.n_success_known} without (i) or (ii))"
+        ratio_i = DASH
+        if s.mean_ratio_harmful is not None:
+            ratio_i = f"{fmt_num(s.mean_ratio_harmful)} ({fmt_num(s.geo_mean_ratio_harmful)})"
         body.append(
             [
                 display_name(method),
                 str(s.n_pairs) if s.n_pairs else DASH,
-                fmt_num(s.mean_rir),
-                fmt_num(s.mean_ln_rir),
+                ratio_i,
+                _fmt_ratio(s.steps_ratio, s.steps_ratio_bound),
                 success,
+                fmt_num(s.mean_rir),
+                fmt_num(s.geo_mean_rir),
+                fmt_num(s.mean_ln_rir),
+                _count(s.n_threshold_sensitive, s.n_sensitivity_known),
                 _count(s.n_immunized, s.n_verdict),
                 fmt_num(paper_rir.get(method)),
                 fmt_num(grid.paper_mean_ln_rir(results, method)),
@@ -473,11 +592,16 @@ def _grid_intro(results: Mapping[str, Any]) -> str:
     elif missing:
         text += f" {len(missing)} pairs were not run."
     return text + (
-        " Per pair, RIR, (i) and (ii) are means over seeds. **Mean RIR is the arithmetic mean of the "
+        " Per pair, RIR, (i) and (ii) are means over seeds. Methods are ordered by the geometric mean of (i) "
+        "over pairs, then by the "
+        'geometric mean over pairs of the harmful attacker\'s steps-to-ε ratio to identity ("≥": some '
+        "counts censored at the budget, a lower bound). **Mean RIR is the arithmetic mean of the "
         "per-pair RIR over the pairs run (mean of per-pair RIR, not ratio of means)**, as in the paper's "
-        "Table 2; mean ln RIR is the mean of ln(per-pair RIR). A pair succeeds when RIR > 1 and (ii) ≤ 1 "
-        "(the paper does not state its rule; ln RIR > 0 alone would make nearly every paper cell a "
-        "success). "
+        "Table 2; the geometric mean is exp(mean ln RIR), where mean ln RIR is the mean of ln(per-pair "
+        "RIR). A pair succeeds when (i) > 1 and (ii) ≤ 1: RIR > 1 alone can come from (ii) while the "
+        "harmful task gets easier to probe (the paper does not state its rule). A pair is "
+        "threshold-sensitive when its RIR moves by more than 2× across the rank rule's sensitivity band "
+        "(rtol ×10⁻² … ×10²) on any seed. "
         "Definition 3.1 counts pairs where every seed is immunized."
     )
 
@@ -501,16 +625,17 @@ def _grid_paper_note(results: Mapping[str, Any]) -> str:
 
 def _pair_rir_cell(stats: grid.PairStats) -> str:
     mark = {True: " ✓", False: " ✗"}.get(stats.success, "") if stats.success is not None else ""
-    return fmt_num(stats.rir) + mark
+    flag = " ⚠" if stats.threshold_sensitive else ""
+    return fmt_num(stats.rir) + mark + flag
 
 
 def _grid_pair_table(results: Mapping[str, Any]) -> str:
-    methods = grid.grid_methods(results)
+    methods = grid.order_by_attacker(results, grid.grid_methods(results))
     by_method = {m: {(s.primary, s.harmful): s for s in grid.pair_stats(results, m)} for m in methods}
     header = ["p", "h"]
     for m in methods:
         name = display_name(m)
-        header += [f"{name} RIR", f"{name} (i)", f"{name} (ii)"]
+        header += [f"{name} (i)", f"{name} (ii)", f"{name} RIR"]
     body = []
     for p, h, _ in grid.cells(results):
         row = [str(p), str(h)]
@@ -519,11 +644,13 @@ def _grid_pair_table(results: Mapping[str, Any]) -> str:
             if stats is None:
                 row += [DASH, DASH, DASH]
             else:
-                row += [_pair_rir_cell(stats), fmt_num(stats.ratio_harmful), fmt_num(stats.ratio_primary)]
+                row += [fmt_num(stats.ratio_harmful), fmt_num(stats.ratio_primary), _pair_rir_cell(stats)]
         body.append(row)
     return (
         f"<details>\n<summary>Per-pair results ({len(body)} pairs; means over seeds; "
-        "✓/✗ = success rule met/failed)</summary>\n\n" + _table(header, body, left_cols=2) + "\n\n</details>"
+        "✓/✗ = success rule met/failed; ⚠ = threshold-sensitive)</summary>\n\n"
+        + _table(header, body, left_cols=2)
+        + "\n\n</details>"
     )
 
 
@@ -546,6 +673,76 @@ def _grid_section(results: Mapping[str, Any], figures: Mapping[str, str]) -> str
 
 
 # ------------------------------------------------------------------------------------------- tables
+
+
+def _band_cell(results: Mapping[str, Any], method: str) -> str:
+    """Largest factor by which a seed's RIR moves across the band (max RIR / min RIR over the cuts)."""
+    metric = _metric(results, method, "rir_band_spread")
+    values = metric.get("values") if metric is not None else None
+    spreads = [float(v) for v in values or [] if isinstance(v, int | float) and not isinstance(v, bool)]
+    return f"×{fmt_num(max(spreads))}" if spreads else DASH
+
+
+def _sensitive_cell(results: Mapping[str, Any], method: str) -> str:
+    metric = _metric(results, method, "threshold_sensitive")
+    values = metric.get("values") if metric is not None else None
+    if not isinstance(values, list) or not values:
+        return DASH
+    flagged = sum(1 for v in values if isinstance(v, int | float) and v > 0)
+    return f"{'yes' if flagged else 'no'} ({flagged}/{len(values)})"
+
+
+def _attacker_table(results: Mapping[str, Any]) -> str:
+    """The lead table: (i) and the harmful attacker's slowdown first, then (ii) and RIR (three means)."""
+    methods = list(_methods(results))
+    if not methods:
+        return ""
+    attack = grid.harmful_steps_attack(results)
+    steps_label = f"harmful steps-to-ε ratio ({attack[0]}) ↑" if attack else "harmful steps-to-ε ratio ↑"
+    header = [
+        "Method",
+        "(i) ↑",
+        steps_label,
+        "(ii) ↓",
+        "RIR ↑ (mean ± std)",
+        "geometric mean RIR",
+        "mean ln RIR",
+        "share of ln RIR from (ii)",
+        "RIR spread across the band (max over seeds)",
+        "threshold-sensitive",
+    ]
+    body = []
+    for m in methods:
+        ln_rir = _metric_mean(results, m, "log_rir")
+        if ln_rir is None:
+            ln_rir = _mean_log(_metric(results, m, "rir"))
+        ln_i = _mean_log(_metric(results, m, "kappa_ratio_harmful"))
+        ln_ii = _mean_log(_metric(results, m, "kappa_ratio_primary"))
+        body.append(
+            [
+                display_name(m),
+                _mean_std(_metric(results, m, "kappa_ratio_harmful")),
+                _fmt_ratio(*_harmful_steps_ratio(results, m)),
+                _mean_std(_metric(results, m, "kappa_ratio_primary")),
+                _mean_std(_metric(results, m, "rir")),
+                fmt_num(math.exp(ln_rir)) if ln_rir is not None and ln_rir < 700 else DASH,
+                fmt_num(ln_rir),
+                _fmt_share(_share_from_primary(ln_i, ln_ii)),
+                _band_cell(results, m),
+                _sensitive_cell(results, m),
+            ]
+        )
+    note = (
+        "Ordered by the harmful κ ratio (i) (geometric mean over seeds), then by the harmful attacker's "
+        "steps to reach "
+        'ε over identity\'s (mean over the seeds that reached ε; "≥" when no seed did within the budget, a '
+        "lower bound). RIR = (i)/(ii) is given as the arithmetic mean, the geometric mean exp(mean ln RIR) "
+        "and mean ln RIR; the share of ln RIR from (ii) is −mean ln (ii) / (mean ln (i) − mean ln (ii)). "
+        "The spread is max/min of a seed's RIR over the rank rule's cuts rtol ×10⁻², ×1 and ×10² "
+        "(largest over seeds); a seed is threshold-sensitive when its RIR moves by more than 2× across "
+        "the band."
+    )
+    return "## What an attacker feels\n\n" + note + "\n\n" + _table(header, body)
 
 
 def _paper_rows(paper: Mapping[str, Any]) -> tuple[list[str], dict[str, list[Any]]]:
@@ -729,7 +926,7 @@ def _is_heatmap(fig_id: str) -> bool:
 
 def _heatmap_caption(fig_id: str) -> tuple[str, str]:
     rule = (
-        "✗ with a black border: the pair fails the success rule — measured: not (RIR > 1 and (ii) ≤ 1); "
+        "✗ with a black border: the pair fails the success rule — measured: not ((i) > 1 and (ii) ≤ 1); "
         "paper: ln RIR ≤ 0 only, since the paper publishes no per-pair (ii). Grey: diagonal (unused); "
         "white: pair not run."
     )

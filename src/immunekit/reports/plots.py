@@ -296,7 +296,7 @@ HEATMAP_FONT = 7.5
 HEATMAP_NOTE = (
     "Cells: ln RIR per pair (measured: ln of the mean RIR over seeds); rows = harmful digit h, "
     "columns = primary digit p; blue > 0 > red.\n"
-    f"{FAIL_MARK} + black border = pair fails the success rule (measured: not (RIR > 1 and (ii) ≤ 1); "
+    f"{FAIL_MARK} + black border = pair fails the success rule (measured: not ((i) > 1 and (ii) ≤ 1); "
     "paper: ln RIR ≤ 0 only, since (ii) per pair is not published). Grey: diagonal (unused); "
     "white: pair not run."
 )
@@ -443,7 +443,7 @@ def plot_heatmap(
     ax = fig.subplots()
     image = _draw_heat_panel(ax, matrix, fails, norm, title)
     fig.colorbar(image, ax=ax, shrink=0.8, label="ln RIR")
-    rule = "ln RIR ≤ 0 ((ii) per pair not published)" if paper else "not (RIR > 1 and (ii) ≤ 1)"
+    rule = "ln RIR ≤ 0 ((ii) per pair not published)" if paper else "not ((i) > 1 and (ii) ≤ 1)"
     fig.supxlabel(
         f"{FAIL_MARK} + black border: fails, i.e. {rule}. Grey: diagonal; white: pair not run.", fontsize=8
     )

@@ -1,16 +1,19 @@
 """Exact linear algebra in float64: condition numbers, probe Hessians, eigenvalues, regularizers.
 
-No training code, optimizers or data loading live here.
+No training code, optimizers or data loading live here. The one rank rule (on the singular values of
+a factor, with its sensitivity band) is :mod:`immunekit.spectral.rank`.
 """
 
 from __future__ import annotations
 
 from immunekit.spectral.condition import (
     KappaInfo,
+    check_rtol,
     condition_number,
     default_rtol,
     gram_condition_number,
     gram_spectrum,
+    kappa_fixed_rank,
     kappa_from_values,
     psd_factor,
 )
@@ -32,6 +35,14 @@ from immunekit.spectral.hessians import (
     logistic_probe_hessian,
     softmax_probe_hessian,
     symmetrize,
+)
+from immunekit.spectral.rank import (
+    DEFAULT_BAND,
+    RANK_RULE,
+    THRESHOLD_SENSITIVE_FACTOR,
+    FactorSpectrum,
+    band_multipliers,
+    check_band,
 )
 from immunekit.spectral.regularizers import (
     Preconditioner,
@@ -57,13 +68,20 @@ from immunekit.spectral.regularizers import (
 )
 
 __all__ = [
+    "DEFAULT_BAND",
+    "RANK_RULE",
+    "THRESHOLD_SENSITIVE_FACTOR",
     "ExtremeEigs",
+    "FactorSpectrum",
     "KappaInfo",
     "Preconditioner",
     "PsdSpectrum",
     "RangeProjector",
     "SelectedSpectrum",
     "SpectralGrad",
+    "band_multipliers",
+    "check_band",
+    "check_rtol",
     "condition_number",
     "covariance",
     "default_rtol",
@@ -80,6 +98,7 @@ __all__ = [
     "gram_kappa_bound",
     "gram_log_kappa_lower_bound",
     "gram_spectrum",
+    "kappa_fixed_rank",
     "kappa_from_values",
     "l2_probe_hessian",
     "lanczos_extreme_eigs",

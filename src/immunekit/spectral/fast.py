@@ -518,22 +518,46 @@ def _wide(factor: Tensor | None) -> bool:
     return factor is not None and factor.shape[0] < factor.shape[1]
 
 
-def g_well_fast(h: Tensor, *, factor: Tensor | None = None) -> SpectralGrad:
+def _factor_eigenvalues(w: Tensor, values: Tensor | None) -> Tensor:
+    """Eigenvalues of H = MᵀM as s² of M's singular values ``values``, where given.
+
+    They are accurate to eps relative, ``eigvalsh``'s to eps·λ_max absolute only.
+    """
+    if values is None:
+        return w
+    out = torch.zeros_like(w)
+    n = min(int(values.numel()), int(w.numel()))
+    out[:n] = _f64(values[:n]) ** 2
+    return out
+
+
+def g_well_fast(
+    h: Tensor, *, factor: Tensor | None = None, rank: int | None = None, values: Tensor | None = None
+) -> SpectralGrad:
     """:func:`g_well` (G = λ_1 v_1v_1ᵀ − H/p) computing only v_1 (see :class:`SelectedSpectrum`).
 
-    ``factor``: optional M with H = MᵀM (used when it has fewer rows than columns). The result's
-    ``eigenvectors`` holds only v_1; eigenvalues and rank are as g_well's.
+    ``factor``: optional M with H = MᵀM (used when it has fewer rows than columns). ``rank``: the
+    rank decided on K (default: H's eigenvalues at p·eps). ``values``: M's singular values
+    (descending), whose squares replace the eigenvalues. The result's ``eigenvectors`` holds only
+    v_1.
     """
     spec = SelectedSpectrum.of(h, factor=factor)
-    w, p = spec.eigenvalues, h.shape[0]
-    k = _rank(w, default_rtol(p, p))
+    w, p = _factor_eigenvalues(spec.eigenvalues, values), h.shape[0]
+    k = _rank(w, default_rtol(p, p)) if rank is None else int(rank)
     v1 = spec.vectors([0])
     g = w[0] * (v1 @ v1.T) - symmetrize(_f64(h)) / p
     value = float((w[0] ** 2 - w**2).sum() / (2 * p))
     return SpectralGrad(g, value, w, v1, k)
 
 
-def g_ill_fast(h: Tensor, *, rank: int, delta_min: float = 0.0, factor: Tensor | None = None) -> SpectralGrad:
+def g_ill_fast(
+    h: Tensor,
+    *,
+    rank: int,
+    delta_min: float = 0.0,
+    factor: Tensor | None = None,
+    values: Tensor | None = None,
+) -> SpectralGrad:
     """:func:`g_ill` with a given rank k, computing only v_k (see :func:`g_well_fast`).
 
     Falls back to :func:`g_ill` when λ_k is not positive or k exceeds the factor's rows.
@@ -542,7 +566,7 @@ def g_ill_fast(h: Tensor, *, rank: int, delta_min: float = 0.0, factor: Tensor |
     if k == 0 or (_wide(factor) and k > factor.shape[0]):  # type: ignore[union-attr]
         return g_ill(h, delta_min=delta_min, rank=rank)
     spec = SelectedSpectrum.of(h, factor=factor)
-    w = spec.eigenvalues
+    w = _factor_eigenvalues(spec.eigenvalues, values)
     if not float(w[k - 1]) > 0.0:
         return g_ill(h, delta_min=delta_min, rank=rank)
     d = float((w[:k] ** 2).sum() / (2 * k) - 0.5 * w[k - 1] ** 2)
@@ -554,7 +578,9 @@ def g_ill_fast(h: Tensor, *, rank: int, delta_min: float = 0.0, factor: Tensor |
     return SpectralGrad(g, 1.0 / d_eff, w, vk, k, d)
 
 
-def g_log_kappa_fast(h: Tensor, *, rank: int, factor: Tensor | None = None) -> SpectralGrad:
+def g_log_kappa_fast(
+    h: Tensor, *, rank: int, factor: Tensor | None = None, values: Tensor | None = None
+) -> SpectralGrad:
     """:func:`g_log_kappa` with a given rank k, computing only v_1 and v_k (see :func:`g_well_fast`).
 
     Falls back to :func:`g_log_kappa` when λ_k is not positive or k exceeds the factor's rows.
@@ -563,7 +589,7 @@ def g_log_kappa_fast(h: Tensor, *, rank: int, factor: Tensor | None = None) -> S
     if k == 0 or (_wide(factor) and k > factor.shape[0]):  # type: ignore[union-attr]
         return g_log_kappa(h, rank=rank)
     spec = SelectedSpectrum.of(h, factor=factor)
-    w = spec.eigenvalues
+    w = _factor_eigenvalues(spec.eigenvalues, values)
     if not float(w[k - 1]) > 0.0:
         return g_log_kappa(h, rank=rank)
     v = spec.vectors([0, k - 1])

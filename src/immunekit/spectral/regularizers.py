@@ -165,9 +165,9 @@ def psd_eigh(h: Tensor, *, rtol: float | None = None, rank: int | None = None) -
     return w, v, _rank(w, default_rtol(*h.shape) if rtol is None else rtol)
 
 
-def g_well(h: Tensor) -> SpectralGrad:
-    """G_well = λ_1 v_1v_1ᵀ − H/p for symmetric PSD H (p = dim H)."""
-    w, v, k = psd_eigh(h)
+def g_well(h: Tensor, *, rank: int | None = None) -> SpectralGrad:
+    """G_well = λ_1 v_1v_1ᵀ − H/p for symmetric PSD H (p = dim H); ``rank`` as :func:`psd_eigh`."""
+    w, v, k = psd_eigh(h, rank=rank)
     p = h.shape[0]
     g = w[0] * torch.outer(v[:, 0], v[:, 0]) - symmetrize(_f64(h)) / p
     value = float((w[0] ** 2 - w**2).sum() / (2 * p))  # ≥ 0 also in floating point
