@@ -183,14 +183,24 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """A plain-text table of the headline numbers (mean over seeds)."""
-    head = f"{'method':<24}{'RIR':>12}{'(i)':>12}{'(ii)':>10}{'primary MSE':>13}{'immunized':>11}"
+    """A plain-text table of the headline numbers (mean over seeds), (i) first.
+
+    The last column is the spectral κ criterion of Definition 3.1 only; whether a model resists
+    real attackers is the report card's verdict (``immunekit evaluate``), said under the table.
+    """
+    head = (
+        f"{'method':<24}{'(i)':>12}{'(ii)':>10}{'RIR':>12}{'primary MSE':>13}{'κ criterion (Def. 3.1)':>24}"
+    )
     lines = [head, "-" * len(head)]
     for key, m in results["methods"].items():
         g = {n: (v["mean"] if v["mean"] is not None else math.nan) for n, v in m["metrics"].items()}
-        ok = f"{sum(v['immunized'] for v in m['verdict'])}/{len(m['verdict'])}"
+        ok = f"{sum(v['immunized'] for v in m['verdict'])}/{len(m['verdict'])} seeds"
         lines.append(
-            f"{key:<24}{g['rir']:>12.4g}{g['kappa_ratio_harmful']:>12.4g}{g['kappa_ratio_primary']:>10.3g}"
-            f"{g['primary_test_mse']:>13.4f}{ok:>11}"
+            f"{key:<24}{g['kappa_ratio_harmful']:>12.4g}{g['kappa_ratio_primary']:>10.3g}{g['rir']:>12.4g}"
+            f"{g['primary_test_mse']:>13.4f}{ok:>24}"
         )
+    lines.append(
+        "κ criterion: Definition 3.1 on condition numbers only. Whether a model resists attackers is "
+        "the report card's verdict: immunekit evaluate --model DIR/models (run with --save-models)."
+    )
     return "\n".join(lines)
