@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
 from immunekit.attacks.linear_probe import ProbeCache, probe_problem
 from immunekit.config import config_sha256, load_config, to_dict
@@ -48,7 +49,6 @@ from immunekit.spectral.rank import (
 )
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
