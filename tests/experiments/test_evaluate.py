@@ -316,3 +316,19 @@ def test_grid_refinement_re_runs_the_same_trajectory(task) -> None:
     fine = dict(map(tuple, entry["curves"]["immunized"][0]))
     assert set(fine) == {*range(window + 1), *(s for s, _ in coarse)}
     assert [(s, fine[s]) for s, _ in coarse] == coarse
+
+
+def test_kappa_of_linear_models_is_the_experiments_measurement(task) -> None:
+    """One rank rule: the card's κ ratios equal the linear experiment's kappa_pair, to 1e-12."""
+    from immunekit.experiments.evaluate import kappa_rir
+    from immunekit.experiments.linear import kappa_pair
+    from immunekit.metrics.rir import rir
+
+    model = squeezed()
+    card = kappa_rir(model, default_reference(model), task)
+    ref = kappa_pair(torch.eye(6, dtype=torch.float64), task.harmful.x, task.primary.x)
+    imm = kappa_pair(model.theta, task.harmful.x, task.primary.x)
+    expected = rir(ref, imm)
+    assert card["kappa_ratio_harmful"] == pytest.approx(expected.kappa_ratio_harmful, rel=1e-12)
+    assert card["kappa_ratio_primary"] == pytest.approx(expected.kappa_ratio_primary, rel=1e-12)
+    assert card["rank_rule"]["decided_on"].startswith("the data X")

@@ -217,6 +217,7 @@ class SpectralLinearDefense(Defense):
     """Algorithm 1 with pluggable spectral terms: H_P kept well-conditioned, H_H made ill-conditioned."""
 
     Config = SpectralDefenseConfig
+    config: SpectralDefenseConfig  # what Defense.__init__ loads: this class's Config
     uses_primary_term: ClassVar[bool] = True
     use_fast_paths: ClassVar[bool] = True
     _prev_halvings: int = 0  # the warm safeguard search starts here (reset by fit)

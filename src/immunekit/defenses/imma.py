@@ -53,6 +53,7 @@ class Imma(Defense):
 
     name = "imma"
     Config = ImmaConfig
+    config: ImmaConfig  # what Defense.__init__ loads: this class's Config
 
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
         """Alternate inner probe steps on D_H with outer steps on θ and ω."""

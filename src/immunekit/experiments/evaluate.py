@@ -546,10 +546,12 @@ def trivial_score(task: Task) -> float:
 def kappa_rir(model: ImmunizableModel, reference: ImmunizableModel, task: Task) -> dict[str, Any] | None:
     """κ of the ℓ2 linear-probe Hessians (∝ ΦᵀΦ) on the harmful and primary splits, RIR and its band.
 
-    The toolkit's one rank rule (:mod:`immunekit.spectral.rank`): the rank is decided once on the
-    reference's features Φ_M (r = #{s_i > rtol·s_1}, rtol = max(N, D)·ε₆₄) and fixed for the
-    immunized features, κ = (s_1/s_r)²; the same ratios at rtol/100 and rtol·100 form the
-    sensitivity band (``threshold_sensitive`` when RIR moves more than 2× across it).
+    The toolkit's one rank rule (:mod:`immunekit.spectral.rank`), r = #{s_i > rtol·s_1},
+    rtol = max(N, D)·ε₆₄, κ = (s_1/s_r)²: for two LinearModels the rank is decided once on the data
+    X (K = XᵀX) and κ(θᵀKθ) comes from the thin factor F·θ with that rank, exactly as in the
+    linear experiments; for other models it is decided on the reference's features Φ_M and fixed
+    for the immunized features. The same ratios at rtol/100 and rtol·100 form the sensitivity band
+    (``threshold_sensitive`` when RIR moves more than 2× across it).
 
     Returns ``None`` when the feature dimension exceeds :data:`KAPPA_MAX_DIM`.
     """
@@ -557,25 +559,41 @@ def kappa_rir(model: ImmunizableModel, reference: ImmunizableModel, task: Task) 
     from immunekit.spectral.condition import gram_spectrum
     from immunekit.spectral.rank import RANK_RULE, FactorSpectrum, band_multipliers
 
-    feats = {}
-    for role, m in (("reference", reference), ("immunized", model)):
-        feats[role] = (_features(m, task.harmful.x), _features(m, task.primary.x))
-        if feats[role][0].shape[1] > KAPPA_MAX_DIM:
-            return None
-    specs = [FactorSpectrum.of(f) for f in feats["reference"]]
     mults = band_multipliers()
     refs, imms = [], []
-    for mult in mults:
-        cuts = [spec.scaled(mult) for spec in specs]
-        refs.append(KappaPair(*(c.kappa() for c in cuts)))
-        imms.append(
-            KappaPair(
-                *(
-                    gram_spectrum(f, rtol=c.rtol, rank=c.rank)[0]
-                    for f, c in zip(feats["immunized"], cuts, strict=True)
+    if isinstance(model, LinearModel) and isinstance(reference, LinearModel):
+        # Exactly the experiments' measurement: K = XᵀX decided once on the data, κ(θᵀKθ) from the
+        # thin factor F·θ with the rank fixed on K, for both θ (no product X·θ, whose rounding
+        # noise would otherwise decide the band edge near float64's floor).
+        data = [task.harmful.x.reshape(len(task.harmful), -1), task.primary.x.reshape(len(task.primary), -1)]
+        if data[0].shape[1] > KAPPA_MAX_DIM:
+            return None
+        specs = [FactorSpectrum.of(x) for x in data]
+        thetas = {"reference": reference.theta, "immunized": model.theta}
+        for mult in mults:
+            cuts = [spec.scaled(mult) for spec in specs]
+            refs.append(KappaPair(*(c.kappa(thetas["reference"]) for c in cuts)))
+            imms.append(KappaPair(*(c.kappa(thetas["immunized"]) for c in cuts)))
+        decided_on = "the data X (K = XᵀX), fixed for θᵀKθ of both models"
+    else:
+        feats = {}
+        for role, m in (("reference", reference), ("immunized", model)):
+            feats[role] = (_features(m, task.harmful.x), _features(m, task.primary.x))
+            if feats[role][0].shape[1] > KAPPA_MAX_DIM:
+                return None
+        specs = [FactorSpectrum.of(f) for f in feats["reference"]]
+        for mult in mults:
+            cuts = [spec.scaled(mult) for spec in specs]
+            refs.append(KappaPair(*(c.kappa() for c in cuts)))
+            imms.append(
+                KappaPair(
+                    *(
+                        gram_spectrum(f, rtol=c.rtol, rank=c.rank)[0]
+                        for f, c in zip(feats["immunized"], cuts, strict=True)
+                    )
                 )
             )
-        )
+        decided_on = "the reference's features, fixed for the immunized model"
     centre = mults.index(1.0)
     out: dict[str, Any] = rir(refs[centre], imms[centre]).to_dict()
     out.update(rir_band(refs, imms, mults).to_metrics())
@@ -584,7 +602,7 @@ def kappa_rir(model: ImmunizableModel, reference: ImmunizableModel, task: Task) 
     )
     out["rank_rule"] = {
         "rule": RANK_RULE,
-        "decided_on": "the reference's features, fixed for the immunized model",
+        "decided_on": decided_on,
         "harmful": specs[0].describe(),
         "primary": specs[1].describe(),
     }
