@@ -2,8 +2,10 @@
 
 evaluate() with one attack (``full_finetune``, Adam), no search, the reference model included, runs
 (resistance + in-domain generalization + the benign trainability recipe) × 2 models × seeds attack
-runs. The bare loop does exactly those runs' optimizer steps: copy the model, Adam on every
-parameter, seeded mini-batches of the same size, squared loss, no records, no evaluations. The
+runs, plus the re-runs it decides on itself: a comparison the evaluation grid leaves undecided is
+run again with every step evaluated up to the undecided window (``refined_until`` in the record).
+The bare loop does exactly those runs' optimizer steps, re-runs included: copy the model, Adam on
+every parameter, seeded mini-batches of the same size, squared loss, no records, no evaluations. The
 overhead is measured against the same loop that also runs, by hand, the held-out forward passes a
 harm-vs-step curve needs (at step 0, every Δt and at the end, on the run's eval split and on
 eval_primary): (t_evaluate − t_raw+evals) / t_raw+evals, i.e. step records, FLOP counting,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import time
 
@@ -37,6 +40,7 @@ def raw_loop(
     budget: AttackBudget,
     seed: int,
     evals: tuple[torch.Tensor, ...] = (),
+    dense_until: int = 0,
 ) -> None:
     """``budget.steps`` Adam steps on all parameters of a copy of ``model``, mini-batches, MSE loss.
 
@@ -60,7 +64,7 @@ def raw_loop(
         loss = torch.nn.functional.mse_loss(m(x[idx]), y[idx])
         loss.backward()
         opt.step()
-        if step % budget.eval_every == 0 or step == budget.steps:
+        if step <= dense_until or step % budget.eval_every == 0 or step == budget.steps:
             evaluate_by_hand()
 
 
@@ -99,24 +103,32 @@ def main() -> None:
 
     # each run's curve evaluates its own held-out split and eval_primary (utility beside harm)
     held_out = [task.eval_harmful.x, task.eval_harmful.x, task.eval_primary.x]
+    rec = run_eval()  # warm-up, and which comparisons evaluate() refines
+    groups = ("resistance", "in_domain", "benign")
+    refined = {e["group"]: e.get("refined_until", 0) for e in rec["attacks"].values()}
+    # the benign recipe is evaluated more densely (every max(1, steps // 100) steps)
+    every = {e["group"]: e["budget"]["eval_every"] for e in rec["attacks"].values()}
 
     def run_raw(with_evals: bool = False) -> None:
-        for data, eval_x in zip(splits, held_out, strict=True):
-            for seed in seeds:
-                for m in (model, reference):
-                    evals = (eval_x, task.eval_primary.x) if with_evals else ()
-                    raw_loop(m, data.x, data.y, budget, seed, evals)
+        for group, data, eval_x in zip(groups, splits, held_out, strict=True):
+            passes = [0] + ([refined[group]] if refined.get(group) else [])
+            for dense_until in passes:
+                for seed in seeds:
+                    for m in (model, reference):
+                        evals = (eval_x, task.eval_primary.x) if with_evals else ()
+                        b = dataclasses.replace(budget, eval_every=every[group])
+                        raw_loop(m, data.x, data.y, b, seed, evals, dense_until)
 
     run_raw()  # warm-up (allocator, lazy imports)
-    rec = run_eval()
     t_raw = min(_timed(run_raw) for _ in range(args.repeats))
     t_raw_eval = min(_timed(lambda: run_raw(with_evals=True)) for _ in range(args.repeats))
     t_eval = min(_timed(run_eval) for _ in range(args.repeats))
-    runs = len(splits) * len(seeds) * 2
+    reruns = sum(bool(refined.get(g)) for g in groups) * len(seeds) * 2
+    runs = len(splits) * len(seeds) * 2 + reruns
     overhead = (t_eval - t_raw_eval) / t_raw_eval
     print(
-        f"runs: {runs} × {args.steps} Adam steps (batch 32), D = {args.dim}, N = {args.n}, "
-        f"Δt = {args.eval_every}"
+        f"runs: {runs} × {args.steps} Adam steps (batch 32; {reruns} of them evaluate()'s refinement "
+        f"re-runs, windows {refined}), D = {args.dim}, N = {args.n}, Δt = {args.eval_every}"
     )
     print(f"raw torch loop:   {t_raw:8.3f} s  (training steps only)")
     print(f"  + held-out evals: {t_raw_eval:6.3f} s  (the same forward passes the harm curves need)")
