@@ -89,7 +89,8 @@ def _resolve_rtol(rtol: float | None, rows: int, cols: int) -> float:
     return default_rtol(rows, cols) if rtol is None else check_rtol(rtol)
 
 
-def _check_matrix(a: Tensor, name: str) -> Tensor:
+def check_matrix(a: Tensor, name: str) -> Tensor:
+    """``a`` as a detached float64 matrix; NumericalError naming ``name`` if not 2-D or not finite."""
     if a.ndim != 2:
         raise NumericalError(f"{name} must be a 2-D matrix, got shape {tuple(a.shape)}")
     if not bool(torch.isfinite(a).all()):
@@ -140,7 +141,7 @@ def condition_number(a: Tensor, *, rtol: float | None = None, hermitian: bool = 
         (2.0, 2)
 
     """
-    a = _check_matrix(a, "matrix")
+    a = check_matrix(a, "matrix")
     m, n = a.shape
     tol = _resolve_rtol(rtol, m, n)
     if hermitian:
@@ -220,7 +221,7 @@ def gram_spectrum(
         (9.0, [3.0, 1.0])
 
     """
-    phi = _check_matrix(factor, "factor")
+    phi = check_matrix(factor, "factor")
     n, d = phi.shape
     tol = _resolve_rtol(rtol, n, d)
     values = torch.linalg.svdvals(phi)
@@ -268,7 +269,7 @@ def psd_factor(k: Tensor, *, rtol: float | None = None) -> Tensor:
         True
 
     """
-    k = _check_matrix(k, "K")
+    k = check_matrix(k, "K")
     d = k.shape[0]
     w, q = torch.linalg.eigh(0.5 * (k + k.T))
     tol = _resolve_rtol(rtol, d, d)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from immunekit.errors import NumericalError
-from immunekit.spectral.condition import KappaInfo, default_rtol, kappa_from_values
+from immunekit.spectral.condition import KappaInfo, check_matrix, default_rtol, kappa_from_values
 
 F64 = torch.float64
 
@@ -75,11 +75,7 @@ class MinNormLstsq:
             NumericalError: if ``a`` is not 2-D, has NaN/Inf, or ``rtol < 0``.
 
         """
-        if a.ndim != 2:
-            raise NumericalError(f"A must be a 2-D matrix, got shape {tuple(a.shape)}")
-        a = a.detach().to(F64)
-        if not bool(torch.isfinite(a).all()):
-            raise NumericalError("A contains NaN/Inf; check the features that produced it")
+        a = check_matrix(a, "A")
         n, d = a.shape
         tol = default_rtol(n, d) if rtol is None else float(rtol)
         if tol < 0:

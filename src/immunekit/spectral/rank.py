@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from immunekit.errors import ConfigError, NumericalError
-from immunekit.spectral.condition import KappaInfo, check_rtol, default_rtol, gram_spectrum
+from immunekit.spectral.condition import KappaInfo, check_matrix, check_rtol, default_rtol, gram_spectrum
 from immunekit.spectral.fast import RangeProjector
 from immunekit.spectral.regularizers import Preconditioner
 
@@ -119,11 +119,7 @@ class FactorSpectrum:
             (2, 9.0)
 
         """
-        if x.ndim != 2:
-            raise NumericalError(f"the data factor must be (N, D), got shape {tuple(x.shape)}")
-        xf = x.detach().to(F64)
-        if not bool(torch.isfinite(xf).all()):
-            raise NumericalError("the data factor contains NaN/Inf; check the inputs that produced it")
+        xf = check_matrix(x, "the data factor X (N, D)")
         n, d = xf.shape
         tol = default_rtol(n, d) if rtol is None else check_rtol(rtol)
         _, s, vh = torch.linalg.svd(xf, full_matrices=False)
