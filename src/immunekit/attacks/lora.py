@@ -136,7 +136,9 @@ def _seeded_init(model: nn.Module, gen: torch.Generator) -> None:
             if not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
                 continue
             for key, layer in lora_a.items():
-                w = layer.weight
-                u = torch.rand(w.shape, generator=gen, dtype=torch.float64)
+                w, w_b = layer.weight, lora_b[key].weight
+                if not isinstance(w, torch.Tensor) or not isinstance(w_b, torch.Tensor):
+                    continue  # not a linear adapter (peft's embedding adapters hold no .weight)
+                u = torch.rand(tuple(w.shape), generator=gen, dtype=torch.float64)
                 w.copy_(((2.0 * u - 1.0) / w.shape[1] ** 0.5).to(w.dtype))
-                lora_b[key].weight.zero_()
+                w_b.zero_()

@@ -667,11 +667,12 @@ class AttackerSearch(Attack):
             raise ConfigError(
                 f"{where}: config overrides must be JSON values (they are stored with the trial): {err}"
             ) from None
+        point: dict[str, Any] | None
         try:
-            params: dict[str, Any] | None = self._grid_params((name, b), index)
+            point = self._grid_params((name, b), index)
         except ConfigError:
-            params = None  # runs exactly all the same, with no sampled parameter
-        return _GridMember(index, name, config, b, params)
+            point = None  # runs exactly all the same, with no sampled parameter
+        return _GridMember(index, name, config, b, point)
 
     def _grid_params(self, item: Mapping[str, Any] | tuple[str, AttackBudget], index: int) -> dict[str, Any]:
         """The space parameters of a setting, or a ConfigError saying which one lies outside the space."""
@@ -992,7 +993,7 @@ def _grid_summary(grid: list[dict[str, Any]], trials: list[dict[str, Any]]) -> l
             first.setdefault(t["grid"]["id"], t)
     out = []
     for index, g in enumerate(grid):
-        t = first.get(g["id"])
+        found = first.get(g["id"])
         row = {
             "index": index,
             "key": g["key"],
@@ -1000,12 +1001,12 @@ def _grid_summary(grid: list[dict[str, Any]], trials: list[dict[str, Any]]) -> l
             "config": g["config"],
             "budget": g["budget"],
             "in_space": g["in_space"],
-            "trial": None if t is None else t["number"],
-            "state": "NOT RUN" if t is None else t["state"],
-            "value": None if t is None else t["value"],
+            "trial": None if found is None else found["number"],
+            "state": "NOT RUN" if found is None else found["state"],
+            "value": None if found is None else found["value"],
         }
-        if t is not None and "error" in t:
-            row["error"] = t["error"]
+        if found is not None and "error" in found:
+            row["error"] = found["error"]
         out.append(row)
     missing = [r["key"] for r in out if r["state"] == "NOT RUN"]
     if missing:  # e.g. another worker of a shared study is still running them

@@ -56,7 +56,7 @@ import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -579,7 +579,7 @@ def _info(
 ) -> dict:
     p = assets.PINS[ASSET]
     splits = {"train": train, config.test_split: held}
-    info = {
+    info: dict[str, Any] = {
         "source": f"{p.requirement} {p.member}",
         "protocol": config.protocol,
         "primary_digit": config.primary,

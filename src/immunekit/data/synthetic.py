@@ -8,6 +8,7 @@ make H_H ill-conditioned while keeping H_P well-conditioned (Prop. 3.2 of arXiv 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -134,7 +135,13 @@ def gaussian_spectra(
     harmful, law = _domain(n, dim, cond_harmful, gen, "h", loss)
     p_tr, p_te = _split(primary, n_train)
     h_tr, h_te = _split(harmful, n_train)
-    info = {"dim": dim, "n": n, "cond_primary": cond_primary, "cond_harmful": cond_harmful, "seed": seed}
+    info: dict[str, Any] = {
+        "dim": dim,
+        "n": n,
+        "cond_primary": cond_primary,
+        "cond_harmful": cond_harmful,
+        "seed": seed,
+    }
     extra: dict[str, Dataset] = {}
     if evaluation_splits:
         n_test = n - n_train

@@ -55,6 +55,7 @@ class WhitenPrimary(Defense):
 
     name = "whiten_primary"
     Config = WhitenPrimaryConfig
+    config: WhitenPrimaryConfig  # what Defense.__init__ loads: this class's Config
 
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
         """Whiten the primary features: a new LinearModel with θ = θ_0 · W, ω = 0 (θ_0 = I: θ = W).

@@ -376,7 +376,7 @@ def _backoff(setting: Setting, entries: Mapping[str, Any], budget: AttackBudget)
         current = lower
 
 
-def _band(curves: Sequence[Sequence[tuple[int, float]]]) -> dict[str, list[float | None]]:
+def _band(curves: Sequence[Sequence[tuple[int, float]]]) -> dict[str, Any]:
     """Mean and bootstrap 95 % band per evaluated step common to every seed (finite values only)."""
     common = sorted(set.intersection(*({s for s, _ in c} for c in curves)))
     values = [dict(c) for c in curves]

@@ -78,8 +78,11 @@ class AttackSpec:
     def budget(self) -> AttackBudget:
         """The AttackBudget this spec describes."""
         return AttackBudget(
-            steps=self.steps, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer
-        )  # type: ignore[arg-type]
+            steps=self.steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,  # type: ignore[arg-type]  # AttackBudget checks the name
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

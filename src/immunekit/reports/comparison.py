@@ -215,7 +215,8 @@ def comparison_rows(items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict
     for rel, record in items:
         per = record.get("per_attack") or {}
         conditions = record.get("conditions") or {}
-        kappa = record.get("kappa") if isinstance(record.get("kappa"), Mapping) else {}
+        kappa_entry = record.get("kappa")
+        kappa = kappa_entry if isinstance(kappa_entry, Mapping) else {}
         attacks = {}
         for key in attack_keys:
             real = _search_key(record) if key == SEARCH_COLUMN else key

@@ -167,7 +167,9 @@ def grid_methods(results: Mapping[str, Any]) -> list[str]:
     present: list[str] = []
     for _, _, cell in cells(results):
         methods = cell.get("methods")
-        for m in methods if isinstance(methods, Mapping) else []:
+        if not isinstance(methods, Mapping):
+            continue
+        for m in methods:
             if m not in present and isinstance(methods[m], Mapping):
                 present.append(m)
     order = [m for m in method_order(results) if m in present]

@@ -976,7 +976,8 @@ def _git(prov: Mapping[str, Any]) -> str:
     if not sha:
         return "unknown (not a git checkout)"
     dirty = prov.get("git_dirty")
-    state = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(dirty, " (dirty state unknown)")
+    state = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(bool(dirty), "")
+    state = state if isinstance(dirty, bool) else " (dirty state unknown)"
     return f"`{sha}`{state}"
 
 

@@ -12,7 +12,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from immunekit.reports import grid
 from immunekit.reports._common import (
@@ -37,6 +37,8 @@ METHOD_COLORS = {
 FALLBACK_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 PANELS = (("primary", "Primary task $D_P$"), ("harmful", "Harmful task $D_H$"))
 FLOOR = 1e-16  # zeros are clipped to min(FLOOR, smallest positive value in the panel)
+
+_T = TypeVar("_T")
 
 
 def require_matplotlib() -> None:
@@ -279,10 +281,9 @@ def _annotate_rir(ax: Any, rows: Sequence[Any], tops: Sequence[float]) -> None:
 def _bar_legend() -> list[Any]:
     from matplotlib.patches import Patch
 
-    grey = {"facecolor": "0.5", "edgecolor": "0.5"}
     return [
-        Patch(**grey, alpha=0.9, label="(i) harmful κ ratio (↑)"),
-        Patch(**grey, alpha=0.45, hatch="///", label="(ii) primary κ ratio (↓)"),
+        Patch(facecolor="0.5", edgecolor="0.5", alpha=0.9, label="(i) harmful κ ratio (↑)"),
+        Patch(facecolor="0.5", edgecolor="0.5", alpha=0.45, hatch="///", label="(ii) primary κ ratio (↓)"),
     ]
 
 
@@ -329,7 +330,7 @@ def _panel_message(ax: Any, text: str) -> None:
 def _draw_heat_panel(
     ax: Any,
     matrix: Sequence[Sequence[float | None]],
-    fails: Sequence[Sequence[bool]],
+    fails: Sequence[Sequence[bool | None]],
     norm: Any,
     title: str,
 ) -> Any:
@@ -409,7 +410,7 @@ def _paper_panel(results: Mapping[str, Any], method: str) -> tuple[Any, Any, str
     return matrix, fails, title
 
 
-def _pad(matrix: Sequence[Sequence[float | None]], size: int) -> list[list[float | None]]:
+def _pad(matrix: Sequence[Sequence[_T | None]], size: int) -> list[list[_T | None]]:
     rows = [list(r[:size]) + [None] * (size - len(r[:size])) for r in matrix[:size]]
     return rows + [[None] * size for _ in range(size - len(rows))]
 

@@ -106,7 +106,7 @@ class MinNormLstsq:
         """
         b = self._rhs(b)
         k = min(self.shape)
-        if self._reflectors is None:  # Q = I (N < D), or Q is N×0 (D = 0)
+        if self._reflectors is None or self._tau is None:  # Q = I (N < D), or Q is N×0 (D = 0)
             return b[:k], (b[k:] ** 2).sum(0)
         full = torch.ormqr(self._reflectors, self._tau, b, left=True, transpose=True)
         return full[:k], (full[k:] ** 2).sum(0)
