@@ -106,9 +106,23 @@ def test_fit_is_deterministic_for_a_seed(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_fit_sets_trailing_underscore_diagnostics(name: str) -> None:
     d = _defense(name)
+    assert not hasattr(d, "history_") and not hasattr(d, "info_")  # learned by fit, not before
     d.fit(_model(6), _task(), seed=0)
     assert isinstance(d.history_, list)
-    assert isinstance(d.info_, dict)
+    assert isinstance(d.info_, dict) and d.info_
+
+
+#: Defenses that leave θ as it is by design.
+NO_CHANGE = {"identity"}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_CHANGE])
+def test_fit_changes_the_extractor_where_it_must(name: str) -> None:
+    """A defense that trained (or whitened) must return a different θ on an ill-conditioned task."""
+    task, model = _task(), _model(6)
+    out = _defense(name).fit(model, task, seed=0)
+    diff = (out.extractor.weight - model.extractor.weight).abs().max()
+    assert diff > 1e-6, f"{name} returned θ_0 unchanged"
 
 
 @pytest.mark.parametrize("name", NAMES)

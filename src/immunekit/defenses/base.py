@@ -31,8 +31,10 @@ class Defense(ABC):
     def __init__(self, config: DefenseConfig | None = None, **overrides: Any) -> None:
         base = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         self.config = load_config(self.Config, {**base, **overrides}, where=f"defenses.{self.name}")
-        self.history_: list[dict[str, float]] = []
-        self.info_: dict[str, Any] = {}
+
+    # Set by ``fit`` only (scikit-learn's convention: a trailing underscore means "learned").
+    history_: list[dict[str, Any]]
+    info_: dict[str, Any]
 
     @abstractmethod
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
