@@ -341,7 +341,11 @@ def _refine_window(entry: Mapping[str, Any], group: str, th: Thresholds, phi: fl
             divergence=th.divergence,
             score=loss,
         )["per_attack"]["g"]["seeds"]
-        open_ = [s for s in seeds if s["outcome"] == cond.INCONCLUSIVE and s["degenerate"] is None]
+        # undecided by the grid: both crossed inside overlapping brackets (a run that crossed and
+        # then diverged still has a real crossing); a diverged run that never crossed is not
+        open_ = [
+            s for s in seeds if s["outcome"] == cond.INCONCLUSIVE and (s["degenerate"] is None or s["broke"])
+        ]
     ends = [
         steps if hi is None else int(hi) for s in open_ for hi in (s["bracket"][1], s["bracket_reference"][1])
     ]
