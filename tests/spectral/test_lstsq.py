@@ -251,3 +251,32 @@ def test_property_agrees_with_pinv_for_any_shape_and_rank(
     # Wedin: ‖δx‖/‖x‖ ≤ c·eps·(κ + κ²‖r‖/(‖A‖‖x‖)), ‖A‖ = 1
     bound = 16 * EPS * (kappa + kappa**2 * resid / float(ref.norm()))
     assert _rel(x, ref) <= bound
+
+
+def test_robust_svd_falls_back_when_lapack_does_not_converge(monkeypatch) -> None:
+    """gesdd can fail on extreme dynamic ranges (whitened MNIST features): retry, never give up silently."""
+    from immunekit.errors import NumericalError
+    from immunekit.spectral import lstsq
+
+    m = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    real = torch.linalg.svd
+    calls = []
+
+    def flaky(x, full_matrices=True):
+        calls.append(tuple(x.shape))
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = lstsq.robust_svd(m)
+    assert calls == [(7, 5), (5, 7)]  # the transpose was decomposed
+    assert torch.allclose(u @ torch.diag(s) @ vh, m, atol=1e-13, rtol=0)
+    assert torch.allclose(u.T @ u, torch.eye(5, dtype=torch.float64), atol=1e-13)
+
+    def broken(x, full_matrices=True):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    with pytest.raises(NumericalError, match=r"SVD of a \(7, 5\) matrix did not converge"):
+        lstsq.robust_svd(m)

@@ -18,6 +18,7 @@ The factorization is kept, so every right-hand side, the singular values (κ of 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,40 @@ from torch import Tensor
 from immunekit.errors import NumericalError
 from immunekit.spectral.condition import KappaInfo, check_matrix, default_rtol, kappa_from_values
 
+log = logging.getLogger(__name__)
+
 F64 = torch.float64
+
+
+def robust_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, s, Vᴴ)`` of ``m`` that does not give up where LAPACK's gesdd does.
+
+    gesdd (torch's CPU driver) can fail to converge on matrices with an extreme dynamic range,
+    e.g. features whitened along directions at σ/σ₁ ≈ 10⁻¹⁰. The fallbacks, in order: the SVD of
+    ``mᵀ`` (the same factorization, another iteration path), then the SVD of ``m`` scaled by its
+    largest entry. Each fallback is logged; if all fail the LAPACK error is raised as a
+    NumericalError naming the matrix shape.
+    """
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError as first:
+        log.warning(
+            "SVD of a %s matrix did not converge (%s); retrying on its transpose", tuple(m.shape), first
+        )
+    try:
+        u, s, vh = torch.linalg.svd(m.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    except torch.linalg.LinAlgError:
+        log.warning("SVD of the transpose did not converge either; retrying on the rescaled matrix")
+    scale = float(m.abs().max())
+    try:
+        u, s, vh = torch.linalg.svd(m / scale, full_matrices=False)
+        return u, s * scale, vh
+    except torch.linalg.LinAlgError as err:
+        raise NumericalError(
+            f"the SVD of a {tuple(m.shape)} matrix did not converge ({err}); its dynamic range is beyond "
+            "float64 LAPACK here: check for features scaled by huge factors"
+        ) from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +123,7 @@ class MinNormLstsq:
             core = reflectors[:d].triu()
         else:
             core = a
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        u, s, vh = robust_svd(core)
         smax = float(s[0])
         rank = int((s > tol * smax).sum()) if smax > 0 else 0
         return cls((n, d), tol, s, rank, core, reflectors, tau, u[:, :rank], vh[:rank])
