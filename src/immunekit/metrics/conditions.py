@@ -273,10 +273,7 @@ def steps_to_threshold(curve: Curve, phi: float) -> int | None:
         True
 
     """
-    for step, value in _check_curve(curve):
-        if math.isfinite(value) and value > phi:
-            return step
-    return None
+    return crossing_bracket(curve, phi)[1]
 
 
 def crossing_bracket(curve: Curve, phi: float) -> tuple[int, int | None]:
@@ -348,13 +345,6 @@ def harm_auc(curve: Curve, horizon: int | None = None) -> float | None:
 def reach_step(curve: Curve, target: float) -> int | None:
     """First evaluated step with quality ≥ ``target``, or ``None`` if never reached."""
     return reach_bracket(curve, target)[1]
-
-
-def eval_interval(curve: Curve) -> int:
-    """Δt: the smallest gap between evaluated steps (0 for a one-point curve)."""
-    steps = [s for s, _ in _check_curve(curve)]
-    gaps = [b - a for a, b in itertools.pairwise(steps)]
-    return min(gaps) if gaps else 0
 
 
 def mean_curve(curves: Sequence[Curve]) -> list[tuple[int, float]]:
@@ -1072,7 +1062,6 @@ __all__ = [
     "condition",
     "crossing_bracket",
     "degeneracy",
-    "eval_interval",
     "harm_auc",
     "holds_statement",
     "max_harm",
