@@ -220,3 +220,18 @@ def test_a_directory_from_the_old_rank_rule_is_refused_with_the_reason(tmp_path:
     path.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="rank rule 'eigvalsh-k-v0'"):
         run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+
+
+def test_a_directory_from_the_old_loss_rule_is_refused_with_the_reason(tmp_path: Path) -> None:
+    cfg = build_config(tiny_config(seeds=[1]))
+    run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    path = trial_path(tmp_path, "condition_number", 1)
+    record = read_json(path)
+    assert record["loss_rule"] == "lossspec-v1"
+    del record["loss_rule"]  # as written when binary defenses trained on BCE-with-logits
+    path.write_text(json.dumps(record))
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="older loss rule") as err:
+        run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    assert "lossspec-v1" in str(err.value) and "new --out" in str(err.value)
+    assert path.read_bytes() == before

@@ -20,9 +20,10 @@ in one place:
   derived from it, never multiplied back, so a cap of k steps' FLOPs allows exactly k steps). When the
   counter sees no FLOPs or fails, the fallback is 6 · (model parameters) · (examples) (forward 2P,
   backward 4P per example). The method goes into ``info['flops_method']``.
-* **loss** from ``task.loss``: ``mse`` → mean squared error over all outputs; ``ce`` with one output
-  → squared loss on 0/1 targets (the ℓ2 threat model of arXiv 2505.23760, as the linear probe);
-  ``ce`` with C ≥ 2 outputs → cross-entropy; ``lm`` → :class:`ConfigError` (language models come later).
+* **loss**: :class:`immunekit.metrics.losses.LossSpec` of ``task.loss``, shared with the defenses:
+  ``mse`` → mean squared error; ``ce`` with one output → squared loss on 0/1 targets (the ℓ2
+  threat model of arXiv 2505.23760, as the linear probe); ``ce`` with C ≥ 2 outputs →
+  cross-entropy; ``lm`` → :class:`ConfigError` (language models come later).
 * **records**: one :class:`StepRecord` per step; the loss is the mini-batch loss before the step
   (``loss_on="batch"``, the default: free) or that of the whole training split after it
   (``loss_on="split"``: one forward pass over the split per step, which dominated the harness
@@ -56,6 +57,7 @@ from immunekit.attacks.base import (
 )
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
+from immunekit.metrics.losses import LossSpec
 from immunekit.metrics.task_scores import task_score
 
 log = logging.getLogger(__name__)
@@ -176,62 +178,13 @@ class _Data:
         return self.raw_y if idx is None else self.raw_y.index_select(0, idx)
 
 
-class LossSpec:
-    """The training loss of a task for a model with ``outputs`` head outputs (see the module docstring)."""
-
-    def __init__(self, loss: str, outputs: int, dtype: torch.dtype) -> None:
-        if loss == "lm":
-            raise ConfigError(
-                "fine-tuning attacks do not support loss 'lm' yet (language models come in a later "
-                "issue); use a task with loss 'mse' or 'ce'"
-            )
-        if loss not in ("mse", "ce"):
-            raise ConfigError(f"unknown task loss {loss!r}; expected 'mse' or 'ce'")
-        self.loss, self.outputs, self.dtype = loss, outputs, dtype
-        self.kind = "mse" if loss == "mse" else ("squared_01" if outputs == 1 else "cross_entropy")
-
-    def prepare(self, data: Dataset, device: torch.device, name: str) -> _Data:
-        """Inputs and targets of ``data`` (checked against the number of outputs)."""
-        x = data.x.to(device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        y = data.y.to(device)
-        if self.kind == "mse":
-            target = y.to(self.dtype).reshape(len(data), -1)
-            if target.shape[1] != self.outputs:
-                raise DataError(
-                    f"split {name!r} has {target.shape[1]} target columns but the model has "
-                    f"{self.outputs} outputs; use a head with one output per target column"
-                )
-            return _Data(x, target, target)
-        labels = y.reshape(-1).long()
-        top = int(labels.max()) if len(labels) else 0
-        if self.kind == "squared_01":
-            if int(labels.min()) < 0 or top > 1:
-                raise DataError(
-                    f"split {name!r} has labels in [{int(labels.min())}, {top}] but the model has one "
-                    "output (binary 0/1 targets); use a head with one output per class"
-                )
-            return _Data(x, labels.to(self.dtype)[:, None], labels)
-        if top >= self.outputs:
-            raise DataError(
-                f"split {name!r} has label {top} but the model has {self.outputs} outputs; use a head "
-                "with one output per class"
-            )
-        return _Data(x, labels, labels)
-
-    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
-        """Mean loss of a batch."""
-        if self.kind == "cross_entropy":
-            return nn.functional.cross_entropy(pred, target)
-        return nn.functional.mse_loss(pred, target)  # one fused kernel (forward and backward)
-
-    def describe(self) -> str:
-        return {
-            "mse": "mean squared error",
-            "squared_01": "squared loss on 0/1 targets (one-output binary head, ℓ2 threat model)",
-            "cross_entropy": "cross-entropy",
-        }[self.kind]
+def prepare(spec: LossSpec, data: Dataset, device: torch.device, name: str) -> _Data:
+    """Inputs and training targets of ``data`` on ``device`` (targets checked against the head width)."""
+    x = data.x.to(device)
+    if x.is_floating_point():
+        x = x.to(spec.dtype)
+    target, labels = spec.targets(data.y.to(device), name)
+    return _Data(x, target, labels)
 
 
 def count_params(model: nn.Module) -> int:
@@ -283,8 +236,8 @@ class _Run:
                 f"{tuple(held.x.shape[1:])}): {exc}; attack a model built for this task"
             ) from exc
         self.spec = LossSpec(task.loss, outputs, dtype)
-        self.held = self.spec.prepare(held, self.device, eval_split)
-        self.util = self.spec.prepare(split_of(task, "eval_primary"), self.device, "eval_primary")
+        self.held = prepare(self.spec, held, self.device, eval_split)
+        self.util = prepare(self.spec, split_of(task, "eval_primary"), self.device, "eval_primary")
         self.base_lr = budget.lr if budget.lr is not None else DEFAULT_LR
         self.opt = make_optimizer(params, budget, attack)
         self.t0 = time.perf_counter()
@@ -379,7 +332,7 @@ class _Run:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def run(self, phases: list[Phase]) -> LoopOutput:
-        prepared = [self.spec.prepare(p.data, self.device, p.split) for p in phases]
+        prepared = [prepare(self.spec, p.data, self.device, p.split) for p in phases]
         phase_info = []
         self.model.train()
         start = next((i for i, p in enumerate(phases) if p.steps > 0), 0)  # first phase that trains

@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
-from immunekit.defenses.linear_common import head_width, task_grads
+from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 from immunekit.spectral.condition import (
@@ -246,7 +246,7 @@ class SpectralLinearDefense(Defense):
         cfg = self.config
         lin = require_linear(model, self.name, task)
         theta = lin.theta
-        omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
+        omega = torch.zeros(theta.shape[1], task_head_width(task, task.primary), dtype=torch.float64)
         self._prev_halvings = 0
         self.safeguard_evaluations_ = 0
         if self.use_fast_paths:
@@ -414,8 +414,8 @@ class SpectralLinearDefense(Defense):
     def _task_lr(self, theta: Tensor, omega: Tensor, k_p: Tensor, task: Task) -> tuple[float, bool]:
         """η, capped at 1/L where L bounds the task loss curvature in ω and in θ.
 
-        For the mean squared error over N·C outputs, ∇²_ω L = 2 (θᵀK_Pθ ⊗ I)/(N·C) and
-        ∇²_θ L = 2 (K_P ⊗ ωωᵀ)/(N·C); BCE/CE curvature is at most ¼ / ½ of that. A regularizer that
+        For the squared losses over N·C outputs, ∇²_ω L = 2 (θᵀK_Pθ ⊗ I)/(N·C) and
+        ∇²_θ L = 2 (K_P ⊗ ωωᵀ)/(N·C); cross-entropy curvature is at most ½ of that. A regularizer that
         inflates ‖θ‖ (R_ill does) would otherwise make the fixed-η task step diverge.
         """
         cfg = self.config

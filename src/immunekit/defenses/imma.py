@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
-from immunekit.defenses.linear_common import head_width, task_grads
+from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 from immunekit.spectral.rank import FactorSpectrum
@@ -60,8 +60,8 @@ class Imma(Defense):
         cfg = self.config
         lin = require_linear(model, self.name, task)
         theta = lin.theta
-        omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
-        w = torch.zeros(theta.shape[1], head_width(task.harmful, task.loss), dtype=torch.float64)
+        omega = torch.zeros(theta.shape[1], task_head_width(task, task.primary), dtype=torch.float64)
+        w = torch.zeros(theta.shape[1], task_head_width(task, task.harmful), dtype=torch.float64)
         self.history_ = []
         for t in tqdm(range(cfg.steps), desc=self.name, disable=not cfg.progress, leave=False):
             for _ in range(cfg.inner_steps):

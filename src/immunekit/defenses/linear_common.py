@@ -1,66 +1,40 @@
-"""Pieces shared by the linear-extractor defenses: the primary task loss and its gradients."""
+"""Pieces shared by the linear-extractor defenses: head width and the primary loss with its gradients.
+
+The loss is :class:`immunekit.metrics.losses.LossSpec`, the one the attacks train with.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional
 
-from immunekit.data.task import Dataset
-
-
-def head_width(data: Dataset, loss: str) -> int:
-    """Head outputs: target columns for regression, 1 for binary, C for C-class classification."""
-    if loss == "mse":
-        return 1 if data.y.ndim == 1 else int(data.y.shape[1])
-    classes = int(data.y.max()) + 1
-    return 1 if classes <= 2 else classes
+from immunekit.data.task import Dataset, Task
+from immunekit.metrics.losses import LossSpec, head_width
 
 
-def task_loss(x: Tensor, y: Tensor, theta: Tensor, omega: Tensor, loss: str) -> Tensor:
-    """Primary loss L(D; ω, θ) of the linear model x ↦ xθω.
+def task_head_width(task: Task, data: Dataset) -> int:
+    """Outputs of a linear head on ``data`` of ``task``.
 
-    Args:
-        x: ``(N, D_in)``.
-        y: ``(N,)`` or ``(N, C)`` targets (class indices for ``ce``).
-        theta: ``(D_in, D_hid)``.
-        omega: ``(D_hid, C)``.
-        loss: ``"mse"`` (mean squared error) or ``"ce"`` (BCE-with-logits for one output, else CE).
-
-    Returns:
-        Scalar loss.
-
+    :func:`~immunekit.metrics.losses.head_width` with the task's number of classes
+    (:attr:`Task.classes`, the same for every split).
     """
-    out = x @ theta @ omega
-    if loss == "mse":
-        return ((out - y.reshape(out.shape)) ** 2).mean()
-    if out.shape[1] == 1:
-        return functional.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype))
-    return functional.cross_entropy(out, y.long())
+    columns = 1 if data.y.ndim == 1 else int(data.y.shape[1])
+    return head_width(task.classes, task.loss, columns)
 
 
 def task_grads(data: Dataset, theta: Tensor, omega: Tensor, loss: str) -> tuple[float, Tensor, Tensor]:
     """L(D; ω, θ) and its closed-form gradients with respect to θ ``(D_in, D_hid)`` and ω ``(D_hid, C)``.
 
-    With Z = Xθω and the loss's residual R = ∂L/∂Z (MSE: 2(Z − Y)/(N·C); BCE/CE: (p − Y)/N),
-    ∇_ω L = (Xθ)ᵀR and ∇_θ L = Xᵀ R ωᵀ. Closed forms avoid autograd overhead in the inner loop.
-    Products are ordered for a narrow head (C ≪ D): Z = X(θω), ∇_θ L = (XᵀR)ωᵀ and
-    ∇_ω L = θᵀ(XᵀR), which costs O(N·D·C + D²·C) instead of the O(N·D²) of forming Xθ.
+    With Z = Xθω and the loss's residual R = ∂L/∂Z (:meth:`LossSpec.residual`: 2(Z − Y)/(N·C) for the
+    squared losses, (softmax(Z) − Y)/N for cross-entropy), ∇_ω L = (Xθ)ᵀR and ∇_θ L = Xᵀ R ωᵀ.
+    Closed forms avoid autograd overhead in the inner loop. Products are ordered for a narrow head
+    (C ≪ D): Z = X(θω), ∇_θ L = (XᵀR)ωᵀ and ∇_ω L = θᵀ(XᵀR), which costs O(N·D·C + D²·C) instead of
+    the O(N·D²) of forming Xθ.
     """
+    spec = LossSpec(loss, omega.shape[1], torch.float64)
     x = data.x.to(torch.float64)
     out = x @ (theta @ omega)
-    n = out.shape[0]
-    if loss == "mse":
-        y = data.y.to(torch.float64).reshape(out.shape)
-        value = float(((out - y) ** 2).mean())
-        resid = 2.0 * (out - y) / out.numel()
-    elif out.shape[1] == 1:
-        y = data.y.to(torch.float64).reshape(out.shape)
-        value = float(functional.binary_cross_entropy_with_logits(out, y))
-        resid = (torch.sigmoid(out) - y) / n
-    else:
-        y = functional.one_hot(data.y.long(), out.shape[1]).to(torch.float64)
-        value = float(functional.cross_entropy(out, data.y.long()))
-        resid = (torch.softmax(out, dim=1) - y) / n
-    xr = x.T @ resid  # (D_in, C)
+    target, _ = spec.targets(data.y, "defense data")
+    value = float(spec(out, target))
+    xr = x.T @ spec.residual(out, target)  # (D_in, C)
     return value, xr @ omega.T, theta.T @ xr

@@ -28,7 +28,7 @@ import torch
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
-from immunekit.defenses.linear_common import head_width
+from immunekit.defenses.linear_common import task_head_width
 from immunekit.models.base import ImmunizableModel
 from immunekit.spectral.condition import check_rtol
 from immunekit.spectral.rank import FactorSpectrum
@@ -75,7 +75,7 @@ class WhitenPrimary(Defense):
         # whiten the features Φ_P = X_Pθ_0 (θ_0 = I: the inputs), so H_P = θᵀK_Pθ is constant on range
         spec = FactorSpectrum.of(task.primary.x.to(torch.float64) @ theta0, rtol=self.config.rank_rtol)
         theta = theta0 @ spec.whitener()
-        omega = torch.zeros(theta.shape[1], head_width(task.primary, task.loss), dtype=torch.float64)
+        omega = torch.zeros(theta.shape[1], task_head_width(task, task.primary), dtype=torch.float64)
         self.history_ = []
         self.info_ = {"rank_rule": {"primary": spec.describe()}, "note": "θ = K_P^{-1/2} on range(K_P)"}
         return lin.with_weights(theta, omega)

@@ -35,6 +35,7 @@ from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
 from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
+from immunekit.metrics.losses import LOSS_RULE, LOSS_RULE_TEXT
 from immunekit.metrics.rir import rir_band
 from immunekit.models.base import LinearModel, linear_model
 from immunekit.models.checkpoint import save_checkpoint
@@ -421,6 +422,7 @@ def immunize_and_measure(
         "metrics": metrics,
         "verdict": {"seed": seed, **ver.to_dict()},
         "rank_rule": ref.rank_rule(),
+        "loss_rule": LOSS_RULE,
         "curves": curves,
         "defense_info": {**defense.info_, "steps_run": len(defense.history_)},
     }
@@ -505,6 +507,7 @@ def trial_config_sha(
     for key in ("seeds", "methods", "experiment", "paper_table", "pairs"):
         data.pop(key)
     data["method"] = to_dict(method)
+    data["loss_rule"] = LOSS_RULE
     if cell:
         data["cell"] = cell
     return config_sha256(data)
@@ -556,7 +559,7 @@ def run_linear_experiment(
         )
     out = Path(out)
     trials = linear_trials(cfg, out / "models" if save_models else None)
-    check_rank_rule(out, trials)  # names the reason when an older rank rule wrote the directory
+    check_rules(out, trials)  # names the reason when an older rank or loss rule wrote the directory
     _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
     first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
     if todo:
@@ -689,14 +692,16 @@ def warn_rank_deficiency(task: Task, rtol: float | None = None) -> None:
             )
 
 
-def check_rank_rule(out: Path, trials: list[sweep.Trial]) -> None:
-    """Refuse, with the reason, a results directory whose trials were measured under another rank rule.
+def check_rules(out: Path, trials: list[sweep.Trial]) -> None:
+    """Refuse, with the reason, a results directory whose trials were measured under another rule.
 
-    The config hash changes with the rule too (the sweep refuses the directory in any case); this
-    check runs first so that the message names the rule instead of a generic config mismatch.
+    Two rules change every number: the rank rule (κ, RIR and the defenses' pseudo-inverses) and the
+    loss rule (the defenses' task term, :mod:`immunekit.metrics.losses`). The config hash changes
+    with either (the sweep refuses the directory in any case); this check runs first so that the
+    message names the rule instead of a generic config mismatch.
 
     Raises:
-        ConfigError: a trial record under ``out`` has no ``rank_rule`` or another rule's name.
+        ConfigError: a trial record under ``out`` records no rule or another rule's name.
 
     """
     for t in trials:
@@ -704,7 +709,8 @@ def check_rank_rule(out: Path, trials: list[sweep.Trial]) -> None:
         if not path.exists():
             continue
         record = read_json(path)
-        entry = record.get("rank_rule") if isinstance(record, dict) else None
+        record = record if isinstance(record, dict) else {}
+        entry = record.get("rank_rule")
         rule = entry.get("rule") if isinstance(entry, dict) else None
         if rule != RANK_RULE:
             old = (
@@ -716,6 +722,18 @@ def check_rank_rule(out: Path, trials: list[sweep.Trial]) -> None:
                 f"{path} was measured under {old}; this version decides ranks by the rank rule {RANK_RULE!r} "
                 f"({RANK_RULE_TEXT}), which changes κ, RIR and the defenses, so the results cannot be mixed "
                 f"or resumed. Use a new --out directory, or delete {out} to start over"
+            )
+        loss = record.get("loss_rule")
+        if loss != LOSS_RULE:
+            old = (
+                f"loss rule {loss!r}"
+                if loss
+                else "the older loss rule (BCE-with-logits task term for binary tasks)"
+            )
+            raise ConfigError(
+                f"{path} was measured under {old}; this version trains the defenses' task term with the "
+                f"loss rule {LOSS_RULE!r} ({LOSS_RULE_TEXT}), so the results cannot be mixed or resumed. "
+                f"Use a new --out directory, or delete {out} to start over"
             )
 
 
