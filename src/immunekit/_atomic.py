@@ -78,4 +78,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "default_mode"]
+def writable_dir_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why results could not be written into folder ``path``, or ``None`` when they can.
+
+    Checked before any work starts, so that a long computation never ends on a failed write. The
+    folder need not exist: its nearest existing ancestor must then be a writable folder. Creates
+    nothing.
+
+    Example:
+        >>> writable_dir_problem("/proc/no/such/place") is not None
+        True
+
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no existing ancestor of {path}"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} (on the way to {path}) is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is" if probe == path else f"(the nearest existing folder of {path}) is"
+        return f"{probe} {what} not writable"
+    return None
+
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "default_mode", "writable_dir_problem"]
