@@ -3,9 +3,11 @@
 Public API (grouped; loaded lazily so that ``immunekit.reports`` never imports torch):
 
 * registries: ``DEFENSES``, ``ATTACKS``, ``TASKS``, ``METRICS``
-* models and data: ``linear_model``, ``ImmunizableModel``, ``LinearModel``, ``Task``, ``Dataset``
+* models and data: ``linear_model``, ``ImmunizableModel``, ``LinearModel``, ``register_model``,
+  ``checkpoint_config``, ``Task``, ``Dataset``
 * attacks: ``AttackBudget``, ``WorstCase``, ``SearchConfig``
-* evaluation: ``evaluate`` (the report card), ``Thresholds``, ``save_checkpoint``, ``load_checkpoint``
+* immunization and evaluation: ``immunize`` (a registered defense), ``evaluate`` (the report
+  card), ``Thresholds``, ``save_checkpoint``, ``load_checkpoint``
 * errors: ``ImmunekitError``, ``ConfigError``, ``DataError``, ``AssetError``, ``NumericalError``
 """
 
@@ -24,6 +26,8 @@ _EXPORTS = {
     "METRICS": "immunekit.metrics",
     # models and data
     "linear_model": "immunekit.models",
+    "register_model": "immunekit.models",
+    "checkpoint_config": "immunekit.models",
     "ImmunizableModel": "immunekit.models",
     "LinearModel": "immunekit.models",
     "Task": "immunekit.data",
@@ -32,7 +36,8 @@ _EXPORTS = {
     "AttackBudget": "immunekit.attacks",
     "WorstCase": "immunekit.attacks.worst_case",
     "SearchConfig": "immunekit.attacks.worst_case",
-    # evaluation
+    # immunization and evaluation
+    "immunize": "immunekit.defenses",
     "evaluate": "immunekit.experiments.evaluate",
     "Thresholds": "immunekit.metrics.conditions",
     "save_checkpoint": "immunekit.models.checkpoint",

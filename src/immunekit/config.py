@@ -141,6 +141,10 @@ def config_sha256(config: Mapping[str, Any]) -> str:
 def parse_set(assignments: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars.
 
+    Raises:
+        ConfigError: an item without ``=``, an empty key part (``a..b``), a value that is not
+            valid YAML, or a key set both as a value and as a section (``a=1`` and ``a.b=2``).
+
     Example:
         >>> parse_set(["defense.steps=5", "seeds=[0, 1]"])
         {'defense': {'steps': 5}, 'seeds': [0, 1]}
@@ -151,12 +155,38 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}; e.g. --set defense.steps=100")
         key, raw = item.split("=", 1)
+        parts = [part.strip() for part in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(
+                f"--set {item!r}: the key {key.strip()!r} has an empty part; write dotted keys like "
+                "defenses.condition_number.steps=50"
+            )
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(exc)}); quote it "
+                "or fix the brackets, e.g. --set seeds=[1,2]"
+            ) from None
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} was already set to a value, so it "
+                    "cannot also take sub-keys; drop one of the two --set options"
+                )
+            node = child
+        node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what the YAML parser objected to, and where (1-based line and column)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,11 +201,46 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; a non-mapping file raises ConfigError."""
+    """Read a YAML mapping with ``yaml.safe_load``.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not valid YAML or not a mapping at the top
+            level; the one-line message names the file, the problem and the fix.
+
+    Example:
+        >>> import tempfile
+        >>> bad = Path(tempfile.mkdtemp()) / "bad.yaml"
+        >>> _ = bad.write_text("seeds: [1, 2")
+        >>> read_yaml(bad)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        immunekit.errors.ConfigError: ...bad.yaml is not valid YAML (... at line 1, column 13); fix...
+
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read as UTF-8 text ({reason}); pass a YAML file"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{path} is not valid YAML ({_yaml_problem(exc)}); fix the file, e.g. check the indentation "
+            "and the brackets there"
+        ) from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of config keys at the top level (e.g. 'seeds: [1, 2]'), "
+            f"got a {type(data).__name__}; write one key: value per line"
+        )
     return data

@@ -115,8 +115,8 @@ def _old_default_gd(a: torch.Tensor, y: torch.Tensor, steps: int, budget: Attack
 @pytest.mark.parametrize(
     "budget",
     [
-        AttackBudget(steps=40, optimizer="gd"),
-        AttackBudget(steps=40, optimizer="gd", schedule="cosine", warmup_steps=5),
+        AttackBudget(steps=40, optimizer="gd", lr=None),
+        AttackBudget(steps=40, optimizer="gd", lr=None, schedule="cosine", warmup_steps=5),
     ],
     ids=["constant", "cosine+warmup"],
 )

@@ -147,7 +147,7 @@ def test_gd_exact_norm_ratio_is_non_increasing() -> None:
 def test_gd_default_lr_obeys_the_linear_rate_bound(sv: torch.Tensor) -> None:
     a = _features(sv, 36, seed=11)
     steps = 30
-    res = _probe(_task(a, _targets(36, 12)), AttackBudget(steps=steps, optimizer="gd"))
+    res = _probe(_task(a, _targets(36, 12)), AttackBudget(steps=steps, optimizer="gd", lr=None))
     hess = 2.0 * a.T @ a
     eig = torch.linalg.eigvalsh(hess)
     big = float(eig[-1])

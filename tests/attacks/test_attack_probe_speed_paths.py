@@ -188,7 +188,7 @@ def test_info_kappa_and_default_lr_come_from_the_factorization() -> None:
 
     a = _features([2.0, 1.0, 0.5, 1e-3], 30, seed=8)
     y = torch.randn(30, 1, generator=torch.Generator().manual_seed(9), dtype=F64)
-    res = LinearProbe()(linear_model(4), _task(a, y), AttackBudget(steps=2, optimizer="gd"), seed=0)
+    res = LinearProbe()(linear_model(4), _task(a, y), AttackBudget(steps=2, optimizer="gd", lr=None), seed=0)
     ref = gram_condition_number(a)
     assert res.info["kappa_probe_hessian"]["kappa"] == pytest.approx(ref.kappa, rel=1e-10)
     assert res.info["kappa_probe_hessian"]["rank"] == ref.rank

@@ -247,7 +247,9 @@ def test_budget_rejects_bad_values(kw: dict, match: str) -> None:
 def test_gd_exact_is_rejected_by_full_finetune() -> None:
     task = _task()
     with pytest.raises(ConfigError, match=r"full_finetune.*'gd_exact'"):
-        ATTACKS.get("full_finetune")()(_linear(task.input_dim), task, AttackBudget(steps=2), seed=0)
+        ATTACKS.get("full_finetune")()(
+            _linear(task.input_dim), task, AttackBudget(steps=2, optimizer="gd_exact"), seed=0
+        )
 
 
 def test_bad_attack_configs_are_config_errors() -> None:

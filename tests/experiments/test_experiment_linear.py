@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,76 @@ def test_a_directory_from_the_old_loss_rule_is_refused_with_the_reason(tmp_path:
         run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
     assert "lossspec-v1" in str(err.value) and "new --out" in str(err.value)
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ quiet output, recorded facts
+
+
+@pytest.mark.parametrize(("n", "deficient"), [(64, []), (8, ["K_H", "K_P"])])
+def test_a_singular_k_is_an_info_line_and_a_recorded_fact(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, n: int, deficient: list[str]
+) -> None:
+    # n = 8 rows per domain, a quarter held out: 6 training rows of 8 features, rank 6 of 8
+    task_config = {"dim": 8, "n": n, "cond_primary": 50.0, "cond_harmful": 5.0}
+    cfg = build_config(tiny_config(task_config=task_config, methods=["identity"], seeds=[1, 2]))
+    with caplog.at_level(logging.DEBUG, logger="immunekit"):
+        results = run_linear_experiment(cfg, tmp_path, progress=False, workers=1)
+    said = [r for r in caplog.records if "has rank" in r.getMessage()]
+    assert sorted(r.getMessage()[:3] for r in said) == deficient  # the first task's K_P and K_H
+    assert all(r.levelno == logging.INFO for r in said)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    entries = results["rank_deficiency"]
+    assert entries == read_json(tmp_path / "results.json")["rank_deficiency"]
+    assert sorted({e["matrix"] for e in entries}) == deficient
+    assert len(entries) == 2 * len(deficient)  # per seed: each seed draws its own rows
+    for e in entries:
+        assert e["cell"] is None and e["seed"] in (1, 2) and e["split"] in ("primary", "harmful")
+        assert e["rank"] == 6 and e["dim"] == 8 and e["rows"] == 6
+        assert 0 < e["rtol"] < 1 and e["sigma_last_kept"] > 0 and e["sigma_first_dropped"] == 0.0
+        trial = read_json(trial_path(tmp_path, "identity", e["seed"]))
+        assert {k: v for k, v in e.items() if k not in ("cell", "seed", "matrix", "split")} == trial[
+            "rank_rule"
+        ][e["split"]]
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"), [("cpu", "cpu"), ("auto", "cpu"), ("cuda", None), ("tpu9", None)]
+)
+def test_device_is_recorded_or_refused_before_anything_is_written(
+    tmp_path: Path, device: str, expected: str | None
+) -> None:
+    cfg = build_config(tiny_config(methods=["identity"], seeds=[1]))
+    if expected is None:
+        with pytest.raises(ConfigError, match=rf"--device '{device}'"):
+            run_linear_experiment(cfg, tmp_path / "out", progress=False, workers=1, device=device)
+        assert not (tmp_path / "out").exists()
+        return
+    results = run_linear_experiment(cfg, tmp_path / "out", progress=False, workers=1, device=device)
+    assert results["provenance"]["device"] == expected
+    assert results["provenance"]["device_requested"] == device
+    assert results["provenance"]["dtype"] == "float64"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"methods": [{"key": "condition_number", "overrides": {"steps": -5}}]},
+            "steps must be >= 1, got -5",
+        ),
+        ({"defenses": {"condition_number": {"steps": 0}}}, "steps must be >= 1, got 0"),
+        ({"defenses": {"imma": {"steps": 3}}}, "no method 'imma' in this run"),
+        ({"attacks": [{"key": "a", "optimizer": "adam", "steps": 0}]}, r"attacks\[a\]: budget.steps"),
+        ({"seeds": [-1]}, "seeds must be integers >= 0, got -1"),
+        ({"defensess": {}}, "did you mean 'defenses'"),
+    ],
+)
+def test_bad_settings_fail_when_the_config_is_built(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(tiny_config(**change))
+
+
+def test_a_defenses_section_sets_a_method_s_overrides() -> None:
+    cfg = build_config(tiny_config(defenses={"condition_number": {"steps": 7}}))
+    method = next(m for m in cfg.methods if m.key == "condition_number")
+    assert method.overrides == {"steps": 7}

@@ -174,7 +174,8 @@ def test_html_embeds_every_plot_as_png_and_lists_every_condition(tmp_path: Path)
     assert [r[0] for r in rows] == [label for _, label in card.CONDITION_ORDER]
     assert [r[1] for r in rows] == ["FAIL", "PASS", "PASS", "PASS", "NOT-RUN", "INCONCLUSIVE"]
     assert ["RIR = (i)/(ii)", "12.5"] in doc.rows["kappa"]
-    assert ["budget.lr", "0.3"] in doc.rows["search"]
+    assert ["learning rate", "0.3"] in doc.rows["search"] and ["optimizer", "adam"] in doc.rows["search"]
+    assert not any(r[0] == "overrides" for r in doc.rows["search"])
     prov = dict((r[0], r[1]) for r in doc.rows["provenance"])
     assert prov["git"] == "deadbeef (uncommitted changes)" and prov["seeds"] == "0, 1, 2"
     assert prov["config sha256"] == "ab" * 32
@@ -192,9 +193,10 @@ def test_markdown_has_verdict_table_and_statement() -> None:
     assert "| Generalization (cross-domain) | NOT-RUN |" in text
     assert "> The immunity holds against linear_probe." in text
     assert "Plots skipped" in text
+    resistance = text.split("### Resistance")[1].split("###")[0]
     assert (
-        "| linear_probe | resistance | holds | 0.6 [0.5, 0.7] | 0.9 [0.8, 1] | -0.3 [-0.5, -0.1] | 2 |"
-        in text
+        "| linear_probe | holds | recorded as holding (older rules) | 0.6 [0.5, 0.7] | 0.9 [0.8, 1] "
+        "| -0.3 [-0.5, -0.1] | 2 |" in resistance
     )
 
 
@@ -285,4 +287,6 @@ def test_current_cards_write_the_verdict_rule_and_no_stale_note() -> None:
 def test_undecided_attacks_are_named_so() -> None:
     rec = _current(make_record())
     rec["per_attack"]["linear_probe"] = {"status": "INCONCLUSIVE", "holds": None, "min_ratio": None}
-    assert "| linear_probe | resistance | undecided |" in card.render_card_markdown(rec, {})
+    text = card.render_card_markdown(rec, {})
+    resistance = text.split("### Resistance")[1].split("###")[0]
+    assert "| linear_probe | undecided | the evaluation grid is too coarse" in resistance

@@ -32,6 +32,10 @@ OPTIONAL_SPLITS: tuple[str, ...] = ("val_harmful", "attack_disjoint", "attack_cr
 class AttackBudget:
     """The adversary's resources and optimizer settings; whichever limit is hit first stops the attack.
 
+    The defaults (100 Adam steps at lr 0.01, batch 32, held-out evaluation every 10 steps) are the
+    one default budget of the API and the CLI (``immunekit evaluate``): ``AttackBudget()`` works
+    with every attack.
+
     Attributes:
         steps: optimizer steps (≥ 1).
         batch_size: examples per step for stochastic optimizers (full batch for ``gd``/``gd_exact``).
@@ -67,12 +71,12 @@ class AttackBudget:
 
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "examples per stochastic step"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (None: optimizer default)"})
-    optimizer: Optimizer = field(default="gd_exact", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
+    lr: float | None = field(default=1e-2, metadata={"help": "learning rate (None: optimizer default)"})
+    optimizer: Optimizer = field(default="adam", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
     max_examples: int | None = field(default=None, metadata={"help": "cap on examples seen"})
     max_flops: float | None = field(default=None, metadata={"help": "cap on FLOPs"})
     eval_every: int = field(
-        default=0, metadata={"help": "held-out evaluation period (0: step 0 and the last step only)"}
+        default=10, metadata={"help": "held-out evaluation period (0: step 0 and the last step only)"}
     )
     schedule: Schedule = field(default="constant", metadata={"help": "lr schedule: " + ", ".join(SCHEDULES)})
     warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up steps before the schedule"})

@@ -77,8 +77,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--task",
-        help="task name (see 'immunekit ls'); default: the 'task' recorded in the checkpoint metadata. The "
-        "task is built with evaluation_splits=True (validation and disjoint attack splits)",
+        help="task name (see 'immunekit ls'), or csv:PATH for your own table (with --target and "
+        "--harmful-where); default: the 'task' recorded in the checkpoint metadata. The task is built "
+        "with evaluation_splits=True (validation and disjoint attack splits)",
+    )
+    p.add_argument(
+        "--target",
+        metavar="COL",
+        help="with --task csv:PATH: the target column (numeric with > 2 values: regression; else classes)",
+    )
+    p.add_argument(
+        "--harmful-where",
+        metavar="EXPR",
+        help='with --task csv:PATH: pandas boolean expression selecting the harmful rows, e.g. "age > 60"',
     )
     p.add_argument(
         "--task-set",
@@ -145,6 +156,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="results directory (default: results/evaluate-<task>, or results/evaluate-<DIR name>)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the attacks train: auto (CUDA when present, else cpu), cpu, cuda, cuda:1, mps",
     )
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -214,7 +230,8 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
     from immunekit.data import TASKS
     from immunekit.experiments.evaluate import load_model
 
-    model, meta = load_model(path)
+    device = resolve_device(args.device)
+    model, meta = load_model(path, device=device)
     task_sets = _flat_sets(args.task_sets, "--task-set")
     name = args.task or meta.get("task")
     if not name:
@@ -225,6 +242,8 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
     task_kwargs: dict[str, Any] = {}
     if args.task is None or args.task == meta.get("task"):
         task_kwargs.update(meta.get("task_config") or {})
+    name, table = _table_option(args, str(name))
+    task_kwargs.update(table)
     task_kwargs.update(task_sets)
     task_kwargs["evaluation_splits"] = True
     builder = TASKS.get(str(name))
@@ -234,7 +253,7 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
         raise ConfigError(f"task {name!r}: {err}; check the --task-set keys") from None
     reference = None
     if args.reference is not None:
-        reference, _ = load_model(args.reference)
+        reference, _ = load_model(args.reference, device=device)
     inputs = {
         "model": model,
         "task": task,
@@ -243,6 +262,25 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
         "reference_source": None if args.reference is None else str(args.reference),
     }
     return inputs, meta
+
+
+def _table_option(args: argparse.Namespace, name: str) -> tuple[str, dict[str, Any]]:
+    """``--task csv:PATH --target COL --harmful-where EXPR`` → (``"csv"``, the table task's options)."""
+    table = {"target": args.target, "harmful_where": args.harmful_where}
+    given = [f"--{k.replace('_', '-')}" for k, v in table.items() if v is not None]
+    if not name.startswith("csv:"):
+        if given and name != "csv":
+            raise ConfigError(
+                f"{' and '.join(given)} apply to --task csv:PATH (your own table), not {name!r}"
+            )
+        return name, {k: v for k, v in table.items() if v is not None}
+    missing = [f"--{k.replace('_', '-')}" for k, v in table.items() if v is None]
+    if missing:
+        raise ConfigError(
+            f"--task {name} needs {' and '.join(missing)}, "
+            "e.g. --target price --harmful-where \"region == 'north'\""
+        )
+    return "csv", {"path": name.removeprefix("csv:"), **table}
 
 
 def build_inputs(args: argparse.Namespace, path: Path | None = None) -> dict[str, Any]:
@@ -266,32 +304,59 @@ def handle(args: argparse.Namespace) -> int:
         return handle_directory(args)
     if args.match is not None:
         raise ConfigError(f"--match filters the checkpoints of a directory; --model {args.model} is a file")
+    if args.out is not None:
+        check_out(args.out)
     shared = _shared_inputs(args)
     model_inputs, meta = _model_inputs(args, args.model)
     inputs = {**model_inputs, **shared}
     out = args.out or Path("results") / f"evaluate-{inputs['task'].name}"
-    record = _evaluate_into(inputs, meta, out, progress=not args.no_progress)
+    check_out(out)
+    record = _evaluate_into(inputs, meta, out, progress=not args.no_progress, report=not args.no_report)
     print(summary(record))
     print(f"results: {out / 'results.json'}")
     if not args.no_report:
-        from immunekit.reports.card import write_card
-
-        md, page = write_card(out, results=record_from_disk(out))
-        print(f"report:  {md}\nhtml:    {page}")
+        print(f"report:  {out / 'report.md'}\nhtml:    {out / 'report.html'}")
     return 0
 
 
-def _evaluate_into(
-    inputs: dict[str, Any], meta: dict[str, Any], out: Path, *, progress: bool
-) -> dict[str, Any]:
-    """Run ``evaluate()`` and write ``out/results.json`` with the checkpoint path and metadata added."""
-    from immunekit.experiments.evaluate import evaluate
-    from immunekit.experiments.io import atomic_write_json
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, before anything is computed."""
+    from immunekit._atomic import writable_dir_problem
 
-    record = evaluate(**inputs, progress=progress, out=None)
-    record["checkpoint"] = {"path": inputs["model_source"], "metadata": meta}
-    atomic_write_json(Path(out) / "results.json", record)
-    return record
+    problem = writable_dir_problem(out)
+    if problem is not None:
+        raise ConfigError(f"--out {out}: {problem}; choose a folder you can write to")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; a named device must exist (checked now)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count()),
+        "mps": torch.backends.mps.is_available(),
+    }.get(device.type, False)
+    if not available:
+        raise ConfigError(f"--device {name!r} is not available on this machine; use --device auto or cpu")
+    return str(device)
+
+
+def _evaluate_into(
+    inputs: dict[str, Any], meta: dict[str, Any], out: Path, *, progress: bool, report: bool
+) -> dict[str, Any]:
+    """Run ``evaluate()`` into ``out`` (results.json and, with ``report``, the card), checkpoint recorded."""
+    from immunekit.experiments.evaluate import evaluate
+
+    checkpoint = {"path": inputs["model_source"], "metadata": meta}
+    return evaluate(**inputs, progress=progress, out=out, report=report, checkpoint=checkpoint)
 
 
 # --- a directory of checkpoints -----------------------------------------------------------------
@@ -398,6 +463,7 @@ def handle_directory(args: argparse.Namespace) -> int:
     root: Path = args.model
     models = find_models(root, args.match)
     out: Path = args.out or Path("results") / f"evaluate-{root.resolve().name}"
+    check_out(out)
     shared = _shared_inputs(args)
     _check_existing(out, shared)
 
@@ -428,9 +494,11 @@ def handle_directory(args: argparse.Namespace) -> int:
                 record = done[rel]
             else:
                 model_inputs, meta = _model_inputs(args, path)
-                _evaluate_into({**model_inputs, **shared}, meta, target, progress=False)
+                _evaluate_into(
+                    {**model_inputs, **shared}, meta, target, progress=False, report=not args.no_report
+                )
                 record = record_from_disk(target)
-            if not args.no_report and (not cached or not (target / "report.html").exists()):
+            if not args.no_report and cached and not (target / "report.html").exists():
                 from immunekit.reports.card import write_card
 
                 write_card(target, results=record)

@@ -25,9 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Render the report."""
+    from immunekit.cli.run import check_out
     from immunekit.errors import ConfigError
     from immunekit.reports import ReportError, write_report
 
+    if args.out is not None:  # checked before any figure is drawn
+        check_out(args.out)
+    elif args.dir.exists():  # the report goes next to results.json (a missing DIR: write_report says so)
+        target = args.dir if args.dir.is_dir() else args.dir.parent
+        check_out(target, "DIR", "pass --out to write the report to another folder")
     try:
         path = write_report(args.dir, args.out)
     except ReportError as err:  # one-line error, exit code 2

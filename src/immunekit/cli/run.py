@@ -7,9 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from immunekit._atomic import writable_dir_problem
 from immunekit.config import deep_merge, parse_set, read_yaml
 from immunekit.errors import ConfigError
 from immunekit.experiments.sweep import EXECUTORS, default_workers
+
+DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"  # as immunekit.experiments.linear (kept light: no torch)
 
 EXAMPLES = """\
 examples:
@@ -20,6 +23,7 @@ examples:
   immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (Table 2, Fig. 2)
   immunekit run mnist-pairs --workers 2               # a pool of 2 processes (default: all usable cores)
   immunekit run mnist-pairs --executor ray --ray-address 10.0.0.5:6379   # on a Ray cluster
+  immunekit config show house-prices --set epsilon=0.05   # the resolved config, as YAML
   (interrupted? rerun the same command: finished trials under DIR/trials are kept, not recomputed)
 """
 
@@ -52,7 +56,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set epsilon=0.05",
+        help="override one config value (repeatable), e.g. --set epsilon=0.05 or --set "
+        "defenses.condition_number.steps=50 (one method's defense setting); see the resolved config and "
+        "its keys with 'immunekit config show EXPERIMENT'",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help=f"{DEVICES_HELP} (default auto: CUDA when available, else cpu); the linear experiments run "
+        "in float64 on the CPU only, so auto gives cpu and an accelerator is refused with the reason; "
+        "recorded in results.json (provenance.device)",
     )
     p.add_argument(
         "--executor",
@@ -95,53 +109,148 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=handle)
 
 
+EXPERIMENT_FLAGS = ("--csv", "--protocol", "--pairs")
+"""Options only some experiments have: ``--csv`` when the task is house_prices, ``--protocol`` when the
+task config has a protocol, ``--pairs`` when the experiment is a grid (its config sets pairs)."""
+
+
+def _has_flag(data: dict[str, Any], flag: str) -> bool:
+    """Whether the experiment config ``data`` has the option ``flag`` (see :data:`EXPERIMENT_FLAGS`)."""
+    task_config = data.get("task_config")
+    if flag == "--csv":
+        return data.get("task") == "house_prices"
+    if flag == "--protocol":
+        return isinstance(task_config, dict) and "protocol" in task_config
+    return data.get("pairs") is not None
+
+
+def experiments_with(flag: str) -> list[str]:
+    """The packaged experiments (dashed names) that have ``flag`` (one of :data:`EXPERIMENT_FLAGS`)."""
+    from immunekit.experiments import default_config_path, experiment_names
+
+    return [
+        name.replace("_", "-")
+        for name in experiment_names()
+        if _has_flag(read_yaml(default_config_path(name)), flag)
+    ]
+
+
+def _check_experiment_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """``--csv``/``--protocol``/``--pairs`` given to an experiment without that option: say which has it."""
+    for flag in EXPERIMENT_FLAGS:
+        if getattr(args, flag.lstrip("-"), None) is None or _has_flag(data, flag):
+            continue
+        owners = experiments_with(flag)
+        applies = f"{flag} applies to {', '.join(owners)}" if owners else f"{flag} applies to no experiment"
+        name = str(data.get("experiment", args.experiment)).replace("_", "-")
+        raise ConfigError(f"{applies}, not {name}; drop {flag} or run {' / '.join(owners) or 'another'}")
+
+
+def resolve_experiment(
+    experiment: str, config_file: Path | None = None, sets: list[str] | None = None
+) -> dict[str, Any]:
+    """Packaged defaults of ``experiment`` < ``config_file`` < ``--set`` (each applied only when given).
+
+    The mapping may hold a ``defenses`` section (per-method defense settings), which
+    :func:`~immunekit.experiments.linear.build_config` merges into the methods.
+    """
+    return resolve(
+        argparse.Namespace(
+            experiment=experiment,
+            config=config_file,
+            sets=list(sets or []),
+            csv=None,
+            protocol=None,
+            pairs=None,
+            seeds=None,
+            methods=None,
+        )
+    )
+
+
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge packaged defaults < --config file < flags < --set (each applied only when given)."""
+    """Merge packaged defaults < --config file < flags < --set (each applied only when given).
+
+    Raises:
+        ConfigError: an unknown experiment, an unreadable or malformed --config, a flag the
+            experiment does not have, a missing --csv file, malformed --seeds or --methods, a
+            malformed --set.
+
+    """
     from immunekit.experiments import default_config_path
 
     data = read_yaml(default_config_path(args.experiment))
     if args.config is not None:
         data = deep_merge(data, read_yaml(args.config))
+    overrides = parse_set(args.sets)
+    _check_experiment_flags(args, deep_merge(data, overrides))
     flags: dict[str, Any] = {}
     if args.csv is not None:
-        if not args.csv.is_file():
-            raise ConfigError(f"--csv {str(args.csv)!r} does not exist; pass the path of Kaggle's train.csv")
-        flags["task_config"] = {"csv": str(args.csv)}
+        flags["task_config"] = {"csv": str(_check_csv(args.csv))}
     if args.protocol is not None:
         flags.setdefault("task_config", {})["protocol"] = args.protocol.replace("-", "_")
     if args.pairs is not None:
         flags["pairs"] = args.pairs
     if args.seeds is not None:
-        flags["seeds"] = _int_list(args.seeds, "--seeds")
+        flags["seeds"] = _seed_list(args.seeds)
     if args.methods is not None:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        known = {(m if isinstance(m, str) else m["key"]): m for m in data.get("methods", [])}
-        flags["methods"] = [known.get(m, m) for m in wanted]
+        flags["methods"] = _select_methods(args.methods, data.get("methods", []))
     data = deep_merge(data, flags)
-    overrides = parse_set(args.sets)
-    defense_sets = overrides.pop("defenses", {})
-    data = deep_merge(data, overrides)
-    if defense_sets:
-        data["methods"] = _apply_defense_sets(data.get("methods", []), defense_sets)
-    return data
+    return deep_merge(data, overrides)
 
 
-def _apply_defense_sets(methods: list[Any], sets: dict[str, Any]) -> list[Any]:
-    """``--set defenses.<key>.<field>=v`` updates that method's overrides."""
-    out, seen = [], set()
-    for m in methods:
-        m = {"key": m} if isinstance(m, str) else dict(m)
-        if m["key"] in sets:
-            m["overrides"] = {**m.get("overrides", {}), **sets[m["key"]]}
-            seen.add(m["key"])
-        out.append(m)
-    missing = set(sets) - seen
-    if missing:
+def _check_csv(path: Path) -> Path:
+    if path.is_dir():
+        raise ConfigError(f"--csv {str(path)!r} is a folder; pass the path of Kaggle's train.csv")
+    if not path.is_file():
+        raise ConfigError(f"--csv {str(path)!r} does not exist; pass the path of Kaggle's train.csv")
+    return path
+
+
+def _select_methods(text: str, configured: Any) -> list[Any]:
+    """``--methods a,b``: the configured entries of those keys (or bare registry names), in that order."""
+    from immunekit.defenses import DEFENSES
+    from immunekit.registry import did_you_mean
+
+    wanted = [m.strip() for m in text.split(",") if m.strip()]
+    known: dict[str, Any] = {}
+    for m in configured if isinstance(configured, list) else []:
+        key = m if isinstance(m, str) else m.get("key") if isinstance(m, dict) else None
+        if isinstance(key, str):
+            known[key] = m
+    if not wanted:
         raise ConfigError(
-            f"--set defenses.{sorted(missing)[0]}: no such method in this run; "
-            f"methods: {[m['key'] for m in out]}"
+            f"--methods {text!r} selects no method; give comma-separated keys, e.g. --methods "
+            f"{','.join(list(known)[:2]) or 'identity'} (configured: {', '.join(known)})"
         )
-    return out
+    choices = sorted(set(known) | set(DEFENSES.names()))
+    for m in wanted:
+        if m not in known and m not in DEFENSES:
+            hint = did_you_mean(m, choices)
+            hint = hint if "did you mean" in hint else ";"
+            raise ConfigError(
+                f"--methods: unknown method {m!r}{hint} configured methods: {', '.join(known)} "
+                "(any registered defense also works, see 'immunekit ls defenses')"
+            )
+    return [known.get(m, m) for m in wanted]
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 1,2,3`` as distinct integers >= 0 (the message names the flag and the bad seed)."""
+    seeds = _int_list(text, "--seeds")
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r} gives no seed; e.g. --seeds 1,2,3")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise ConfigError(
+            f"--seeds {text}: seeds must be integers >= 0, got {negative[0]}; e.g. --seeds 1,2,3"
+        )
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(
+            f"--seeds {text}: seed {repeated[0]} is repeated; list each seed once, e.g. --seeds 1,2"
+        )
+    return seeds
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -153,17 +262,31 @@ def _int_list(text: str, flag: str) -> list[int]:
         ) from None
 
 
+def check_out(out: Path, what: str = "--out", fix: str = "choose another --out") -> None:
+    """Refuse, before any work, a results folder that cannot be written (:func:`writable_dir_problem`).
+
+    Raises:
+        ConfigError: naming ``what`` (the option or argument), the folder, the reason and ``fix``.
+
+    """
+    problem = writable_dir_problem(out)
+    if problem:
+        raise ConfigError(f"{what} {str(out)!r} cannot be written: {problem}; {fix}")
+
+
 def handle(args: argparse.Namespace) -> int:
-    """Run the experiment, then render the report and print a summary."""
+    """Check every input, run the experiment, then render the report and print a summary."""
     import torch
 
-    from immunekit.experiments.linear import build_config, run_linear_experiment
+    from immunekit.experiments.linear import build_config, resolve_device, run_linear_experiment
 
     if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    cfg = build_config(resolve(args))
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}; e.g. --threads 1")
     out = args.out or Path("results") / args.experiment.replace("_", "-")
+    check_out(out)
+    resolve_device(args.device)
+    cfg = build_config(resolve(args))
+    torch.set_num_threads(args.threads)
     results = run_linear_experiment(
         cfg,
         out,
@@ -172,6 +295,7 @@ def handle(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray_address,
         save_models=args.save_models,
+        device=args.device,
     )
     print(summary_table(results))
     print(f"results: {out / 'results.json'}")

@@ -9,5 +9,6 @@ TASKS: Registry = Registry("task")
 TASKS.register_lazy("house_prices", "immunekit.data.house_prices:house_prices")
 TASKS.register_lazy("gaussian_spectra", "immunekit.data.synthetic:gaussian_spectra")
 TASKS.register_lazy("mnist_pair", "immunekit.data.mnist:mnist_pair")
+TASKS.register_lazy("csv", "immunekit.data.table:table_task")
 
 __all__ = ["TASKS", "Dataset", "Task"]

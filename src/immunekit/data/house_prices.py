@@ -176,9 +176,29 @@ def load_frame(config: HousePricesConfig | None = None) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a house-prices CSV; every way it can fail is a one-line :class:`DataError`."""
+    if path.is_dir():
+        raise DataError(f"house-prices CSV {str(path)!r} is a folder; pass the path to Kaggle's train.csv")
     if not path.is_file():
         raise DataError(f"house-prices CSV {str(path)!r} does not exist; pass the path to Kaggle's train.csv")
-    return pd.read_csv(path)  # pandas' default NA markers: "NA" and "None" become missing
+    try:
+        df = pd.read_csv(path)  # pandas' default NA markers: "NA" and "None" become missing
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"house-prices CSV {str(path)!r} is empty (no header row, no data); pass Kaggle's train.csv "
+            "(a header row with Id, MSZoning, LotArea, SalePrice, ... and one row per house)"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise DataError(
+            f"house-prices CSV {str(path)!r} is not a readable CSV file ({reason}); pass Kaggle's train.csv"
+        ) from None
+    if df.empty:
+        raise DataError(
+            f"house-prices CSV {str(path)!r} has a header but no data rows; pass Kaggle's train.csv "
+            "(1,460 rows)"
+        )
+    return df
 
 
 def _read_ames() -> pd.DataFrame:
@@ -299,9 +319,15 @@ def _choose_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positional indices of the training and held-out rows of one domain."""
     if n < config.n_train + 1:
+        fix = (
+            f"lower n_train to at most {n - 1} (task_config.n_train in an experiment config)"
+            if n - 1 >= 2
+            else "use a file with more rows of this domain (n_train must be >= 2)"
+        )
+        source = repr(str(config.csv)) if config.csv else "the Ames data"
         raise DataError(
-            f"{name} domain has {n} rows, fewer than n_train + 1 = {config.n_train + 1}; "
-            f"lower n_train (at most {n - 1})"
+            f"{name} domain has {n} rows in {source}, too few for n_train={config.n_train} (it needs "
+            f"n_train + 1 = {config.n_train + 1}: training rows and at least one held-out row); {fix}"
         )
     seeded = config.resolved_split == "seeded"
     order = rng.permutation(n) if seeded else np.arange(n)

@@ -38,6 +38,7 @@ Intervals need ≥ 2 seeds (≥ 3 recommended); with one seed they are ``None``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -52,6 +53,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from immunekit._atomic import writable_dir_problem
 from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
 from immunekit.attacks.base import default_eval_split
@@ -81,7 +83,7 @@ AttackSpec = (
     str | tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], Mapping[str, Any] | AttackBudget]
 )
 
-DEFAULT_BUDGET = AttackBudget(steps=100, optimizer="adam", lr=1e-2, batch_size=32, eval_every=10)
+DEFAULT_BUDGET = AttackBudget()  # the one default budget: 100 Adam steps, lr 0.01, batch 32, Δt 10
 #: Adam and exact-line-search GD linear probes, and the closed-form probe (the adaptive attacker
 #: that a κ-based defense does not slow down).
 DEFAULT_ATTACKS: tuple[AttackSpec, ...] = (
@@ -781,8 +783,10 @@ def evaluate(
     benign: AttackSpec | None = None,
     progress: bool = True,
     out: str | Path | None = None,
+    report: bool = True,
     model_source: str | None = None,
     reference_source: str | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate an immunized model: the four conditions, a verdict and per-attack curves.
 
@@ -802,9 +806,13 @@ def evaluate(
         benign: the trainability recipe, run with ``split="primary"``; default ``linear_probe``
             for a LinearModel, ``full_finetune`` otherwise.
         progress: show a progress bar over attack runs.
-        out: when given, write ``results.json`` into this folder (atomically).
+        out: when given, write ``results.json`` into this folder (atomically) and, with ``report``,
+            the report card ``report.md`` + ``report.html`` (plots need the ``[plots]`` extra). The
+            folder is checked before any attack runs, so a long evaluation never ends on a failed write.
+        report: with ``out``, also write the report card (``False``: results.json only).
         model_source: where ``model`` came from (e.g. the checkpoint path), recorded.
         reference_source: the same for ``reference``.
+        checkpoint: the model file's path and metadata, recorded as the record's ``checkpoint``.
 
     Returns:
         The evaluation record (JSON-ready; layout in the module docstring of
@@ -817,6 +825,10 @@ def evaluate(
 
     """
     t_start = time.perf_counter()
+    if out is not None and (problem := writable_dir_problem(out)) is not None:
+        raise ConfigError(
+            f"cannot write the evaluation into out={str(out)!r}: {problem}; choose another folder"
+        )
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct integers, got {seeds}; e.g. seeds=(0, 1, 2)")
@@ -1045,7 +1057,12 @@ def evaluate(
         "rules_version": cond.RULES_VERSION,
         "run_id": f"evaluate-{task.name}-{created.replace('-', '').replace(':', '')}-{sha[:8]}",
         "created_at": created,
-        "provenance": provenance(task_version=task.version, task_info=_jsonable(task.info)),
+        "provenance": provenance(
+            task_version=task.version,
+            task_info=_jsonable(task.info),
+            device=str(_device(model)),
+            dtype=str(_dtype(model)).removeprefix("torch."),
+        ),
         "config": config,
         "config_sha256": sha,
         "seeds": seeds,
@@ -1080,10 +1097,22 @@ def evaluate(
             "total_seconds": time.perf_counter() - t_start,
         },
     }
+    if checkpoint is not None:
+        record["checkpoint"] = dict(checkpoint)
     if out is not None:
-        atomic_write_json(Path(out) / "results.json", record)
+        _write_outputs(record, Path(out), report=report)
     logger.info("verdict: %s; %s", verdict["verdict"], statement["text"])
     return record
+
+
+def _write_outputs(record: Mapping[str, Any], out: Path, *, report: bool) -> None:
+    """``out/results.json`` and, with ``report``, the card built from the JSON as written."""
+    atomic_write_json(out / "results.json", record)
+    if report:
+        from immunekit.reports.card import write_card
+
+        # the card reads the record as written (NaN/Inf → null), exactly as a later rebuild does
+        write_card(out, results=json.loads((out / "results.json").read_text(encoding="utf-8")))
 
 
 def _release_harm(curves: Mapping[str, Sequence[Sequence[tuple[int, float]]]]) -> float:
@@ -1142,8 +1171,8 @@ def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
 # --- loading for the CLI ------------------------------------------------------------------------
 
 
-def load_model(path: str | Path) -> tuple[ImmunizableModel, dict[str, Any]]:
-    """Load an immunekit safetensors checkpoint and its user metadata (never unpickles).
+def load_model(path: str | Path, *, device: str = "cpu") -> tuple[ImmunizableModel, dict[str, Any]]:
+    """Load an immunekit safetensors checkpoint onto ``device`` and its user metadata (never unpickles).
 
     Raises:
         ConfigError: ``path`` is missing, not a safetensors file or not an immunekit checkpoint; the
@@ -1154,7 +1183,7 @@ def load_model(path: str | Path) -> tuple[ImmunizableModel, dict[str, Any]]:
 
     try:
         info = read_checkpoint_info(path)
-        model = load_checkpoint(path)
+        model = load_checkpoint(path, device=device)
     except ConfigError as err:
         raise ConfigError(
             f"cannot load --model: {err}. Save models with immunekit.models.save_checkpoint(model, path)"

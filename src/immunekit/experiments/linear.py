@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from immunekit._atomic import writable_dir_problem
 from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
 from immunekit.attacks.linear_probe import ProbeCache, probe_problem
@@ -30,6 +31,7 @@ from immunekit.config import config_sha256, load_config, to_dict
 from immunekit.data import TASKS
 from immunekit.data.task import Task
 from immunekit.defenses import DEFENSES
+from immunekit.defenses.base import Defense
 from immunekit.errors import ConfigError
 from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
@@ -39,6 +41,7 @@ from immunekit.metrics.losses import LOSS_RULE, LOSS_RULE_TEXT
 from immunekit.metrics.rir import rir_band
 from immunekit.models.base import LinearModel, linear_model
 from immunekit.models.checkpoint import save_checkpoint
+from immunekit.registry import did_you_mean
 from immunekit.spectral.condition import check_rtol
 from immunekit.spectral.rank import (
     DEFAULT_BAND,
@@ -144,8 +147,16 @@ class LinearExperimentConfig:
             )
         if not self.seeds:
             raise ConfigError("seeds must not be empty; e.g. --seeds 1,2,3")
+        negative = [s for s in self.seeds if s < 0]
+        if negative:
+            raise ConfigError(
+                f"seeds must be integers >= 0, got {negative[0]} in {list(self.seeds)}; e.g. --seeds 1,2,3"
+            )
         if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must be distinct, got {list(self.seeds)}")
+            repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ConfigError(
+                f"seeds must be distinct, got {list(self.seeds)} (repeated: {repeated}); list each seed once"
+            )
         for label, items in (("methods", self.methods), ("attacks", self.attacks)):
             keys = [m.key for m in items]
             if len(set(keys)) != len(keys):
@@ -165,9 +176,124 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+DEFENSES_SECTION = "defenses"
+"""Top-level config key beside the fields of :class:`LinearExperimentConfig`: per-method defense
+settings, ``defenses: {<method key>: {<setting>: value}}`` (``--set defenses.<key>.<setting>=v``),
+merged into that method's ``overrides``."""
+
+
+def config_keys() -> list[str]:
+    """Every top-level key an experiment config (YAML file or ``--set``) may hold, sorted."""
+    fields = [f.name for f in dataclasses.fields(LinearExperimentConfig)]
+    return sorted([*fields, DEFENSES_SECTION])
+
+
 def build_config(data: dict[str, Any]) -> LinearExperimentConfig:
-    """Strictly load a LinearExperimentConfig from a (merged) mapping."""
-    return load_config(LinearExperimentConfig, normalise(data), where="experiment")
+    """Strictly load a LinearExperimentConfig from a (merged) mapping, and check what it names.
+
+    Besides the dataclass fields, ``data`` may hold a ``defenses`` section (see
+    :data:`DEFENSES_SECTION`). Every method's defense settings and every attack's budget are checked
+    here, so a bad value fails before any trial runs.
+
+    Raises:
+        ConfigError: an unknown key (the message lists every top-level key), a ``defenses`` entry
+            for a method not in the run, or an invalid value anywhere, including a defense setting
+            or an attack budget.
+
+    """
+    data = dict(data)
+    keys = config_keys()
+    for key in data:
+        if key not in keys:
+            hint = did_you_mean(str(key), keys)
+            hint = hint if "did you mean" in hint else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; the top-level keys are: {', '.join(keys)}")
+    sections = data.pop(DEFENSES_SECTION, None)
+    data = normalise(data)
+    if sections:
+        data["methods"] = _apply_defense_sections(data.get("methods", []), sections)
+    cfg = load_config(LinearExperimentConfig, data, where="experiment")
+    check_methods_and_attacks(cfg)
+    return cfg
+
+
+def _apply_defense_sections(methods: Any, sections: Any) -> list[Any]:
+    """Merge ``defenses.<key>`` settings into the ``overrides`` of the method called ``key``."""
+    if not isinstance(sections, dict):
+        raise ConfigError(
+            f"defenses must map method keys to settings, got {sections!r}; "
+            "e.g. --set defenses.condition_number.steps=50"
+        )
+    if not isinstance(methods, list | tuple):
+        return list(methods) if methods else []  # load_config reports the malformed methods list
+    out = [dict(m) if isinstance(m, dict) else m for m in methods]
+    keys = [m.get("key") for m in out if isinstance(m, dict)]
+    for key, settings in sections.items():
+        if key not in keys:
+            hint = did_you_mean(str(key), [str(k) for k in keys])
+            hint = hint if "did you mean" in hint else ""
+            raise ConfigError(
+                f"defenses.{key}: no method {key!r} in this run{hint} (methods: "
+                f"{', '.join(map(str, keys))}); add it to --methods or drop the setting"
+            )
+        if not isinstance(settings, dict):
+            raise ConfigError(
+                f"defenses.{key} must be a mapping of that defense's settings, got {settings!r}; "
+                f"e.g. --set defenses.{key}.steps=50"
+            )
+        for m in out:
+            if isinstance(m, dict) and m.get("key") == key:
+                m["overrides"] = {**(m.get("overrides") or {}), **settings}
+    return out
+
+
+def make_defense(cfg: LinearExperimentConfig, method: MethodSpec, task: Task | None = None) -> Defense:
+    """The defense a trial of ``method`` fits: its overrides plus what the experiment and task imply.
+
+    The experiment's ``rank_rtol`` reaches every defense with that setting (one rank rule for the
+    metric and the defenses), and a task without a genuine primary loss (``info["task_term"]`` is
+    ``False``, e.g. MNIST's 'reference' protocol) switches the task term off; explicit overrides win.
+
+    Raises:
+        ConfigError: an invalid or unknown defense setting, naming the method.
+
+    """
+    defense_cls = DEFENSES.get(method.defense)
+    overrides = dict(method.overrides)
+    fields = defense_cls.Config.__dataclass_fields__
+    if task is not None and task.info.get("task_term") is False and "task_loss" in fields:
+        overrides.setdefault("task_loss", False)
+    if cfg.rank_rtol is not None and "rank_rtol" in fields:
+        overrides.setdefault("rank_rtol", cfg.rank_rtol)  # one rank rule for metric and defense
+    try:
+        return defense_cls(**overrides)
+    except ConfigError as exc:
+        what = "" if method.key == method.defense else f"method {method.key!r} (defense {method.defense!r}): "
+        raise ConfigError(
+            f"{what}{exc}; set it with --set defenses.{method.key}.<setting>=... or in the method's overrides"
+        ) from None
+
+
+def check_methods_and_attacks(cfg: LinearExperimentConfig, task: Task | None = None) -> None:
+    """Build every method's defense and every attack's budget once, so bad settings fail up front.
+
+    Args:
+        cfg: the experiment config.
+        task: the task of the first trial, when built: adds the task-implied defense settings.
+
+    Raises:
+        ConfigError: the first invalid defense setting or attack budget, naming the method or attack.
+
+    """
+    for method in cfg.methods:
+        make_defense(cfg, method, task)
+    probe = ATTACKS.get("linear_probe")
+    for spec in cfg.attacks:
+        try:
+            spec.budget()
+            probe(split="attack", record_accuracy=False)
+        except ConfigError as exc:
+            raise ConfigError(f"attacks[{spec.key}]: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,18 +492,15 @@ def immunize_and_measure(
     including this task's reference measurements if this trial made them) and ``attack_seconds``.
     """
     model0 = linear_model(task.input_dim)
-    defense_cls = DEFENSES.get(method.defense)
-    overrides = dict(method.overrides)
-    fields = defense_cls.Config.__dataclass_fields__
-    if task.info.get("task_term") is False and "task_loss" in fields:
-        # the task's protocol has no genuine primary loss (e.g. MNIST 'reference'): no task term
-        overrides.setdefault("task_loss", False)
-    if cfg.rank_rtol is not None and "rank_rtol" in fields:
-        overrides.setdefault("rank_rtol", cfg.rank_rtol)  # one rank rule for metric and defense
-    defense = defense_cls(**overrides)
+    defense = make_defense(cfg, method, task)
     t0 = time.perf_counter()
     immunized = defense.fit(model0, task, seed=seed)
     seconds = time.perf_counter() - t0
+    if not isinstance(immunized, LinearModel):
+        raise ConfigError(
+            f"defense {method.defense!r} returned a {type(immunized).__name__}, not a LinearModel; the "
+            "linear experiments need a defense of linear extractors (see 'immunekit ls defenses')"
+        )
     t0 = time.perf_counter()
     ref = _REFERENCES.get(task, rtol=cfg.rank_rtol, band=cfg.band)
     probes = ProbeCache(fallback=ref.probes)
@@ -513,6 +636,63 @@ def trial_config_sha(
     return config_sha256(data)
 
 
+DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(device: str) -> str:
+    """The device the linear experiments run on for ``device``; they run in float64 on the CPU only.
+
+    The spectral code (factor SVDs, pseudo-inverses, closed-form probes) builds float64 CPU tensors,
+    so ``"cpu"`` is the one device it honours: ``"auto"`` resolves to ``"cpu"`` (saying so at INFO
+    level when CUDA is present), and an accelerator raises instead of being silently ignored.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or a torch device string such as ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+
+    Returns:
+        ``"cpu"``.
+
+    Raises:
+        ConfigError: ``device`` is not a torch device, is not available on this machine, or is an
+            accelerator the linear experiments cannot use.
+
+    Example:
+        >>> resolve_device("auto"), resolve_device("cpu")
+        ('cpu', 'cpu')
+
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            log.info("--device auto: the linear experiments run in float64 on the CPU; CUDA is not used")
+        return "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a torch device; choose {DEVICES_HELP}") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if not _device_available(dev):
+        raise ConfigError(
+            f"--device {device!r} is not available on this machine (torch {torch.__version__}); "
+            "use --device cpu or --device auto"
+        )
+    raise ConfigError(
+        f"--device {device!r} cannot be honoured: the linear experiments run in float64 on the CPU only "
+        "(their spectral code builds CPU tensors); use --device cpu or --device auto"
+    )
+
+
+def _device_available(dev: torch.device) -> bool:
+    """Whether torch can use ``dev`` here (its backend is built and a device of that index exists)."""
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        return bool(backend is not None and backend.is_available())
+    return False
+
+
 def run_linear_experiment(
     cfg: LinearExperimentConfig,
     out: str | Path,
@@ -522,12 +702,18 @@ def run_linear_experiment(
     workers: int | None = None,
     ray_address: str | None = None,
     save_models: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run every (cell, method, seed) trial not yet on disk, then write ``results.json``.
 
     The trials form a sweep (:mod:`immunekit.experiments.sweep`): each record is written
     atomically to :func:`trial_path` as it finishes, an interrupted run resumes without recomputing
     finished trials, and the records do not depend on the executor.
+
+    Everything that can be checked is checked before the first trial, in this order, and nothing is
+    written on a failure: the device, executor and results directory; the first trial's task (so a
+    missing, empty or too small data file is reported as such); every method's defense settings and
+    every attack budget; then the trial records already in ``out`` (rules, configuration).
 
     Args:
         cfg: the resolved experiment config.
@@ -542,15 +728,19 @@ def run_linear_experiment(
             metadata, for ``immunekit evaluate``); trials already on disk are not rerun, so resume
             with a new ``--out`` to get their models. Local executor only (Ray nodes need not share
             this filesystem).
+        device: ``"auto"`` or ``"cpu"`` (:func:`resolve_device`); recorded in the provenance.
 
     Returns:
         The aggregated results record (also written to ``out/results.json``).
 
     Raises:
-        ConfigError: for an unknown executor, ``workers < 1``, a results directory written by a
+        ConfigError: an unusable device, an unknown executor, ``workers < 1``, an unwritable results
+            directory, an invalid defense setting or attack budget, a results directory written by a
             different configuration, Ray missing or its cluster unreachable (all before any write).
+        DataError: the first trial's task cannot be built from its data.
 
     """
+    used_device = resolve_device(device)
     sweep.resolve_options(executor, workers)  # a bad executor fails before any task is built
     if save_models and executor != "local":
         raise ConfigError(
@@ -558,12 +748,17 @@ def run_linear_experiment(
             "drop --save-models or use --executor local"
         )
     out = Path(out)
+    problem = writable_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the results to {str(out)!r}: {problem}; choose another --out")
     trials = linear_trials(cfg, out / "models" if save_models else None)
+    # the data first: a bad data file is reported as such, not as "a different configuration"
+    first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
+    check_methods_and_attacks(cfg, first_task)
     check_rules(out, trials)  # names the reason when an older rank or loss rule wrote the directory
     _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
-    first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
     if todo:
-        warn_rank_deficiency(first_task, cfg.rank_rtol)
+        log_rank_deficiency(first_task, cfg.rank_rtol)
     done = sweep.run_sweep(
         trials,
         run_linear_trial,
@@ -575,7 +770,7 @@ def run_linear_experiment(
         desc=f"{cfg.experiment} trials",
     )
     records = {(t.payload.cell, t.payload.method.key, t.payload.seed): done[t.key] for t in trials}
-    results = aggregate(cfg, records, first_task)
+    results = aggregate(cfg, records, first_task, device=used_device, device_requested=device)
     atomic_write_json(out / "results.json", results)
     return results
 
@@ -669,19 +864,30 @@ def model_path(out: Path, method: str, seed: int, cell: str = "") -> Path:
     return out.joinpath(*([cell] if cell else []), f"{method}--seed{seed}.safetensors")
 
 
-def warn_rank_deficiency(task: Task, rtol: float | None = None) -> None:
-    """Say once when K_P or K_H is singular: κ is then over the retained spectrum (pseudo-inverse).
+def log_rank_deficiency(task: Task, rtol: float | None = None) -> list[dict[str, Any]]:
+    """Log at INFO level when K_P or K_H is singular: κ is then over the retained spectrum.
 
-    The rank is the rank rule's (on the singular values of X), with the gap at the cut.
+    A singular K is a fact of the data (constant or collinear features, fewer rows than features),
+    not a problem: κ, RIR and the K⁺ preconditioner use the pseudo-inverse over the retained
+    spectrum. The rank is the rank rule's (on the singular values of X), with the gap at the cut;
+    ``results.json`` records the same facts for every trial's task under ``rank_deficiency``.
+
+    Returns:
+        One entry per singular matrix: ``matrix`` (``"K_P"`` or ``"K_H"``) and
+        :meth:`FactorSpectrum.describe` (rank, dim, rows, rtol, gap).
+
     """
+    found = []
     for name, data in (("K_P", task.primary), ("K_H", task.harmful)):
         spec = FactorSpectrum.of(data.x, rtol=rtol)
         if spec.rank < spec.dim:
             last, first = spec.gap()
-            log.warning(
+            found.append({"matrix": name, **spec.describe()})
+            log.info(
                 "%s has rank %d of %d (constant or collinear features in the training rows); κ, RIR and "
                 "the K⁺ preconditioner use the pseudo-inverse over the retained spectrum (rank rule %s: "
-                "rtol %.1e on σ(X); last kept σ/σ_1 %.2e, first dropped %s)",
+                "rtol %.1e on σ(X); last kept σ/σ_1 %.2e, first dropped %s); recorded in results.json "
+                "under rank_deficiency",
                 name,
                 spec.rank,
                 spec.dim,
@@ -690,6 +896,31 @@ def warn_rank_deficiency(task: Task, rtol: float | None = None) -> None:
                 last if last is not None else 0.0,
                 "none" if first is None else f"{first:.2e}",
             )
+    return found
+
+
+def rank_deficiency(
+    cfg: LinearExperimentConfig, records: dict[tuple[str, str, int], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``results.json``'s ``rank_deficiency``: every singular K_P or K_H, per (cell, seed) task.
+
+    Read from the trial records' ``rank_rule`` decisions (every method of a task shares them), in
+    trial order; empty when every K has full rank.
+    """
+    out = []
+    for cell, _ in cells(cfg):
+        for seed in cfg.seeds:
+            rule = next(
+                (records[(cell, m.key, seed)].get("rank_rule") for m in cfg.methods),
+                None,
+            )
+            if not isinstance(rule, dict):
+                continue
+            for matrix, split in (("K_P", "primary"), ("K_H", "harmful")):
+                desc = rule.get(split)
+                if isinstance(desc, dict) and desc.get("rank", 0) < desc.get("dim", 0):
+                    out.append({"cell": cell or None, "seed": seed, "matrix": matrix, "split": split, **desc})
+    return out
 
 
 def check_rules(out: Path, trials: list[sweep.Trial]) -> None:
@@ -738,13 +969,20 @@ def check_rules(out: Path, trials: list[sweep.Trial]) -> None:
 
 
 def aggregate(
-    cfg: LinearExperimentConfig, records: dict[tuple[str, str, int], dict[str, Any]], task: Task
+    cfg: LinearExperimentConfig,
+    records: dict[tuple[str, str, int], dict[str, Any]],
+    task: Task,
+    *,
+    device: str = "cpu",
+    device_requested: str | None = None,
 ) -> dict[str, Any]:
     """Combine per-trial records into the results.json document (docs/results-schema.md).
 
     Without a grid, ``methods[m].metrics`` summarise the seeds. With a grid (digit pairs), each cell
     gets its own per-method summaries under ``cells``, and ``methods[m].metrics`` summarise the
     per-cell means across cells (so the mean RIR is the mean of per-pair RIR, as in the paper).
+    ``provenance.device`` is the device the trials ran on and ``provenance.device_requested`` the
+    ``--device`` asked for; ``rank_deficiency`` lists every singular K (:func:`rank_deficiency`).
     """
     resolved = to_dict(cfg)
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -762,7 +1000,11 @@ def aggregate(
         "seeds": list(cfg.seeds),
         "config": resolved,
         "config_sha256": sha,
-        "provenance": provenance(task_version=task.version, task_info=_jsonable(task.info)),
+        "provenance": {
+            **provenance(task_version=task.version, task_info=_jsonable(task.info)),
+            "device": device,
+            "device_requested": device_requested if device_requested is not None else device,
+        },
         "paper": paper_rows(cfg.paper_table),
         "attacks": [dataclasses.asdict(a) for a in cfg.attacks],
         "epsilon": cfg.epsilon,
@@ -771,6 +1013,7 @@ def aggregate(
             "text": RANK_RULE_TEXT,
             "band_multipliers": list(band_multipliers(cfg.band)),
         },
+        "rank_deficiency": rank_deficiency(cfg, records),
         "trials": [
             str(trial_path(Path(""), m.key, s, cell))
             for cell, _ in grid

@@ -40,8 +40,15 @@ def git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def provenance(*, task_version: str, task_info: dict[str, Any], command: str | None = None) -> dict[str, Any]:
-    """Versions, git state, platform and data identity for a record."""
+def provenance(
+    *,
+    task_version: str,
+    task_info: dict[str, Any],
+    command: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float64",
+) -> dict[str, Any]:
+    """Versions, git state, platform, the device and dtype computed on, and data identity for a record."""
     import torch
 
     sha, dirty = git_state()
@@ -54,8 +61,8 @@ def provenance(*, task_version: str, task_info: dict[str, Any], command: str | N
         "torch": torch.__version__,
         "numpy": _version("numpy"),
         "pandas": _version("pandas"),
-        "device": "cpu",
-        "dtype": "float64",
+        "device": device,
+        "dtype": dtype,
         "command": command if command is not None else " ".join(["immunekit", *sys.argv[1:]]),
         "task_version": task_version,
         "task_info": task_info,

@@ -16,6 +16,10 @@ Guarantees:
   ``os.replace``) as soon as it arrives, one file per key, so an interruption loses only the
   trials in flight, and workers on a remote cluster need no shared filesystem.
 
+* **Prompt Ctrl-C.** An interrupt stops a local pool at once (its workers ignore SIGINT and are
+  terminated by the driver, without waiting for the trials in flight) and raises
+  :class:`SweepInterrupted`, which says how many records were kept and where.
+
 Executors live in :data:`EXECUTORS`:
 
 * ``local`` (default): ``workers=1`` runs trials one after another in this process (easy to
@@ -37,8 +41,10 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +68,57 @@ RAY_CONNECT_TIMEOUT = 5.0
 
 Job = Callable[[Any], dict[str, Any]]
 """Runs one trial: ``job(payload) -> record``. Must be a module-level function (it is pickled)."""
+
+STOP_TIMEOUT = 0.5
+"""Seconds a terminated pool worker gets to exit before it is killed (on Ctrl-C)."""
+
+_WORKER_IMPORTS: list[str] = []
+
+
+def add_worker_imports(modules: Sequence[str]) -> None:
+    """Modules every pool or Ray worker imports before its first trial (``immunekit --import``).
+
+    A worker is a fresh interpreter: a defense, task or model registered by a module the driver
+    imported (e.g. ``immunekit --import mypkg.models run ...``) exists there only once that module
+    is imported again.
+    """
+    for name in modules:
+        if name not in _WORKER_IMPORTS:
+            _WORKER_IMPORTS.append(name)
+
+
+def worker_imports() -> list[str]:
+    """The modules of :func:`add_worker_imports`, in order."""
+    return list(_WORKER_IMPORTS)
+
+
+@contextlib.contextmanager
+def importing_in_workers(modules: Sequence[str]) -> Iterator[None]:
+    """:func:`add_worker_imports` for the duration of the block (one command), then the list as before."""
+    before = list(_WORKER_IMPORTS)
+    add_worker_imports(modules)
+    try:
+        yield
+    finally:
+        _WORKER_IMPORTS[:] = before
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says how many trial records were kept, and where.
+
+    Attributes:
+        kept: trial records on disk for this sweep (finished before or during this run).
+        total: trials in the sweep.
+        folder: the folder holding the records.
+
+    """
+
+    def __init__(self, kept: int, total: int, folder: Path) -> None:
+        self.kept, self.total, self.folder = kept, total, folder
+        super().__init__(
+            f"{kept} of {total} trials finished and are kept in {folder}; rerun the same command to resume "
+            "(kept trials are not recomputed)"
+        )
 
 
 @dataclass(frozen=True)
@@ -197,6 +254,8 @@ def run_sweep(
         ConfigError: unknown executor, ``workers < 1``, a directory written by a different
             configuration, Ray not installed or its cluster unreachable. All of these are raised
             before anything is written.
+        SweepInterrupted: Ctrl-C (a :class:`KeyboardInterrupt`); the records written so far are kept
+            and the message counts them.
 
     """
     run, n_workers = resolve_options(executor, workers)
@@ -205,12 +264,24 @@ def run_sweep(
     if done:
         log.info("resuming: %d of %d trials already done in %s", len(done), len(trials), root)
     if todo:
-        with tqdm(total=len(trials), initial=len(done), desc=desc, unit="trial", disable=not progress) as bar:
-            for trial, record in run(job, todo, workers=n_workers, address=address):
-                done[trial.key] = _save(root, trial, record)
-                bar.set_postfix_str(trial.key, refresh=False)
-                bar.update(1)
+        try:
+            with tqdm(
+                total=len(trials), initial=len(done), desc=desc, unit="trial", disable=not progress
+            ) as bar:
+                for trial, record in run(job, todo, workers=n_workers, address=address):
+                    done[trial.key] = _save(root, trial, record)
+                    bar.set_postfix_str(trial.key, refresh=False)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            kept = sum(trial_file(root, t.key).is_file() for t in trials)  # on disk, not in memory
+            raise SweepInterrupted(kept, len(trials), _records_folder(root, trials)) from None
     return {t.key: done[t.key] for t in trials}
+
+
+def _records_folder(root: Path, trials: Sequence[Trial]) -> Path:
+    """The deepest folder holding every trial record of the sweep (e.g. ``root/trials``)."""
+    parents = {str(trial_file(root, t.key).parent) for t in trials}
+    return Path(os.path.commonpath(sorted(parents))) if parents else root
 
 
 def _save(root: Path, trial: Trial, record: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +293,29 @@ def _save(root: Path, trial: Trial, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _one_thread() -> None:
-    """Worker initializer: one torch thread per worker (one worker per core; no oversubscription)."""
+    """One torch thread per worker (one worker per core; no oversubscription)."""
     import torch
 
     torch.set_num_threads(1)
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    """Import the driver's ``--import`` modules in a worker (registering their components)."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
+
+def _init_pool_worker(modules: Sequence[str] = ()) -> None:
+    """Pool worker initializer: ignore SIGINT (the driver stops the pool), one thread, imports.
+
+    Ctrl-C in a terminal reaches every process of the group; the workers leave it to the driver,
+    which terminates them at once, so no worker prints a traceback of its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _one_thread()
+    _import_modules(modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +330,10 @@ def local_executor(
     """In this process (``workers=1``) or in a ``spawn`` pool of ``workers`` processes.
 
     The pool starts processes with ``spawn`` (``fork`` with torch threads is unsafe); each worker
-    uses one torch thread. When a trial fails, trials not yet started are cancelled, those running
-    are allowed to finish (their records are still written), then the error is raised.
+    uses one torch thread and imports :func:`worker_imports`. When a trial fails, trials not yet
+    started are cancelled, those running are allowed to finish (their records are still written),
+    then the error is raised. On Ctrl-C (or when the consumer stops early) the workers are
+    terminated at once: the trials in flight are lost, the records already yielded are not.
 
     Raises:
         ConfigError: when an ``address`` is given (only the ``ray`` executor connects anywhere).
@@ -257,8 +349,12 @@ def local_executor(
 
     ctx = multiprocessing.get_context("spawn")
     pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(trials)), mp_context=ctx, initializer=_one_thread
+        max_workers=min(workers, len(trials)),
+        mp_context=ctx,
+        initializer=_init_pool_worker,
+        initargs=(worker_imports(),),
     )
+    finished = False
     try:
         futures = {pool.submit(job, t.payload): t for t in trials}
         error: BaseException | None = None
@@ -273,11 +369,28 @@ def local_executor(
                         other.cancel()
                 continue
             yield futures[fut], fut.result()
+        finished = True
         if error is not None:
             raise error
     finally:
-        # on Ctrl-C or an error in the consumer, do not wait for the whole queue
-        pool.shutdown(wait=True, cancel_futures=True)
+        if finished:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:  # Ctrl-C, or the consumer stopped: do not wait for the trials in flight
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate the workers now (kill any that lingers)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(STOP_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(STOP_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +398,10 @@ def local_executor(
 # ---------------------------------------------------------------------------------------------
 
 
-def _ray_job(job: Job, payload: Any) -> dict[str, Any]:
-    """Body of the Ray task: one torch thread, then the job."""
+def _ray_job(job: Job, payload: Any, modules: Sequence[str] = ()) -> dict[str, Any]:
+    """Body of the Ray task: one torch thread, the driver's ``--import`` modules, then the job."""
     _one_thread()
+    _import_modules(modules)
     return job(payload)
 
 
@@ -400,7 +514,8 @@ def ray_executor(
     pending: list[Any] = []
     try:
         remote = ray.remote(num_cpus=1)(_ray_job)
-        by_ref = {remote.remote(job, t.payload): t for t in trials}
+        modules = worker_imports()
+        by_ref = {remote.remote(job, t.payload, modules): t for t in trials}
         pending = list(by_ref)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -425,11 +540,15 @@ __all__ = [
     "SHA_FIELD",
     "Executor",
     "Job",
+    "SweepInterrupted",
     "Trial",
+    "add_worker_imports",
     "connect_ray",
     "default_workers",
+    "importing_in_workers",
     "resolve_options",
     "run_sweep",
     "split_done",
     "trial_file",
+    "worker_imports",
 ]

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from immunekit.models.base import ImmunizableModel, LinearModel, linear_model
-from immunekit.models.checkpoint import MODELS, load_checkpoint, register_model, save_checkpoint
+from immunekit.models.checkpoint import (
+    MODELS,
+    checkpoint_config,
+    load_checkpoint,
+    register_model,
+    save_checkpoint,
+)
 
 __all__ = [
     "MODELS",
     "ImmunizableModel",
     "LinearModel",
+    "checkpoint_config",
     "linear_model",
     "load_checkpoint",
     "register_model",

@@ -30,6 +30,7 @@ constructor arguments or an explicit ``config`` function::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -201,6 +202,20 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     path = Path(path)
     with _open(path) as f:
         return _parse_header(f.metadata(), path)
+
+
+def checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a checkpoint holds besides its weights, as a plain dict (no tensor is loaded).
+
+    Keys: ``model`` (registry key of the class), ``config`` (constructor arguments), ``metadata``
+    (what the saver passed, e.g. task and task_config), ``format_version``, ``torch_version`` and
+    ``immunekit_version``.
+
+    Raises:
+        ConfigError: ``path`` is not an immunekit checkpoint (see :func:`read_checkpoint_info`).
+
+    """
+    return dataclasses.asdict(read_checkpoint_info(path))
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> ImmunizableModel:

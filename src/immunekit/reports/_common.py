@@ -66,6 +66,55 @@ def verdict_rules(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rules if isinstance(r, list | tuple) and len(r) == 2]
 
 
+#: Threshold key of an evaluation record → (symbol, meaning, unit); unit ``None``: the task score.
+THRESHOLD_TEXT: dict[str, tuple[str, str, str | None]] = {
+    "harm": ("φ", "harm threshold", None),
+    "slowdown": ("κ", "required slowdown", "×"),
+    "stability": ("δ_stab", "max utility drop", None),
+    "train": ("δ_train", "trainability target slack", "fraction of M's gain"),
+    "train_steps": ("ε", "allowed trainability lag", "steps"),
+    "divergence": ("F", "divergence factor", "×"),
+}
+#: What a threshold left unset (``None``) means.
+THRESHOLD_DEFAULTS = {"train_steps": "0.1·t_reach(M)", "harm": "default per task"}
+
+
+def score_name(record: Mapping[str, Any]) -> str:
+    """The task score of an evaluation record: ``task.score``, else R² for ``mse`` and accuracy otherwise."""
+    task = record.get("task") or {}
+    if isinstance(task, Mapping) and task.get("score"):
+        return str(task["score"])
+    return "R²" if isinstance(task, Mapping) and task.get("loss") == "mse" else "accuracy"
+
+
+def threshold_label(key: str, value: Any, score: str) -> str:
+    """A threshold with its symbol, meaning and unit.
+
+    Args:
+        key: a key of :data:`THRESHOLD_TEXT` (other keys are returned as ``"key = value"``).
+        value: the threshold (``None``: its default, see :data:`THRESHOLD_DEFAULTS`).
+        score: the task score, the unit of φ and δ_stab (e.g. ``"R²"``, ``"accuracy"``).
+
+    Example:
+        >>> threshold_label("harm", 0.8, "R²"), threshold_label("slowdown", 25, "R²")
+        ('φ = 0.8 (harm threshold, R²)', 'κ = 25 (required slowdown, ×)')
+        >>> threshold_label("stability", 0.02, "accuracy")
+        'δ_stab = 0.02 (max utility drop, accuracy)'
+
+    """
+    shown = THRESHOLD_DEFAULTS.get(key, DASH) if value is None else _plain(value)
+    if key not in THRESHOLD_TEXT:
+        return f"{key} = {shown}"
+    symbol, meaning, unit = THRESHOLD_TEXT[key]
+    return f"{symbol} = {shown} ({meaning}, {unit or score})"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return fmt_num(value)
+
+
 def display_name(method: str) -> str:
     """Human-readable name of a method key; unknown keys are returned as-is."""
     return METHOD_NAMES.get(method, method)

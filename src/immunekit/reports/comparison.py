@@ -38,12 +38,15 @@ from immunekit.reports._common import (
     atomic_write_text,
     fmt_num,
     immunity_text,
+    score_name,
     stale_rules_note,
+    threshold_label,
 )
 from immunekit.reports.card import (
     CONDITION_ORDER,
     CSS,
     badge,
+    breakable,
     escape,
     load_evaluation,
     md_table,
@@ -58,9 +61,12 @@ SUMMARY_HTML = "summary.html"
 SHARED_CONFIG_KEYS = ("attacks", "budget", "seeds", "thresholds", "search")
 #: Attack groups shown as resistance columns (the grid and the attacker search's choice).
 RESISTANCE_GROUPS = ("resistance", "search")
+#: The comparison fits a 1280 px window: tables take the page width and break long keys anywhere.
 EXTRA_CSS = """
-.holds{background:#2e7d32}.does-not-hold{background:#c62828}.not-tested{background:#757575}
-.undecided{background:#ef8f00}
+table{width:100%;font-size:.84em}
+th,td{padding:.3em .45em;overflow-wrap:break-word}
+td small{overflow-wrap:anywhere}
+.badge{font-size:.8em;padding:.1em .45em;white-space:normal}
 td small{color:#555;display:block}
 """
 _REL_PATTERN = re.compile(r"^(?:(?P<cell>.+)/)?(?P<method>[^/]+?)--seed(?P<seed>-?\d+)$")
@@ -300,7 +306,8 @@ def _setup_text(record: Mapping[str, Any]) -> str:
     return (
         f"task {task.get('name', '?')}; seeds {', '.join(str(s) for s in record.get('seeds') or [])}; "
         f"budget steps={budget.get('steps', '?')}, optimizer={budget.get('optimizer', '?')}, "
-        f"lr={budget.get('lr', '?')}; φ = {fmt_num(th.get('harm'))}, κ = {fmt_num(th.get('slowdown'))}"
+        f"lr={budget.get('lr', '?')}; {threshold_label('harm', th.get('harm'), score_name(record))}, "
+        f"{threshold_label('slowdown', th.get('slowdown'), score_name(record))}"
     )
 
 
@@ -381,12 +388,12 @@ def _attack_html(a: Mapping[str, Any]) -> str:
         return escape(DASH)
     word = a["immunity"] + (f" ({a['strength']})" if a["strength"] else "")
     rest = escape(word[len(a["immunity"]) :])
-    return f"{badge(a['immunity'])}{rest}<small>{escape(_attack_detail(a))}</small>"
+    return f"{badge(a['immunity'])}{rest}<small>{breakable(_attack_detail(a))}</small>"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
-    """HTML table whose cells are already HTML (escape text before)."""
-    out = [f'<table id="{table_id}"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in head)]
+    """HTML table whose cells are already HTML (escape text before); headers may break at separators."""
+    out = [f'<table id="{table_id}"><thead><tr>' + "".join(f"<th>{breakable(h)}</th>" for h in head)]
     out.append("</tr></thead><tbody>")
     out += ["<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows]
     out.append("</tbody></table>")
@@ -401,7 +408,7 @@ def render_comparison_html(items: Sequence[tuple[str, Mapping[str, Any]]]) -> st
     head = _head(rows)
 
     def ident(r: Mapping[str, Any]) -> list[str]:
-        link = f'<a href="{escape(r["model"])}/report.html">{escape(r["model"])}</a>'
+        link = f'<a href="{escape(r["model"])}/report.html">{breakable(r["model"])}</a>'
         return [link, *(escape(c) for c in _identity_cells(r, cells)[1:])]
 
     parts = [
