@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _cli_helpers import assert_one_line_error, digest, write_tiny
 
+from _cli_helpers import assert_one_line_error, digest, write_tiny
 from immunekit.experiments.linear import config_keys
 
 

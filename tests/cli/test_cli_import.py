@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _cli_helpers import assert_one_line_error, digest, write_tiny
 
+from _cli_helpers import assert_one_line_error, digest, write_tiny
 from immunekit.cli.main import leading_imports
 from immunekit.data import TASKS
 from immunekit.defenses import DEFENSES

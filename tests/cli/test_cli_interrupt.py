@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from _cli_helpers import write_tiny
 
 SLOW_DEFENSE = """

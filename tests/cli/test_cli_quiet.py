@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from _cli_helpers import write_tiny
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from _cli_helpers import assert_one_line_error, digest, write_tiny
 
 # ------------------------------------------------------------------ 1. defense settings, attack budgets
