@@ -50,7 +50,7 @@ def asset(request: pytest.FixtureRequest):
     ``pytest -m assets`` (asking for them and getting none must not pass). A sha256 mismatch
     always fails.
     """
-    from immunekit.data import assets
+    from immunekit import assets
     from immunekit.errors import AssetError
 
     def get(name: str):

@@ -86,7 +86,9 @@ def writable_dir_problem(path: str | os.PathLike[str]) -> str | None:
     nothing.
 
     Example:
-        >>> writable_dir_problem("/proc/no/such/place") is not None
+        >>> import os, tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:  # a folder cannot live inside a file
+        ...     writable_dir_problem(os.path.join(f.name, "out")).endswith("is a file, not a folder")
         True
 
     """

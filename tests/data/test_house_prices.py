@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from immunekit.data import TASKS, assets
+from immunekit import assets
+from immunekit.data import TASKS
 from immunekit.data.house_prices import FEATURE_EXCLUDE, HousePricesConfig, house_prices, load_frame
 from immunekit.errors import AssetError, ConfigError, DataError
 

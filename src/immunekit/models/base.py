@@ -26,6 +26,70 @@ class ImmunizableModel(nn.Module):
         """Head applied to features, ``(N, out)``."""
         return self.head(self.features(x))
 
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The extractor's blocks, input side first, each with a name.
+
+        Partial fine-tuning and deep defenses act on "the last k blocks" (arXiv 2505.23760 trains
+        ResNet18's ``layer4`` or ViT's final transformer block); this is where a model says what its
+        blocks are. The default is the extractor's **parameterised** named children in order,
+        named by their path in the model (``"extractor.0"``); children without parameters
+        (activations, pooling, flatten) are not blocks. An extractor without parameterised
+        children (e.g. ``nn.Linear``) is one block, ``"extractor"``; one without parameters has
+        none. This matches the blocks ``partial_finetune`` counts. Subclasses override it when
+        their natural blocks are not the extractor's children.
+
+        Returns:
+            ``[(name, module), ...]`` in forward order; the modules' parameters are the extractor's.
+
+        Example:
+            >>> [name for name, _ in linear_model(3).blocks()]
+            ['extractor']
+
+        """
+        kids = [(f"extractor.{name}", m) for name, m in self.extractor.named_children() if _has_params(m)]
+        if kids:
+            return kids
+        return [("extractor", self.extractor)] if _has_params(self.extractor) else []
+
+    def trainable_blocks(self, k: int, *, head: bool = True) -> dict[str, nn.Parameter]:
+        """Parameters of the last ``k`` blocks of :meth:`blocks`, plus the head's.
+
+        Args:
+            k: how many blocks, counted from the output side (0: none; ``len(self.blocks())``:
+                every block).
+            head: include the head's parameters.
+
+        Returns:
+            ``{name: parameter}`` with the names of :meth:`~torch.nn.Module.named_parameters`, in
+            that order (each shared parameter once). The values are the model's own parameters:
+            pass ``list(result.values())`` to an optimizer, or the names to
+            ``torch.func.functional_call``.
+
+        Raises:
+            ConfigError: ``k`` is negative or larger than the number of blocks.
+
+        Example:
+            >>> m = ImmunizableModel()
+            >>> m.extractor = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+            >>> m.head = nn.Linear(2, 1)
+            >>> list(m.trainable_blocks(1))
+            ['extractor.2.weight', 'extractor.2.bias', 'head.weight', 'head.bias']
+
+        """
+        blocks = self.blocks()
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(blocks):
+            raise ConfigError(
+                f"k={k!r} blocks requested, but {type(self).__name__} has {len(blocks)} block(s) "
+                f"({[name for name, _ in blocks]}); use an integer from 0 to {len(blocks)}"
+            )
+        modules = [m for _, m in blocks[len(blocks) - k :]] + ([self.head] if head else [])
+        chosen = {id(p) for m in modules for p in m.parameters()}
+        return {name: p for name, p in self.named_parameters() if id(p) in chosen}
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
 
 class LinearModel(ImmunizableModel):
     """Linear extractor f_θ(x) = xᵀθ (no bias, as the theory requires) and a linear head ω.

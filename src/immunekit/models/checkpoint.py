@@ -127,6 +127,9 @@ def _linear_config(model: LinearModel) -> dict[str, Any]:
 
 
 register_model("linear", config=_linear_config)(LinearModel)
+# Vision backbones register themselves on import; lazy entries let load_checkpoint find them first.
+MODELS.register_lazy("digit_cnn", "immunekit.models.vision:DigitCNN")
+MODELS.register_lazy("efficientnet_lite0", "immunekit.models.vision:EfficientNetLite0")
 
 
 def save_checkpoint(

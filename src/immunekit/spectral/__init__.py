@@ -66,6 +66,7 @@ from immunekit.spectral.regularizers import (
     r_well_theta_grad,
     theta_grad,
 )
+from immunekit.spectral.streaming import StreamingFactor, feature_factor
 
 __all__ = [
     "DEFAULT_BAND",
@@ -79,6 +80,7 @@ __all__ = [
     "RangeProjector",
     "SelectedSpectrum",
     "SpectralGrad",
+    "StreamingFactor",
     "band_multipliers",
     "check_band",
     "check_rtol",
@@ -88,6 +90,7 @@ __all__ = [
     "delta",
     "dense_extreme_eigs",
     "extreme_eigs",
+    "feature_factor",
     "g_ill",
     "g_ill_fast",
     "g_log_kappa",

@@ -125,6 +125,49 @@ class FactorSpectrum:
         _, s, vh = torch.linalg.svd(xf, full_matrices=False)
         return cls(s, vh.T.contiguous(), n, tol)
 
+    @classmethod
+    def from_factor(cls, r: Tensor, *, rows: int, rtol: float | None = None) -> FactorSpectrum:
+        """The spectrum of an N-row data factor X known only through a factor R with RᵀR = XᵀX.
+
+        RᵀR = XᵀX gives X and R the same non-zero singular values and the same right singular
+        vectors, so the rule is decided exactly as :meth:`of` would decide it on X itself: the SVD is
+        taken of R ``(m, D)``, only the p = min(N, D) largest values are kept (rank X ≤ N, so any
+        further value of R is zero in exact arithmetic), R is padded with zero rows when m < p, and
+        the default cut is ``max(N, D)·eps_64`` with the *row count of X*, not of R. ``rows`` and
+        ``rtol`` of the result, and hence :attr:`rank` and :meth:`describe`, are then those of
+        ``FactorSpectrum.of(X)``; the singular values agree to rounding (backward-stable QR and SVD:
+        absolute error a small multiple of ``eps · s_1``).
+
+        The typical R is the ``(D, D)`` triangular factor of a streamed QR
+        (:class:`immunekit.spectral.streaming.StreamingFactor`).
+
+        Args:
+            r: ``(m, D)`` factor with RᵀR = XᵀX, any float dtype (computed in float64).
+            rows: N, the number of rows of X (≥ 1).
+            rtol: explicit relative cut in (0, 1), or ``None`` for ``max(N, D)·eps_64``.
+
+        Raises:
+            NumericalError: R not 2-D or not finite.
+            ConfigError: ``rows`` not an integer ≥ 1, or an explicit ``rtol`` outside (0, 1).
+
+        Example:
+            >>> x = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+            >>> spec = FactorSpectrum.from_factor(torch.linalg.qr(x, mode="r").R, rows=3)
+            >>> spec.rank, spec.rows, spec.rtol == FactorSpectrum.of(x).rtol, spec.kappa().kappa
+            (2, 3, True, 9.0)
+
+        """
+        rf = check_matrix(r, "the factor R (m, D) with RᵀR = XᵀX")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ConfigError(f"rows must be the number of rows N >= 1 of the data factor X, got {rows!r}")
+        m, d = rf.shape
+        tol = default_rtol(rows, d) if rtol is None else check_rtol(rtol)
+        p = min(rows, d)
+        if m < p:
+            rf = torch.cat([rf, rf.new_zeros(p - m, d)])
+        _, s, vh = torch.linalg.svd(rf, full_matrices=False)
+        return cls(s[:p].contiguous(), vh[:p].T.contiguous(), rows, tol)
+
     def at(self, rtol: float) -> FactorSpectrum:
         """The same SVD with the cut at another ``rtol`` (no new decomposition)."""
         return FactorSpectrum(self.singular_values, self.right_vectors, self.rows, check_rtol(rtol))

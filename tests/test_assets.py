@@ -1,4 +1,4 @@
-"""Offline tests of immunekit.data.assets (pip is always stubbed out)."""
+"""Offline tests of immunekit.assets (pip is always stubbed out)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from immunekit.data import assets
-from immunekit.data.assets import AssetPin, asset_path, cache_dir, sha256_file, verified
+from immunekit import assets
+from immunekit.assets import AssetPin, asset_path, cache_dir, sha256_file, verified
 from immunekit.errors import AssetError, ConfigError
 
 MEMBER = "fakepkg/data/blob.bin"
@@ -54,7 +54,7 @@ def _fake_pip(monkeypatch, payload: bytes, calls: list) -> None:
 
 
 def test_pins_are_well_formed():
-    assert set(assets.PINS) == {"ames", "kaggle_house_train", "mnist"}
+    assert set(assets.PINS) == {"ames", "kaggle_house_train", "mnist", "digit_cnn", "efficientnet_lite0"}
     for pin in assets.PINS.values():
         assert len(pin.sha256) == 64 and pin.sha256 == pin.sha256.lower()
         int(pin.sha256, 16)
@@ -202,7 +202,7 @@ def test_download_logs_what_is_fetched_and_its_size(monkeypatch, caplog, n_bytes
     monkeypatch.setitem(assets.PINS, "fake", pin)
     calls: list = []
     _fake_pip(monkeypatch, payload, calls)  # no network: pip is stubbed
-    with caplog.at_level("INFO", logger="immunekit.data.assets"):
+    with caplog.at_level("INFO", logger="immunekit.assets"):
         path = asset_path("fake")
     assert len(calls) == 1 and path.read_bytes() == payload
     said = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
@@ -211,7 +211,7 @@ def test_download_logs_what_is_fetched_and_its_size(monkeypatch, caplog, n_bytes
     assert "fetched immunekit_no_such_dist-9.9.9-py3-none-any.whl (" in said[1] and "B) in " in said[1]
     assert f"cached {size} at {path}" in said[2]
     caplog.clear()
-    with caplog.at_level("INFO", logger="immunekit.data.assets"):
+    with caplog.at_level("INFO", logger="immunekit.assets"):
         asset_path("fake")  # from the cache: nothing fetched, nothing said at INFO
     assert not [r for r in caplog.records if r.levelname == "INFO"]
 

