@@ -24,6 +24,8 @@ F64 = torch.float64
 NAMES = DEFENSES.names()
 # Defenses that accept any ImmunizableModel (all others are linear-extractor algorithms).
 ANY_MODEL = {"identity"}
+#: Defenses with a deep variant (defenses/deep.py): a non-linear model is trained, not refused.
+DEEP = {"condition_number", "rill_only"}
 
 
 class TinyMLP(ImmunizableModel):
@@ -161,6 +163,11 @@ def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
         out = _defense(name).fit(mlp, task, seed=0)
         assert out is not mlp
         _assert_state_equal(_snapshot(out), before)
+    elif name in DEEP:  # the deep variant trains the last block and the head of a copy
+        out = _defense(name).fit(mlp, task, seed=0)
+        assert out is not mlp
+        changed = [k for k, v in _snapshot(out).items() if not torch.equal(v, before[k])]
+        assert changed, f"{name} returned the model unchanged"
     else:
         with pytest.raises(ConfigError, match="LinearModel"):
             _defense(name).fit(mlp, task, seed=0)

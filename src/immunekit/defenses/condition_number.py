@@ -91,9 +91,10 @@ from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
+from immunekit.defenses.deep import fit_deep
 from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
-from immunekit.models.base import ImmunizableModel
+from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.condition import (
     EPS64,
     KappaInfo,
@@ -858,14 +859,75 @@ class _Screen:
         return res.log_kappa_lower > limit
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConditionNumberConfig(SpectralDefenseConfig):
+    """Algorithm 1's settings plus those of the deep-network variant (:mod:`immunekit.defenses.deep`).
+
+    The fields below are read only when the model is not a LinearModel; the deep loop also reads
+    ``lr`` (its SGD step), ``lambda_primary``, ``lambda_harmful``, ``balance`` (``init`` or
+    ``fixed``), ``rank_rtol``, ``delta_min``, ``task_loss`` and ``progress``.
+    """
+
+    epochs: int = field(default=1, metadata={"help": "deep: passes over the harmful training data"})
+    batch_size: int = field(
+        default=64, metadata={"help": "deep: rows per D_P and per D_H mini-batch (harmful batch >= 2)"}
+    )
+    blocks: int = field(
+        default=1, metadata={"help": "deep: trainable blocks counted from the output side (plus the head)"}
+    )
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "deep: ε of the label-smoothed cross-entropy task term"}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "deep: SGD momentum (Nesterov when > 0)"})
+    weight_decay_extractor: float = field(
+        default=0.0, metadata={"help": "deep: weight decay of the trainable extractor blocks"}
+    )
+    weight_decay_head: float = field(default=2e-5, metadata={"help": "deep: weight decay of the head"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("epochs", "blocks"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(
+                    f"{name} must be >= 1, got {value}; the deep variant trains at least one block "
+                    "for one pass over the harmful data"
+                )
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"batch_size must be >= 2, got {self.batch_size}; R_ill needs a harmful batch of rank >= 2"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 1), got {self.label_smoothing}; the paper uses 0.1"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}; the paper uses 0.9")
+        for name in ("weight_decay_extractor", "weight_decay_head"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 class ConditionNumber(SpectralLinearDefense):
-    """Condition-number immunization: R_well on H_P, R_ill on H_H, K⁺-preconditioned (Algorithm 1)."""
+    """Condition-number immunization: R_well on H_P, R_ill on H_H, K⁺-preconditioned (Algorithm 1).
+
+    A LinearModel gets the closed-form Algorithm 1; any other ImmunizableModel gets the deep-network
+    variant of §6 (:func:`immunekit.defenses.deep.fit_deep`), under the same registry name.
+    """
 
     name = "condition_number"
+    Config = ConditionNumberConfig
+    config: ConditionNumberConfig
+
+    def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
+        """Algorithm 1 for a LinearModel, the deep loop (R_well + R_ill by autograd) otherwise."""
+        if not isinstance(model, LinearModel):
+            return fit_deep(self, model, task, seed=seed)
+        return super().fit(model, task, seed=seed)
 
 
 @dataclass(frozen=True, kw_only=True)
-class RillOnlyConfig(SpectralDefenseConfig):
+class RillOnlyConfig(ConditionNumberConfig):
     """R_ill only: Algorithm 1 with λ_P = 0 (task loss kept, K_H preconditioning kept)."""
 
     step_norm_primary: float = field(default=0.0, metadata={"help": "0: no R_well term"})
@@ -882,3 +944,9 @@ class RillOnly(SpectralLinearDefense):
         super().__init__(config, **overrides)
         if self.config.step_norm_primary or self.config.lambda_primary:
             raise ConfigError("rill_only has no R_well term; leave step_norm_primary/lambda_primary at 0")
+
+    def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
+        """Algorithm 1 with λ_P = 0 for a LinearModel, the deep loop without R_well otherwise."""
+        if not isinstance(model, LinearModel):
+            return fit_deep(self, model, task, seed=seed)
+        return super().fit(model, task, seed=seed)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from immunekit.metrics.conditions import Thresholds, harm_auc, max_harm, steps_to_threshold
 from immunekit.metrics.convergence import steps_to_epsilon
 from immunekit.metrics.rir import KappaPair, RIRResult, Verdict, rir, verdict
+from immunekit.metrics.rir_groups import GroupRIR, rir_by_groups
 from immunekit.metrics.stats import PairedSummary, Summary, paired_difference, summarise
 from immunekit.registry import Registry
 
@@ -26,6 +27,8 @@ class Measured:
 
 METRICS: Registry = Registry("metric")
 METRICS.register("rir", direction="higher", unit="ratio")(rir)
+# RIR_θ0 of deep models (Eq. 17): the mean over groups of per-group ratios
+METRICS.register("rir_by_groups", direction="higher", unit="ratio")(rir_by_groups)
 METRICS.register("steps_to_epsilon", direction="higher", unit="steps")(steps_to_epsilon)
 # report card (metrics.conditions): harm h is a task score (R² or accuracy), higher = more harmful
 METRICS.register("max_harm", direction="lower", unit="score")(max_harm)
@@ -70,6 +73,7 @@ def metric_meta(name: str) -> tuple[str | None, str | None]:
 
 __all__ = [
     "METRICS",
+    "GroupRIR",
     "KappaPair",
     "Measured",
     "PairedSummary",
@@ -82,6 +86,7 @@ __all__ = [
     "metric_meta",
     "paired_difference",
     "rir",
+    "rir_by_groups",
     "steps_to_epsilon",
     "steps_to_threshold",
     "summarise",
