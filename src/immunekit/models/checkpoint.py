@@ -130,6 +130,8 @@ register_model("linear", config=_linear_config)(LinearModel)
 # Vision backbones register themselves on import; lazy entries let load_checkpoint find them first.
 MODELS.register_lazy("digit_cnn", "immunekit.models.vision:DigitCNN")
 MODELS.register_lazy("efficientnet_lite0", "immunekit.models.vision:EfficientNetLite0")
+MODELS.register_lazy("hf_resnet", "immunekit.models.hf_vision:HFResNet")
+MODELS.register_lazy("hf_vit", "immunekit.models.hf_vision:HFViT")
 
 
 def save_checkpoint(
