@@ -380,9 +380,15 @@ def local_executor(
 
 
 def _stop_pool(pool: cf.ProcessPoolExecutor) -> None:
-    """Cancel what has not started and terminate the workers now (kill any that lingers)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    """Cancel what has not started and terminate the workers now (kill any that lingers).
+
+    The worker table is read again after the shutdown call, so a worker the executor started while
+    it was being stopped is terminated too.
+    """
+    known = dict(getattr(pool, "_processes", None) or {})
     pool.shutdown(wait=False, cancel_futures=True)
+    known.update(getattr(pool, "_processes", None) or {})
+    processes = list(known.values())
     for proc in processes:
         if proc.is_alive():
             proc.terminate()
