@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from immunekit.cli.run import check_out
 from immunekit.config import load_config, parse_set
 from immunekit.errors import ConfigError
+from immunekit.experiments.device import DEVICES_HELP, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        help="where the attacks train: auto (CUDA when present, else cpu), cpu, cuda, cuda:1, mps",
+        help=f"where the attacks train: {DEVICES_HELP} (default auto: CUDA when present, else cpu)",
     )
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -230,7 +232,7 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
     from immunekit.data import TASKS
     from immunekit.experiments.evaluate import load_model
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # auto → CUDA when present; evaluate honours any device
     model, meta = load_model(path, device=device)
     task_sets = _flat_sets(args.task_sets, "--task-set")
     name = args.task or meta.get("task")
@@ -317,36 +319,6 @@ def handle(args: argparse.Namespace) -> int:
     if not args.no_report:
         print(f"report:  {out / 'report.md'}\nhtml:    {out / 'report.html'}")
     return 0
-
-
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be written, before anything is computed."""
-    from immunekit._atomic import writable_dir_problem
-
-    problem = writable_dir_problem(out)
-    if problem is not None:
-        raise ConfigError(f"--out {out}: {problem}; choose a folder you can write to")
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; a named device must exist (checked now)."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available()
-        and (device.index is None or device.index < torch.cuda.device_count()),
-        "mps": torch.backends.mps.is_available(),
-    }.get(device.type, False)
-    if not available:
-        raise ConfigError(f"--device {name!r} is not available on this machine; use --device auto or cpu")
-    return str(device)
 
 
 def _evaluate_into(

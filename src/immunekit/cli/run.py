@@ -10,9 +10,8 @@ from typing import Any
 from immunekit._atomic import writable_dir_problem
 from immunekit.config import deep_merge, parse_set, read_yaml
 from immunekit.errors import ConfigError
+from immunekit.experiments.device import DEVICES_HELP
 from immunekit.experiments.sweep import EXECUTORS, default_workers
-
-DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"  # as immunekit.experiments.linear (kept light: no torch)
 
 EXAMPLES = """\
 examples:

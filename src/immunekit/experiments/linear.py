@@ -33,6 +33,7 @@ from immunekit.data.task import Task
 from immunekit.defenses import DEFENSES
 from immunekit.defenses.base import Defense
 from immunekit.errors import ConfigError
+from immunekit.experiments import device as device_mod
 from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
 from immunekit.experiments.provenance import provenance
@@ -636,9 +637,6 @@ def trial_config_sha(
     return config_sha256(data)
 
 
-DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
-
-
 def resolve_device(device: str) -> str:
     """The device the linear experiments run on for ``device``; they run in float64 on the CPU only.
 
@@ -653,44 +651,25 @@ def resolve_device(device: str) -> str:
         ``"cpu"``.
 
     Raises:
-        ConfigError: ``device`` is not a torch device, is not available on this machine, or is an
-            accelerator the linear experiments cannot use.
+        ConfigError: ``device`` is not a torch device, is not available on this machine
+            (:func:`immunekit.experiments.device.resolve_device`), or is an accelerator the linear
+            experiments cannot use.
 
     Example:
         >>> resolve_device("auto"), resolve_device("cpu")
         ('cpu', 'cpu')
 
     """
-    name = str(device).strip().lower()
-    if name == "auto":
+    if str(device).strip().lower() == "auto":
         if torch.cuda.is_available():
             log.info("--device auto: the linear experiments run in float64 on the CPU; CUDA is not used")
         return "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a torch device; choose {DEVICES_HELP}") from None
-    if dev.type == "cpu":
+    if torch.device(device_mod.resolve_device(device)).type == "cpu":  # checks the name and availability
         return "cpu"
-    if not _device_available(dev):
-        raise ConfigError(
-            f"--device {device!r} is not available on this machine (torch {torch.__version__}); "
-            "use --device cpu or --device auto"
-        )
     raise ConfigError(
         f"--device {device!r} cannot be honoured: the linear experiments run in float64 on the CPU only "
         "(their spectral code builds CPU tensors); use --device cpu or --device auto"
     )
-
-
-def _device_available(dev: torch.device) -> bool:
-    """Whether torch can use ``dev`` here (its backend is built and a device of that index exists)."""
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-    if dev.type == "mps":
-        backend = getattr(torch.backends, "mps", None)
-        return bool(backend is not None and backend.is_available())
-    return False
 
 
 def run_linear_experiment(
