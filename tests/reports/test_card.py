@@ -227,33 +227,41 @@ def test_invalid_records_are_refused(tmp_path: Path) -> None:
         card.load_evaluation(tmp_path)
 
 
+def headless_chromium(tmp_path: Path, *args: str) -> str:
+    """Run headless Chromium with ``args`` (a throw-away profile under ``tmp_path``); its stdout."""
+    profile = tmp_path / "profile"
+    try:
+        out = subprocess.run(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return out.stdout
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (apt-get install chromium)")
 def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     (tmp_path / "results.json").write_text(json.dumps(make_record()))
     _, page = card.write_card(tmp_path)
     shot = tmp_path / "x.png"
-    subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,3000",
-            page.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    headless_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,3000", page.resolve().as_uri())
     assert shot.stat().st_size > 1000 and shot.read_bytes().startswith(PNG_MAGIC)
-    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
 def _current(rec: dict[str, Any]) -> dict[str, Any]:

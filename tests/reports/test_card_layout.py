@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from immunekit.reports import card, comparison
 
-from .test_card import make_record, parse
+from .test_card import headless_chromium, make_record, parse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LONG_KEYS = (
@@ -201,29 +200,10 @@ def scroll_width(page: Path, tmp_path: Path, width: int = 1280) -> int:
         "</script></body>",
     )
     probe.write_text(text, encoding="utf-8")
-    out = subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--window-size={width},1000",
-            "--dump-dom",
-            probe.resolve().as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    dom = headless_chromium(
+        tmp_path, "--hide-scrollbars", f"--window-size={width},1000", "--dump-dom", probe.resolve().as_uri()
     )
-    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
-    found = re.search(r'data-scroll-width="(\d+)"', out.stdout)
+    found = re.search(r'data-scroll-width="(\d+)"', dom)
     assert found, "chromium did not run the probe"
     return int(found.group(1))
 
