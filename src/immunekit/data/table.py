@@ -26,7 +26,6 @@ Row ids are ``row:<i>`` with i the 0-based data row of the file.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
+from immunekit.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def table_task(
 
 def _check_column(name: str, columns: Any, file: Path, flag: str) -> None:
     if name not in columns:
-        close = difflib.get_close_matches(str(name), [str(c) for c in columns], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; columns: {', '.join(map(str, columns))}"
+        hint = did_you_mean(str(name), [str(c) for c in columns])
         raise ConfigError(f"{flag} {name!r} is not a column of {file}{hint}")
 
 
