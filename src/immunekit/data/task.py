@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +49,47 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one input row, e.g. ``(784,)`` or ``(1, 28, 28)``."""
+        return tuple(self.x.shape[1:])
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of the rows ``idx`` (``(B,)`` long): ``(x[idx], y[idx])``.
+
+        The one way deep training and evaluation code reads a split, so that a split which decodes
+        its rows on demand (image folders) can stand in for this in-memory one.
+        """
+        return self.x[idx], self.y[idx]
+
+    def batches(
+        self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Consecutive ``(x, y)`` mini-batches of at most ``batch_size`` rows.
+
+        Args:
+            batch_size: rows per batch (>= 1).
+            generator: shuffles the rows with ``torch.randperm`` when given (seeded order); in
+                file order when ``None`` (evaluation).
+            drop_last: skip a final batch shorter than ``batch_size``.
+
+        Raises:
+            DataError: ``batch_size`` < 1.
+
+        Example:
+            >>> d = Dataset(torch.arange(10.0).reshape(5, 2), torch.arange(5))
+            >>> [len(y) for _, y in d.batches(2)]
+            [2, 2, 1]
+
+        """
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.rows(order[start : start + batch_size])
 
     def row_hashes(self) -> set[str]:
         """sha256 of each row's identifier, or of its input bytes when no ids are given."""
