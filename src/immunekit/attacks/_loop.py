@@ -10,7 +10,14 @@ in one place:
 * **mini-batches** without replacement: a fresh ``torch.randperm`` per epoch from the run's ``batches``
   stream (:func:`~immunekit.attacks.base.rng_streams`, never the generator of a head or a subset),
   consecutive slices of ``min(batch_size, N)`` rows; a tail shorter than a batch is dropped, so
-  every step costs the same examples, tokens and FLOPs.
+  every step costs the same examples, tokens and FLOPs. A step reads only its rows, through the
+  split's :meth:`~immunekit.data.task.Split.rows` (decoded on demand for a streaming split), and
+  moves only them to the device; the targets (small) are prepared once per split.
+* **full batch** (``gd``, or ``batch_size >= N``): a split of at most ``eval_batch_size`` rows
+  (:data:`~immunekit.attacks.base.EVAL_BATCH_SIZE`) is read once and forwarded in one pass, as
+  before; a larger one is forwarded chunk by chunk with the gradient accumulated, each chunk's
+  mean loss weighted by its share of the rows, so the step is that of the mean loss over the whole
+  split (up to float rounding; batch-norm statistics are then per chunk).
 * **budget**: before each step the examples, tokens and FLOPs it would use are added to the totals;
   the first cap that would be exceeded stops the run and is named (``examples``, ``tokens``,
   ``flops``; ``steps`` when the step budget is used up). A cap is never exceeded.
@@ -26,10 +33,12 @@ in one place:
   cross-entropy; ``lm`` → :class:`ConfigError` (language models come later).
 * **records**: one :class:`StepRecord` per step; the loss is the mini-batch loss before the step
   (``loss_on="batch"``, the default: free) or that of the whole training split after it
-  (``loss_on="split"``: one forward pass over the split per step, which dominated the harness
+  (``loss_on="split"``: a forward pass over the split per step, which dominated the harness
   overhead benchmark). The held-out split is evaluated at step 0, every ``eval_every`` steps and at the
   last step: ``eval = {"harm", "utility", "loss"}`` (task scores of
   :func:`immunekit.metrics.task_scores.task_score`; loss = training loss on the eval split).
+  Every whole-split evaluation runs in eval mode in chunks of ``eval_batch_size`` rows
+  (:func:`~immunekit.attacks.base.eval_predictions`); only the predictions (N × outputs) are kept.
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ from immunekit.attacks.base import (
     split_of,
     split_score,
 )
-from immunekit.data.task import Dataset, Task
+from immunekit.attacks.base import eval_batch_size as eval_batch_size_of
+from immunekit.data.task import Dataset, Split, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.metrics.losses import LossSpec
 from immunekit.metrics.task_scores import task_score
@@ -76,14 +86,14 @@ class Phase:
     Attributes:
         name: label recorded in ``info['phases']`` (e.g. ``benign``, ``attack``).
         split: the task split the data came from.
-        data: rows trained on (may be a subset of the split).
+        data: rows trained on (may be a subset of the split, e.g. :func:`immunekit.data.task.take`).
         steps: steps planned for this phase.
 
     """
 
     name: str
     split: str
-    data: Dataset
+    data: Split
     steps: int
 
 
@@ -131,10 +141,18 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=budget.weight_decay)
 
 
-def tokens_per_example(data: Dataset) -> int:
-    """Tokens in one row: the sequence length for integer ``(N, L)`` inputs (token ids), else 0."""
-    x = data.x
-    return int(x.shape[1]) if x.ndim == 2 and not x.is_floating_point() else 0
+def tokens_per_example(data: Split) -> int:
+    """Tokens in one row: the sequence length for integer ``(N, L)`` inputs (token ids), else 0.
+
+    An in-memory split is read from its tensor; another one decodes its first row to see the dtype.
+    """
+    if isinstance(data, Dataset):
+        x = data.x
+        return int(x.shape[1]) if x.ndim == 2 and not x.is_floating_point() else 0
+    if len(data.item_shape) != 1 or len(data) == 0:
+        return 0
+    first, _ = data.rows(torch.zeros(1, dtype=torch.long))
+    return 0 if first.is_floating_point() else int(data.item_shape[0])
 
 
 class _Sampler:
@@ -160,31 +178,39 @@ class _Sampler:
         return self
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Data:
-    """A split prepared for the model: inputs on device/dtype, targets in the loss's form."""
+    """A split prepared for the loop: targets in the loss's form on the device, inputs read on demand.
 
-    x: Tensor
+    Only the targets (N or N × C values) are held whole; the inputs of a step are the split's
+    :meth:`~immunekit.data.task.Split.rows` of that step, moved to the device and cast there.
+    """
+
+    split: Split
     target: Tensor
     raw_y: Tensor
+    device: torch.device
+    dtype: torch.dtype
+    full: Tensor | None = None  # inputs of a full-batch phase that fits one chunk, read once
 
-    def rows(self, idx: Tensor | None) -> tuple[Tensor, Tensor]:
-        if idx is None:
-            return self.x, self.target
-        return self.x.index_select(0, idx), self.target.index_select(0, idx)
+    def inputs(self, idx: Tensor) -> Tensor:
+        """Inputs of rows ``idx`` (``(B,)`` long, CPU) on the device, floating ones in the model's dtype."""
+        x, _ = self.split.rows(idx)
+        x = x.to(self.device)
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def targets(self, idx: Tensor | None) -> Tensor:
+        return self.target if idx is None else self.target.index_select(0, idx.to(self.device))
 
     def raw_rows(self, idx: Tensor | None) -> Tensor:
         # only classification records need the raw labels (batch accuracy): not selected every step
-        return self.raw_y if idx is None else self.raw_y.index_select(0, idx)
+        return self.raw_y if idx is None else self.raw_y.index_select(0, idx.to(self.device))
 
 
-def prepare(spec: LossSpec, data: Dataset, device: torch.device, name: str) -> _Data:
-    """Inputs and training targets of ``data`` on ``device`` (targets checked against the head width)."""
-    x = data.x.to(device)
-    if x.is_floating_point():
-        x = x.to(spec.dtype)
+def prepare(spec: LossSpec, data: Split, device: torch.device, name: str) -> _Data:
+    """Training targets of ``data`` on ``device``, checked against the head width; inputs stay unread."""
     target, labels = spec.targets(data.y.to(device), name)
-    return _Data(x, target, labels)
+    return _Data(data, target, labels, device, spec.dtype)
 
 
 def count_params(model: nn.Module) -> int:
@@ -213,27 +239,27 @@ class _Run:
         self,
         model: nn.Module,
         params: list[nn.Parameter],
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         *,
         eval_split: str,
         gen: torch.Generator,
         loss_on: str,
         attack: str,
+        chunk: int,
     ) -> None:
         first = next(iter(model.parameters()))
         self.device, dtype = first.device, first.dtype
         self.model, self.params, self.task, self.b, self.gen = model, params, task, budget, gen
-        self.loss_on = loss_on
+        self.loss_on, self.chunk = loss_on, chunk
         held = split_of(task, eval_split)
-        probe_x = held.x[:1].to(self.device)
-        try:
-            with torch.no_grad():
-                outputs = int(model(probe_x.to(dtype) if probe_x.is_floating_point() else probe_x).shape[-1])
+        probe_x, _ = held.rows(torch.arange(min(1, len(held))))
+        try:  # in eval mode: one row through a batch-norm layer must neither fail nor move its statistics
+            outputs = int(eval_predictions(model, probe_x).shape[-1])
         except (RuntimeError, IndexError) as exc:
             raise DataError(
                 f"{type(model).__name__} cannot take the inputs of task {task.name!r} (rows of shape "
-                f"{tuple(held.x.shape[1:])}): {exc}; attack a model built for this task"
+                f"{tuple(held.item_shape)}): {exc}; attack a model built for this task"
             ) from exc
         self.spec = LossSpec(task.loss, outputs, dtype)
         self.held = prepare(self.spec, held, self.device, eval_split)
@@ -252,15 +278,15 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         """Held-out ``{"harm", "utility", "loss"}`` in eval mode (the shared evaluation step of base.py)."""
         loss = self.task.loss
-        pred = eval_predictions(self.model, self.held.x)
+        pred = eval_predictions(self.model, self.held.split, batch_size=self.chunk)
         return {
             "harm": task_score(pred, self.held.raw_y, loss),  # type: ignore[arg-type]
-            "utility": split_score(self.model, self.util.x, self.util.raw_y, loss),
+            "utility": split_score(self.model, self.util.split, self.util.raw_y, loss, batch_size=self.chunk),
             "loss": float(self.spec(pred, self.held.target)),
         }
 
     def split_metrics(self, data: _Data) -> tuple[float, float | None]:
-        pred = eval_predictions(self.model, data.x)  # no autograd graph
+        pred = eval_predictions(self.model, data.split, batch_size=self.chunk)  # no autograd graph
         loss = float(self.spec(pred, data.target))
         acc = None if self.task.loss == "mse" else task_score(pred, data.raw_y, "ce")
         return loss, acc
@@ -292,29 +318,48 @@ class _Run:
             return "flops"
         return None
 
-    def backward(self, phase_idx: int, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, float]:
-        """Forward + backward of one batch; returns (loss, predictions, FLOPs of the pass)."""
-        n = xb.shape[0]
-        if phase_idx in self.fps:
+    def forward_backward(self, data: _Data, idx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Forward + backward of the rows ``idx`` (``None``: the whole split); returns (loss, predictions).
+
+        A whole split larger than one chunk is forwarded chunk by chunk: chunk k of n_k rows adds
+        (n_k / N) · (its mean loss) to the loss and to the gradient, so the sum is the mean loss over
+        all N rows. The predictions returned then are detached (they only feed the records).
+        """
+        if idx is not None or data.full is not None:
+            xb = data.inputs(idx) if idx is not None else data.full
             pred = self.model(xb)
-            loss = self.spec(pred, yb)
+            loss = self.spec(pred, data.targets(idx))
             loss.backward()
+            return loss, pred
+        n = len(data.split)
+        total = torch.zeros((), dtype=data.dtype, device=self.device)
+        preds: list[Tensor] = []
+        for start in range(0, n, self.chunk):
+            rows = torch.arange(start, min(start + self.chunk, n))
+            pred = self.model(data.inputs(rows))
+            part = self.spec(pred, data.targets(rows)) * (len(rows) / n)
+            part.backward()
+            total = total + part.detach()
+            preds.append(pred.detach())
+        return total, torch.cat(preds)
+
+    def backward(self, phase_idx: int, data: _Data, idx: Tensor | None) -> tuple[Tensor, Tensor, float]:
+        """Forward + backward of one step's rows; returns (loss, predictions, FLOPs of the pass)."""
+        n = len(data.split) if idx is None else len(idx)
+        if phase_idx in self.fps:
+            loss, pred = self.forward_backward(data, idx)
             return loss, pred, self.fps[phase_idx]
         counted = 0.0
         try:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
-                pred = self.model(xb)
-                loss = self.spec(pred, yb)
-                loss.backward()
+                loss, pred = self.forward_backward(data, idx)
             counted = float(counter.get_total_flops())
         except Exception as exc:  # the counter is a measurement aid: never let it break an attack
             log.debug("FlopCounterMode failed (%s); using the 6·P·examples fallback", exc)
             self.opt.zero_grad(set_to_none=True)
-            pred = self.model(xb)
-            loss = self.spec(pred, yb)
-            loss.backward()
+            loss, pred = self.forward_backward(data, idx)
         if counted > 0:
             self.methods.add(FLOPS_COUNTED)
             self.fps[phase_idx] = counted
@@ -344,15 +389,16 @@ class _Run:
             full = self.b.optimizer == "gd" or self.b.batch_size >= n
             per = n if full else self.b.batch_size
             sampler = _Sampler(n, per, None if full else self.gen)
+            if full and n <= self.chunk and phase.steps > 0:  # one batch: read it once for every step
+                data.full = data.inputs(torch.arange(n))
             tok = per * tokens_per_example(phase.data)
             first = step + 1
             for _ in range(phase.steps):
                 idx = next(sampler)
                 stop = self.over(per, tok, self.fps.get(i))
                 if stop is None:
-                    xb, yb = data.rows(idx)
                     self.opt.zero_grad(set_to_none=True)
-                    loss, pred, cost = self.backward(i, xb, yb)
+                    loss, pred, cost = self.backward(i, data, idx)
                     stop = self.over(per, tok, cost)
                 if stop is not None:
                     self.opt.zero_grad(set_to_none=True)
@@ -376,6 +422,7 @@ class _Run:
                     self.flops + cost,
                 )
                 records.append(self.record(step, lr, gnorm, data, batch_metrics))
+            data.full = None  # the phase is over: let its inputs go
             phase_info.append(
                 {"name": phase.name, "split": phase.split, "rows": n, "first_step": first, "last_step": step}
             )
@@ -404,7 +451,7 @@ class _Run:
 def run_loop(
     model: nn.Module,
     params: list[nn.Parameter],
-    task: Task,
+    task: Task[Split],
     budget: AttackBudget,
     *,
     phases: list[Phase],
@@ -412,6 +459,7 @@ def run_loop(
     seed: int,
     attack: str,
     loss_on: str = "batch",
+    eval_batch_size: int | None = None,
 ) -> LoopOutput:
     """Train ``params`` of ``model`` (in place: pass a copy) through ``phases`` within ``budget``.
 
@@ -428,6 +476,9 @@ def run_loop(
             (:func:`~immunekit.attacks.base.rng_streams`), independent of the attack's other draws.
         attack: the attack's name, for messages.
         loss_on: ``split`` (loss of the whole training split after each step) or ``batch``.
+        eval_batch_size: rows per forward pass of a whole-split evaluation and of a full-batch step
+            over a larger split (default :data:`~immunekit.attacks.base.EVAL_BATCH_SIZE`); independent
+            of the budget, it changes no record beyond float rounding.
 
     Returns:
         :class:`LoopOutput` with the initial record, one record per step, the stopping dimension
@@ -447,10 +498,19 @@ def run_loop(
     log.info("%s (%s, %s lr): %s", attack, budget.optimizer, budget.schedule, budget.describe(rows))
     if budget.max_tokens is not None and not any(tokens_per_example(p.data) for p in phases):
         log.warning("budget.max_tokens is set but the inputs are not token sequences: it cannot bind")
+    chunk = eval_batch_size_of(eval_batch_size)
     (gen,) = rng_streams(seed, "batches")
     with trainable_only(model, params):
         run = _Run(
-            model, params, task, budget, eval_split=eval_split, gen=gen, loss_on=loss_on, attack=attack
+            model,
+            params,
+            task,
+            budget,
+            eval_split=eval_split,
+            gen=gen,
+            loss_on=loss_on,
+            attack=attack,
+            chunk=chunk,
         )
         was = model.training
         try:

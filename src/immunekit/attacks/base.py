@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from immunekit.data.task import Dataset, Task
+from immunekit.data.task import Split, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.metrics.task_scores import task_score
 from immunekit.models.base import ImmunizableModel
@@ -26,6 +27,15 @@ DEFAULT_LR = 1e-3
 TRAIN_SPLITS: tuple[str, ...] = ("attack", "primary", "attack_disjoint", "attack_cross", "val_harmful")
 EVAL_SPLITS: tuple[str, ...] = ("eval_harmful", "eval_primary", "val_harmful")
 OPTIONAL_SPLITS: tuple[str, ...] = ("val_harmful", "attack_disjoint", "attack_cross")
+EVAL_BATCH_SIZE = 1024
+"""Rows per forward pass when a whole split is evaluated or featurized (held-out scores, the
+harm curve, a probe's frozen features, a full-batch step over a larger split): one setting,
+independent of the attack budget, so no split is ever forwarded in one pass. Read at call time;
+the functions that use it also take ``batch_size=`` (and :func:`~immunekit.attacks._loop.run_loop`
+``eval_batch_size=``). The results equal a one-pass evaluation to float rounding (bit for bit when
+the split fits in one chunk)."""
+
+SplitT = TypeVar("SplitT", bound=Split)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +290,7 @@ class Attack(ABC):
         """Attack a copy of ``model`` on ``task`` within ``budget``; never mutates ``model``."""
 
 
-def split_of(task: Task, name: str) -> Dataset:
+def split_of(task: Task[SplitT], name: str) -> SplitT:
     """The task split called ``name``.
 
     Args:
@@ -354,37 +364,123 @@ def rng_streams(seed: int, *names: str) -> tuple[torch.Generator, ...]:
     return tuple(torch.Generator().manual_seed(stream_seed(seed, name)) for name in names)
 
 
+def eval_batch_size(batch_size: int | None = None) -> int:
+    """Rows per evaluation chunk: ``batch_size``, or :data:`EVAL_BATCH_SIZE` when ``None``.
+
+    Raises:
+        ConfigError: a value below 1.
+
+    Example:
+        >>> eval_batch_size(), eval_batch_size(64)
+        (1024, 64)
+
+    """
+    size = EVAL_BATCH_SIZE if batch_size is None else batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"eval batch size must be an integer >= 1, got {size!r}; e.g. pass batch_size=256")
+    return size
+
+
+def input_chunks(x: Tensor | Split, batch_size: int | None = None) -> Iterator[Tensor]:
+    """The inputs of ``x`` in file order, ``batch_size`` rows at a time (at least one chunk).
+
+    Args:
+        x: inputs ``(N, ...)`` or a :class:`~immunekit.data.task.Split` (read with its ``batches``).
+        batch_size: rows per chunk (default :data:`EVAL_BATCH_SIZE`).
+
+    Yields:
+        ``(B, ...)`` slices of ``x`` (views) or the split's decoded rows; an empty ``x`` yields one
+        empty chunk, so a model still sees the input shape.
+
+    """
+    size = eval_batch_size(batch_size)
+    if isinstance(x, Tensor):
+        for start in range(0, max(len(x), 1), size):
+            yield x[start : start + size]
+        return
+    if len(x) == 0:
+        yield x.rows(torch.zeros(0, dtype=torch.long))[0]
+        return
+    for xb, _ in x.batches(size):
+        yield xb
+
+
+def model_input(x: Tensor, model: nn.Module) -> Tensor:
+    """``x`` on the device of the model's first parameter, floating inputs in its dtype (ids keep theirs)."""
+    first = next(iter(model.parameters()))
+    return x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
+
+
 @torch.no_grad()
-def eval_predictions(model: nn.Module, x: Tensor) -> Tensor:
+def eval_predictions(model: nn.Module, x: Tensor | Split, *, batch_size: int | None = None) -> Tensor:
     """``model(x)`` in eval mode without autograd; the model's training flag is restored afterwards.
 
-    Floating inputs are cast to the dtype of the model's first parameter, and every input moved to
-    its device (token ids keep their integer dtype).
+    The rows are forwarded in chunks of ``batch_size`` (:func:`input_chunks`), never the whole split
+    at once; the predictions (``N`` × outputs, small) are concatenated. Floating inputs are cast to
+    the dtype of the model's first parameter, and every chunk moved to its device (token ids keep
+    their integer dtype).
 
     Args:
         model: the model.
-        x: inputs ``(N, ...)``.
+        x: inputs ``(N, ...)``, or a split whose rows are read on demand.
+        batch_size: rows per forward pass (default :data:`EVAL_BATCH_SIZE`).
 
     Returns:
-        The predictions ``(N, outputs)``.
+        The predictions ``(N, outputs)``: equal to one pass over ``x`` up to float rounding, and
+        bit for bit when ``N <= batch_size``.
 
     """
-    first = next(iter(model.parameters()))
-    x = x.to(first.device, first.dtype) if x.is_floating_point() else x.to(first.device)
     was_training = model.training
     model.eval()
     try:
-        return model(x)
+        preds = [model(model_input(xb, model)) for xb in input_chunks(x, batch_size)]
     finally:
         model.train(was_training)
+    return preds[0] if len(preds) == 1 else torch.cat(preds)
 
 
-def split_score(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> float:
+@torch.no_grad()
+def eval_features(model: ImmunizableModel, x: Tensor | Split, *, batch_size: int | None = None) -> Tensor:
+    """Frozen features Φ(x) in float64, computed chunk by chunk in eval mode without autograd.
+
+    Each chunk's features are converted to float64 before the next chunk is read, so memory holds
+    the ``(N, D)`` float64 features plus one chunk's activations, never a forward pass over the
+    whole split. The model's training flag is restored afterwards.
+
+    Args:
+        model: an :class:`~immunekit.models.base.ImmunizableModel` (its :meth:`features` are used).
+        x: inputs ``(N, ...)`` or a split.
+        batch_size: rows per forward pass (default :data:`EVAL_BATCH_SIZE`).
+
+    Returns:
+        ``(N, D)`` float64 features (on the model's device).
+
+    Example:
+        >>> from immunekit.models.base import linear_model
+        >>> eval_features(linear_model(3), torch.ones(5, 3), batch_size=2).shape
+        torch.Size([5, 3])
+
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        feats = [
+            model.features(model_input(xb, model)).to(torch.float64) for xb in input_chunks(x, batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return feats[0] if len(feats) == 1 else torch.cat(feats)
+
+
+def split_score(
+    model: nn.Module, x: Tensor | Split, y: Tensor, loss: str, *, batch_size: int | None = None
+) -> float:
     """Task score (R² for ``mse``, accuracy for ``ce``) of ``model`` on inputs ``x`` and targets ``y``.
 
-    The one evaluation step of the attacks: :func:`eval_predictions` then
-    :func:`~immunekit.metrics.task_scores.task_score`. Non-finite values (a diverged attack) are
-    returned as they are; callers that rank decide what they mean.
+    The one evaluation step of the attacks: :func:`eval_predictions` (chunks of ``batch_size`` rows)
+    then :func:`~immunekit.metrics.task_scores.task_score`. ``x`` may be a split, read on demand
+    (pass its ``y``). Non-finite values (a diverged attack) are returned as they are; callers that
+    rank decide what they mean.
 
     Example:
         >>> from immunekit.models.base import linear_model
@@ -393,5 +489,5 @@ def split_score(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> float:
         -1.5
 
     """
-    pred = eval_predictions(model, x)
+    pred = eval_predictions(model, x, batch_size=batch_size)
     return task_score(pred, y.to(pred.device), loss)  # type: ignore[arg-type]

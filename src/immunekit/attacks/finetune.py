@@ -55,7 +55,7 @@ from immunekit.attacks.base import (
     split_of,
 )
 from immunekit.config import load_config
-from immunekit.data.task import Dataset, Task
+from immunekit.data.task import Split, Task, take
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 
@@ -175,7 +175,7 @@ def fresh_head(
     return head
 
 
-def head_outputs(task: Task, split: str) -> int:
+def head_outputs(task: Task[Split], split: str) -> int:
     """Outputs a fresh head needs: target columns (mse), 1 for binary ce (ℓ2 threat model), else C."""
     data = split_of(task, split)
     if task.loss == "mse":
@@ -194,9 +194,9 @@ class _TorchAttack(Attack):
         self.config = load_config(self.Config, {**base, **overrides}, where="attack")
 
     def __call__(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+        self, model: ImmunizableModel, task: Task[Split], budget: AttackBudget, *, seed: int
     ) -> AttackResult:
-        """Attack a deep copy of ``model``; the input is never modified."""
+        """Attack a deep copy of ``model``; the input is never modified (any :class:`Split` type)."""
         check_optimizer(budget, self.name)
         attacked = copy.deepcopy(model)
         rngs = dict(zip(PREPARE_STREAMS, rng_streams(seed, *PREPARE_STREAMS), strict=True))
@@ -221,7 +221,7 @@ class _TorchAttack(Attack):
     def prepare(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
@@ -247,7 +247,7 @@ class HeadResetProbe(_TorchAttack):
     def prepare(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
@@ -283,7 +283,7 @@ class PartialFinetune(_TorchAttack):
     def prepare(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
@@ -310,7 +310,7 @@ class Relearn(_TorchAttack):
     def prepare(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         rngs: Mapping[str, torch.Generator],
     ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
@@ -331,11 +331,7 @@ class Relearn(_TorchAttack):
                 len(data),
                 cfg.split,
             )
-        subset = Dataset(
-            data.x.index_select(0, rows),
-            data.y.index_select(0, rows),
-            tuple(data.ids[i] for i in rows.tolist()) if data.ids else (),
-        )
+        subset = take(data, rows)  # in-memory rows are copied; a streaming split gets a view
         phases = [
             Phase("benign", "primary", split_of(task, "primary"), cfg.warmup_steps_benign),
             Phase("relearn", cfg.split, subset, budget.steps - cfg.warmup_steps_benign),

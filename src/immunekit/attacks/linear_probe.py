@@ -10,7 +10,9 @@ which also gives κ(AᵀA) and the core R with A = QR: the full-batch optimizers
 iterates from R (AᵀA = RᵀR, Aᵀ(Aw − Y) = Rᵀ(Rw − QᵀY), ‖Ag‖ = ‖Rg‖) at O(D²C) per step instead of
 O(NDC). FLOPs are still counted for the attacker's algorithm on A (the budget's meaning), not
 for this simulation of it. :class:`ProbeCache` shares features and factorizations between probes
-(and closed-form evaluations) of the same extractor on the same split.
+(and closed-form evaluations) of the same extractor on the same split. Features are computed in
+chunks of :data:`~immunekit.attacks.base.EVAL_BATCH_SIZE` rows in eval mode (:func:`split_features`),
+so a deep extractor never forwards a whole split at once; only the float64 features are kept.
 
 Learning rates are in one unit for every optimizer (:attr:`AttackBudget.lr`): η multiplies the
 gradient of the mean loss over the step's B rows, ∇ (1/B)‖A_B w − Y_B‖²_F = (2/B) A_Bᵀ(A_B w − Y_B)
@@ -58,12 +60,13 @@ from immunekit.attacks.base import (
     AttackResult,
     StepRecord,
     default_eval_split,
+    eval_features,
     rng_streams,
     scheduled_lr,
     split_of,
 )
 from immunekit.config import load_config
-from immunekit.data.task import Dataset, Task
+from immunekit.data.task import Dataset, Split, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.metrics.task_scores import task_score
 from immunekit.models.base import ImmunizableModel, LinearModel
@@ -126,7 +129,7 @@ class ProbeProblem:
         return self._factors[rtol]
 
 
-def targets(data: Dataset, loss: str, classes: int) -> Tensor:
+def targets(data: Split, loss: str, classes: int) -> Tensor:
     """Probe targets ``(N, C)``: the regression targets, or 0/1 (one column if binary, else one-hot)."""
     if loss == "mse":
         return data.y.to(torch.float64).reshape(len(data), -1)
@@ -137,8 +140,40 @@ def targets(data: Dataset, loss: str, classes: int) -> Tensor:
 
 
 @torch.no_grad()
-def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem:
-    """Frozen features and targets of ``split`` and ``eval_split`` (float64)."""
+def split_features(model: ImmunizableModel, data: Split, *, batch_size: int | None = None) -> Tensor:
+    """Frozen float64 features ``(N, D)`` of a split, as the probes use them.
+
+    In chunks of ``batch_size`` rows (:data:`~immunekit.attacks.base.EVAL_BATCH_SIZE` by default), in
+    eval mode (:func:`~immunekit.attacks.base.eval_features`): a deep extractor never sees the whole
+    split at once. A :class:`LinearModel` on an in-memory :class:`Dataset` is the exception: its
+    features are one product with data already in memory (no activations to hold), computed in one
+    pass as before, so the linear numbers stay bit for bit those of the closed-form theory's tests
+    whatever the split size and the BLAS blocking.
+
+    Args:
+        model: the model whose ``features`` are probed.
+        data: the split.
+        batch_size: rows per forward pass.
+
+    Returns:
+        ``(N, D)`` float64.
+
+    """
+    if isinstance(model, LinearModel) and isinstance(data, Dataset):
+        dtype = next(model.parameters()).dtype
+        return model.features(data.x.to(dtype)).to(torch.float64)
+    return eval_features(model, data, batch_size=batch_size)
+
+
+@torch.no_grad()
+def probe_problem(
+    model: ImmunizableModel, task: Task[Split], split: str, eval_split: str, *, batch_size: int | None = None
+) -> ProbeProblem:
+    """Frozen features and targets of ``split`` and ``eval_split`` (float64).
+
+    Features come from :func:`split_features` (chunks of ``batch_size`` rows, eval mode); only the
+    float64 features of the training split, the eval split and ``eval_primary`` are kept.
+    """
     if isinstance(model, LinearModel) and model.extractor.in_features != task.input_dim:
         raise DataError(
             f"the model takes {model.extractor.in_features} inputs but task {task.name!r} has "
@@ -147,9 +182,8 @@ def probe_problem(model: ImmunizableModel, task: Task, split: str, eval_split: s
     train, held = split_of(task, split), split_of(task, eval_split)
     classes = task.classes
     util = split_of(task, "eval_primary")
-    dtype = next(model.parameters()).dtype
-    feats = [model.features(d.x.to(dtype)).to(torch.float64) for d in (train, held)]
-    util_a = feats[1] if eval_split == "eval_primary" else model.features(util.x.to(dtype)).to(torch.float64)
+    feats = [split_features(model, d, batch_size=batch_size) for d in (train, held)]
+    util_a = feats[1] if eval_split == "eval_primary" else split_features(model, util, batch_size=batch_size)
     util_y = util.y.to(torch.float64).reshape(len(util), -1) if task.loss == "mse" else util.y.reshape(-1)
     return ProbeProblem(
         feats[0],
@@ -215,10 +249,12 @@ class ProbeCache:
         self.fallback = fallback
         self.max_entries = max_entries
         self._entries: list[
-            tuple[weakref.ref[Task], str, str, tuple[type, bool], dict[str, Tensor], ProbeProblem]
+            tuple[weakref.ref[Task[Split]], str, str, tuple[type, bool], dict[str, Tensor], ProbeProblem]
         ] = []
 
-    def problem(self, model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem:
+    def problem(
+        self, model: ImmunizableModel, task: Task[Split], split: str, eval_split: str
+    ) -> ProbeProblem:
         """:func:`probe_problem` of (model, task, split, eval_split), computed once."""
         found = self.lookup(model, task, split, eval_split)
         if found is not None:
@@ -230,7 +266,9 @@ class ProbeCache:
         del self._entries[: -self.max_entries]
         return prob
 
-    def lookup(self, model: ImmunizableModel, task: Task, split: str, eval_split: str) -> ProbeProblem | None:
+    def lookup(
+        self, model: ImmunizableModel, task: Task[Split], split: str, eval_split: str
+    ) -> ProbeProblem | None:
         """The cached problem (here or in the fallback), or None."""
         state = None
         kind = (type(model), model.training)
@@ -282,7 +320,7 @@ class LinearProbe(Attack):
     def __call__(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         *,
         seed: int,
@@ -324,7 +362,9 @@ class LinearProbe(Attack):
         """The configured eval split, or the default for the training split."""
         return self.config.eval_split or default_eval_split(self.config.split)
 
-    def problem(self, model: ImmunizableModel, task: Task, cache: ProbeCache | None = None) -> ProbeProblem:
+    def problem(
+        self, model: ImmunizableModel, task: Task[Split], cache: ProbeCache | None = None
+    ) -> ProbeProblem:
         """The configured split's :class:`ProbeProblem` (through ``cache`` when given)."""
         cfg = self.config
         eval_split = self.eval_split
@@ -528,7 +568,7 @@ class ClosedFormProbe(Attack):
     def __call__(
         self,
         model: ImmunizableModel,
-        task: Task,
+        task: Task[Split],
         budget: AttackBudget,
         *,
         seed: int,

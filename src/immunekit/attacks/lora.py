@@ -29,7 +29,7 @@ from torch import nn
 from immunekit.attacks._loop import Phase, check_optimizer, run_loop
 from immunekit.attacks.base import AttackBudget, AttackResult, rng_streams, split_of
 from immunekit.attacks.finetune import TrainConfig, _TorchAttack
-from immunekit.data.task import Task
+from immunekit.data.task import Split, Task
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 
@@ -81,7 +81,7 @@ class LoraFinetune(_TorchAttack):
     config: LoraConfig  # what __init__ loads: the subclass's own Config
 
     def __call__(
-        self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
+        self, model: ImmunizableModel, task: Task[Split], budget: AttackBudget, *, seed: int
     ) -> AttackResult:
         """Attack a deep copy of ``model`` with LoRA adapters (merged into the returned copy)."""
         cfg = self.config

@@ -96,7 +96,7 @@ def score(model: ImmunizableModel, data: Dataset, loss: str) -> float:
         non-finite value (a diverged attack) is returned as −inf.
 
     """
-    value = split_score(model, data.x, data.y, loss)
+    value = split_score(model, data, data.y, loss)
     return value if math.isfinite(value) else float("-inf")
 
 

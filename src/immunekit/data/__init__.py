@@ -10,5 +10,6 @@ TASKS.register_lazy("house_prices", "immunekit.data.house_prices:house_prices")
 TASKS.register_lazy("gaussian_spectra", "immunekit.data.synthetic:gaussian_spectra")
 TASKS.register_lazy("mnist_pair", "immunekit.data.mnist:mnist_pair")
 TASKS.register_lazy("csv", "immunekit.data.table:table_task")
+TASKS.register_lazy("image_folder", "immunekit.data.image_folder:image_folder_task")
 
 __all__ = ["TASKS", "Dataset", "Task"]

@@ -3,19 +3,92 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVar  # PEP 696 defaults (typing has them from 3.13); a torch dependency
 
 from immunekit.errors import DataError
 
 
+@runtime_checkable
+class Split(Protocol):
+    """One split of a :class:`Task`: inputs read on demand, targets and ids held in memory.
+
+    The contract through which training, evaluation and measurement code reads a split, so that a
+    split which decodes its rows lazily (:class:`immunekit.data.image_folder.ImageFolderSplit`)
+    can stand in for the in-memory :class:`Dataset`. Inputs are only read through :meth:`rows`
+    (or :meth:`batches`); targets are small and held whole in :attr:`y`, so label statistics
+    (:attr:`Task.classes`, head widths, loss targets) never touch the inputs.
+
+    Attributes:
+        y: targets of every row, ``(N,)`` (regression value or class index) or ``(N, C)``.
+        ids: stable row identifiers, ``N`` strings, or ``()`` (rows are then hashed by content).
+        item_shape: shape of one input row, e.g. ``(784,)`` or ``(3, 224, 224)``.
+
+    """
+
+    @property
+    def y(self) -> Tensor: ...
+
+    @property
+    def ids(self) -> tuple[str, ...]: ...
+
+    @property
+    def item_shape(self) -> tuple[int, ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs ``(B, *item_shape)`` and targets ``(B, ...)`` of the rows ``idx`` (``(B,)`` long)."""
+        ...
+
+    def batches(
+        self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Consecutive ``(x, y)`` mini-batches of at most ``batch_size`` rows (as :func:`iter_batches`)."""
+        ...
+
+    def row_hashes(self) -> set[str]:
+        """sha256 hex digests identifying the rows, compared for disjointness between splits."""
+        ...
+
+
+def iter_batches(
+    split: Split, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive ``(x, y)`` mini-batches of ``split``, read through :meth:`Split.rows`.
+
+    Args:
+        split: the split.
+        batch_size: rows per batch (>= 1).
+        generator: shuffles the rows with one ``torch.randperm(len(split))`` when given (seeded
+            order); file order when ``None`` (evaluation).
+        drop_last: skip a final batch shorter than ``batch_size``.
+
+    Yields:
+        ``(x, y)``: inputs ``(B, *item_shape)`` and targets ``(B, ...)`` with B <= ``batch_size``.
+
+    Raises:
+        DataError: ``batch_size`` < 1.
+
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield split.rows(order[start : start + batch_size])
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs and targets of one split.
+    """Inputs and targets of one split, held in memory: the default :class:`Split`.
 
     Attributes:
         x: inputs, ``(N, D)`` for tabular/flattened data.
@@ -83,13 +156,13 @@ class Dataset:
             [2, 2, 1]
 
         """
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if generator is not None or batch_size < 1:
+            yield from iter_batches(self, batch_size, generator=generator, drop_last=drop_last)
+            return
         n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.rows(order[start : start + batch_size])
+        for start in range(0, stop, batch_size):  # file order: views of x and y, no copy
+            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
 
     def row_hashes(self) -> set[str]:
         """sha256 of each row's identifier, or of its input bytes when no ids are given."""
@@ -97,6 +170,91 @@ class Dataset:
             return {hashlib.sha256(i.encode()).hexdigest() for i in self.ids}
         rows = self.x.detach().to(torch.float64).reshape(len(self), -1).cpu().numpy()
         return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
+
+
+class SubsetSplit:
+    """The rows ``index`` of another split, read through its :meth:`Split.rows` (a view, no copy).
+
+    Args:
+        parent: the split the rows come from.
+        index: ``(K,)`` long row numbers of ``parent``, in the order the subset lists them.
+
+    Raises:
+        DataError: ``index`` is not 1-D or names a row outside ``parent``.
+
+    """
+
+    def __init__(self, parent: Split, index: Tensor) -> None:
+        if index.ndim != 1 or (len(index) and not (int(index.min()) >= 0 and int(index.max()) < len(parent))):
+            raise DataError(
+                f"subset rows must be a 1-D tensor of indices in [0, {len(parent)}), got shape "
+                f"{tuple(index.shape)}; pick rows of the parent split"
+            )
+        self.parent, self.index = parent, index.long()
+        self._y = parent.y.index_select(0, self.index)
+        self._ids = tuple(parent.ids[i] for i in index.tolist()) if parent.ids else ()
+
+    @property
+    def y(self) -> Tensor:
+        """Targets of the subset's rows."""
+        return self._y
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The parent's ids of the subset's rows."""
+        return self._ids
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """The parent's row shape."""
+        return self.parent.item_shape
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and targets of the subset rows ``idx`` (the parent's rows ``index[idx]``)."""
+        return self.parent.rows(self.index[idx])
+
+    def batches(
+        self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Mini-batches of the subset (:func:`iter_batches`)."""
+        return iter_batches(self, batch_size, generator=generator, drop_last=drop_last)
+
+    def row_hashes(self) -> set[str]:
+        """Hashes of the subset's ids, or (no ids) the parent's content hashes of these rows."""
+        if self._ids:
+            return {hashlib.sha256(i.encode()).hexdigest() for i in self._ids}
+        x, _ = self.parent.rows(self.index)
+        rows = x.detach().to(torch.float64).reshape(len(self), -1).cpu().numpy()
+        return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
+
+
+def take(split: Split, index: Tensor) -> Split:
+    """The rows ``index`` (``(K,)`` long) of ``split`` as a split of their own.
+
+    An in-memory :class:`Dataset` gives a :class:`Dataset` of the selected rows (copied, as
+    ``x.index_select``); any other split a :class:`SubsetSplit` view that reads the parent's rows
+    on demand.
+
+    Example:
+        >>> d = Dataset(torch.arange(8.0).reshape(4, 2), torch.arange(4), ("a", "b", "c", "d"))
+        >>> take(d, torch.tensor([2, 0])).ids
+        ('c', 'a')
+
+    """
+    if isinstance(split, Dataset):
+        return Dataset(
+            split.x.index_select(0, index),
+            split.y.index_select(0, index),
+            tuple(split.ids[i] for i in index.tolist()) if split.ids else (),
+        )
+    return SubsetSplit(split, index)
+
+
+S = TypeVar("S", bound=Split, default=Dataset, covariant=True)
+"""The split type of a :class:`Task`: ``Task`` alone means ``Task[Dataset]`` (in-memory tensors)."""
 
 
 SPLITS: tuple[str, ...] = (
@@ -127,8 +285,13 @@ OPTIONAL_DISJOINT: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(frozen=True, kw_only=True)
-class Task:
+class Task(Generic[S]):
     """A primary task (keep it useful) and a harmful task (make it hard), with all splits.
+
+    Every split is a :class:`Split`. ``Task`` alone is ``Task[Dataset]`` (in-memory tensors, what
+    the linear code reads through ``.x``); code that reads splits only through the protocol
+    (``rows``, ``batches``, ``y``) takes a ``Task[Split]`` and so accepts streaming splits too,
+    e.g. ``Task[ImageFolderSplit]`` from :func:`immunekit.data.image_folder.image_folder_task`.
 
     Attributes:
         name: registry name of the task.
@@ -154,17 +317,24 @@ class Task:
     name: str
     version: str
     loss: Literal["mse", "ce", "lm"]
-    primary: Dataset
-    harmful: Dataset
-    attack: Dataset
-    eval_primary: Dataset
-    eval_harmful: Dataset
-    val_harmful: Dataset | None = None
-    attack_disjoint: Dataset | None = None
-    attack_cross: Dataset | None = None
+    primary: S
+    harmful: S
+    attack: S
+    eval_primary: S
+    eval_harmful: S
+    val_harmful: S | None = None
+    attack_disjoint: S | None = None
+    attack_cross: S | None = None
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in SPLITS:
+            value = getattr(self, name)
+            if not (value is None and name in OPTIONAL_SPLITS) and not isinstance(value, Split):
+                raise DataError(
+                    f"split {name!r} of task {self.name!r} is a {type(value).__name__}, not a Split; "
+                    "wrap tensors as Dataset(x, y, ids) or pass a split such as ImageFolderSplit"
+                )
         _check_disjoint("eval_harmful", self.eval_harmful, "harmful", self.harmful)
         _check_disjoint("eval_harmful", self.eval_harmful, "attack", self.attack)
         _check_disjoint("eval_primary", self.eval_primary, "primary", self.primary)
@@ -173,21 +343,25 @@ class Task:
             if a is not None and b is not None:
                 _check_disjoint(a_name, a, b_name, b)
         present = [s for s in SPLITS if getattr(self, s) is not None]
-        dims = {s: getattr(self, s).x.shape[1:] for s in present}
+        dims = {s: tuple(getattr(self, s).item_shape) for s in present}
         if len(set(dims.values())) != 1:
-            raise DataError(f"all splits must share the input shape, got {dims}")
+            raise DataError(
+                f"all splits must share the input shape (item_shape), got {dims}; build every split "
+                "with the same preprocessing (e.g. one resize for every image folder)"
+            )
 
     @property
     def input_dim(self) -> int:
-        """Flattened input dimension D."""
-        return int(self.primary.x[0].numel())
+        """Flattened input dimension D (the product of the splits' ``item_shape``)."""
+        return math.prod(self.primary.item_shape)
 
     @property
     def classes(self) -> int:
         """Number of classes C of a ``ce`` task: 1 + the largest label of any split; 0 otherwise.
 
         The one definition every attack, defense and measurement uses (a split that lacks the
-        largest class must not shrink a probe's output layer).
+        largest class must not shrink a probe's output layer). Reads the targets ``y`` only, never
+        the inputs.
         """
         if self.loss != "ce":
             return 0
@@ -195,7 +369,7 @@ class Task:
         return 1 + max(int(d.y.max()) for d in present if len(d))
 
 
-def _check_disjoint(a_name: str, a: Dataset, b_name: str, b: Dataset) -> None:
+def _check_disjoint(a_name: str, a: Split, b_name: str, b: Split) -> None:
     overlap = a.row_hashes() & b.row_hashes()
     if overlap:
         if a_name in OPTIONAL_SPLITS:
