@@ -25,7 +25,7 @@ NAMES = DEFENSES.names()
 # Defenses that accept any ImmunizableModel (all others are linear-extractor algorithms).
 ANY_MODEL = {"identity"}
 #: Defenses with a deep variant (defenses/deep.py): a non-linear model is trained, not refused.
-DEEP = {"condition_number", "rill_only"}
+DEEP = {"condition_number", "rill_only", "opt_kappa", "imma"}
 
 
 class TinyMLP(ImmunizableModel):

@@ -10,8 +10,9 @@ features over the whole harmful training split × 206 ((i) = 206, ln 5.33), prim
 held-out primary accuracy 0.947 against θ_0's 0.973. Seeds 1 and 2: (i) = 107 and 133, (ii) = 0.36
 and 0.49, accuracy 0.940 and 0.947. The bounds below are about half of the weakest effect in log
 space, (ii) ≤ 1 (condition (b)) and an accuracy drop of at most 5 points. Controls: without R_ill
-(λ_H = 0) (i) = 2.5; with the task term alone (i) = 1.04. The config defaults (lr 0.005, one epoch,
-λ_P = 1) are far too strong for this model (accuracy 0.32): λ_P must be tuned to the feature scale.
+(λ_H = 0) (i) = 2.5; with the task term alone (i) = 1.04. A fixed λ_P = 1 (the linear default, and
+the deep default before the task-gradient rule) is far too strong for this model (accuracy 0.32);
+the deep default now derives λ_P from the task gradient at θ_0 (test_deep_lambda_rule.py).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
-from immunekit.defenses.deep import fit_deep
+from immunekit.defenses.deep import PRIMARY_GRAD_RATIO, check_training_settings, fit_deep
 from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel, LinearModel
@@ -148,7 +148,10 @@ class SpectralDefenseConfig(DefenseConfig):
     step_norm_harmful: float = field(
         default=0.1, metadata={"help": "per_step: ‖τ_H K_H⁺∇R_H‖_F (0 disables)"}
     )
-    lambda_primary: float | None = field(default=None, metadata={"help": "λ_P for init/fixed (default 1)"})
+    lambda_primary: float | None = field(
+        default=None,
+        metadata={"help": "λ_P for init/fixed (default 1; deep models: set by primary_grad_ratio)"},
+    )
     lambda_harmful: float | None = field(default=None, metadata={"help": "λ_H for fixed (init derives it)"})
     preconditioner: Literal["pinv", "ridge", "none"] = field(
         default="pinv", metadata={"help": "left preconditioner K⁺ (pinv), (K+εI)⁻¹ (ridge), none (ablation)"}
@@ -296,8 +299,8 @@ class SpectralLinearDefense(Defense):
 
     def _initial_lambdas(self, theta: Tensor, su: _Setup) -> tuple[float | None, float | None]:
         cfg = self.config
-        if cfg.balance == "fixed":
-            return cfg.lambda_primary, cfg.lambda_harmful
+        if cfg.balance == "fixed":  # rill_only: λ_P is never applied
+            return (cfg.lambda_primary if self.uses_primary_term else 0.0), cfg.lambda_harmful
         if cfg.balance == "per_step":
             return None, None
         lam_p = 1.0 if cfg.lambda_primary is None else cfg.lambda_primary
@@ -485,8 +488,9 @@ class SpectralLinearDefense(Defense):
         )
         fs.start = fs.kappa_p(theta)
         fs.log_kappa_p0 = fs.start.info.log_kappa
-        if cfg.balance == "fixed":
-            fs.lam_p, fs.lam_h = cfg.lambda_primary, cfg.lambda_harmful
+        if cfg.balance == "fixed":  # rill_only: λ_P is never applied
+            fs.lam_p = cfg.lambda_primary if self.uses_primary_term else 0.0
+            fs.lam_h = cfg.lambda_harmful
         elif cfg.balance == "init":
             directions = self._fast_directions(theta, fs, fs.start, primary=True)
             d_p, d_h = directions[2], directions[3]
@@ -865,7 +869,9 @@ class ConditionNumberConfig(SpectralDefenseConfig):
 
     The fields below are read only when the model is not a LinearModel; the deep loop also reads
     ``lr`` (its SGD step), ``lambda_primary``, ``lambda_harmful``, ``balance`` (``init`` or
-    ``fixed``), ``rank_rtol``, ``delta_min``, ``task_loss`` and ``progress``.
+    ``fixed``), ``rank_rtol``, ``delta_min``, ``task_loss`` and ``progress``. On a deep model an
+    unset ``lambda_primary`` is derived from the task gradient at θ_0 (``primary_grad_ratio``, see
+    :mod:`immunekit.defenses.deep`), not the linear default 1.
     """
 
     epochs: int = field(default=1, metadata={"help": "deep: passes over the harmful training data"})
@@ -884,28 +890,23 @@ class ConditionNumberConfig(SpectralDefenseConfig):
     )
     weight_decay_head: float = field(default=2e-5, metadata={"help": "deep: weight decay of the head"})
 
+    primary_grad_ratio: float = field(
+        default=PRIMARY_GRAD_RATIO,
+        metadata={
+            "help": "deep: ρ of the default λ_P, ‖λ_P∇R_P‖ = ρ‖∇L_task‖ at θ_0 on the first batch pair "
+            "(lambda_primary overrides it)"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("epochs", "blocks"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(
-                    f"{name} must be >= 1, got {value}; the deep variant trains at least one block "
-                    "for one pass over the harmful data"
-                )
-        if self.batch_size < 2:
+        check_training_settings(self)
+        rho = self.primary_grad_ratio
+        if isinstance(rho, bool) or not (isinstance(rho, int | float) and math.isfinite(rho) and rho > 0):
             raise ConfigError(
-                f"batch_size must be >= 2, got {self.batch_size}; R_ill needs a harmful batch of rank >= 2"
+                f"primary_grad_ratio must be a finite number > 0, got {rho!r}; the default is "
+                f"{PRIMARY_GRAD_RATIO} (pass lambda_primary to fix λ_P instead)"
             )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
-                f"label_smoothing must be in [0, 1), got {self.label_smoothing}; the paper uses 0.1"
-            )
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}; the paper uses 0.9")
-        for name in ("weight_decay_extractor", "weight_decay_head"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class ConditionNumber(SpectralLinearDefense):
@@ -928,7 +929,12 @@ class ConditionNumber(SpectralLinearDefense):
 
 @dataclass(frozen=True, kw_only=True)
 class RillOnlyConfig(ConditionNumberConfig):
-    """R_ill only: Algorithm 1 with λ_P = 0 (task loss kept, K_H preconditioning kept)."""
+    """R_ill only: Algorithm 1 with λ_P = 0 (task loss kept, K_H preconditioning kept).
+
+    ``lambda_primary`` is accepted but never applied: with ``balance='init'`` it is the reference
+    λ_H is balanced against (‖λ_H K_H⁺∇R_ill‖ = ‖λ_P K_P⁺∇R_well‖, or the deep rule), so
+    ``rill_only`` gets the harmful term of ``condition_number`` with the same ``lambda_primary``.
+    """
 
     step_norm_primary: float = field(default=0.0, metadata={"help": "0: no R_well term"})
 
@@ -942,8 +948,11 @@ class RillOnly(SpectralLinearDefense):
 
     def __init__(self, config: RillOnlyConfig | None = None, **overrides: object) -> None:
         super().__init__(config, **overrides)
-        if self.config.step_norm_primary or self.config.lambda_primary:
-            raise ConfigError("rill_only has no R_well term; leave step_norm_primary/lambda_primary at 0")
+        if self.config.step_norm_primary:
+            raise ConfigError(
+                f"rill_only has no R_well term, got step_norm_primary={self.config.step_norm_primary}; "
+                "leave it at 0 (lambda_primary only sets the reference λ_H is balanced against)"
+            )
 
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
         """Algorithm 1 with λ_P = 0 for a LinearModel, the deep loop without R_well otherwise."""

@@ -1,4 +1,4 @@
-"""Baseline IMMA (bi-level immunization; Zheng & Yeh, ECCV 2024) for a linear extractor.
+"""Baseline IMMA (bi-level immunization; Zheng & Yeh, ECCV 2024): linear and deep extractors.
 
 The paper's linear-probing adaptation is not stated; the toolkit's documented choice alternates
 one inner and one outer step, as the original does:
@@ -9,6 +9,13 @@ one inner and one outer step, as the original does:
 
 so θ is pushed to *raise* the adapted harmful loss while keeping the primary loss low. Unlike
 the condition-number method IMMA needs harmful labels. Gradient norms are clipped at ``clip``.
+
+A model that is not a LinearModel gets the deep variant under the same name
+(:func:`immunekit.defenses.deep_baselines.fit_imma_deep`): a fresh linear head adapted on each
+harmful mini-batch, then one step of the shared loop of :mod:`immunekit.defenses.deep` on
+L_task − λ_adv L(D_H; w_adapted), clipped at ``clip``. It reads ``lr``, ``inner_lr``,
+``inner_steps``, ``adv_weight``, ``clip``, ``progress`` and the deep fields below; ``steps`` is the
+linear loop's (the deep loop runs ``epochs`` passes over the harmful rows).
 """
 
 from __future__ import annotations
@@ -19,26 +26,32 @@ import torch
 from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
-from immunekit.defenses.base import Defense, DefenseConfig, require_linear
+from immunekit.defenses.base import Defense, require_linear
+from immunekit.defenses.deep import DeepTrainingConfig
+from immunekit.defenses.deep_baselines import fit_imma_deep
 from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
-from immunekit.models.base import ImmunizableModel
+from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.rank import FactorSpectrum
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImmaConfig(DefenseConfig):
-    """Settings of the linear IMMA baseline."""
+class ImmaConfig(DeepTrainingConfig):
+    """Settings of the IMMA baseline (linear loop; the deep fields are read for a non-linear model)."""
 
     steps: int = field(default=100, metadata={"help": "outer iterations"})
     lr: float = field(default=0.005, metadata={"help": "outer step η"})
     inner_lr: float = field(default=0.005, metadata={"help": "attacker's inner step η_in"})
     inner_steps: int = field(default=1, metadata={"help": "inner steps M_in per outer step"})
     adv_weight: float = field(default=1.0, metadata={"help": "λ_adv on the adapted harmful loss"})
-    clip: float = field(default=1.0, metadata={"help": "max Frobenius norm of the θ update direction"})
+    clip: float = field(
+        default=1.0,
+        metadata={"help": "max Frobenius norm of the θ update direction (deep: of the trainable gradient)"},
+    )
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("steps", "lr", "inner_lr", "clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"imma.{name} must be > 0, got {getattr(self, name)}")
@@ -56,7 +69,9 @@ class Imma(Defense):
     config: ImmaConfig  # what Defense.__init__ loads: this class's Config
 
     def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
-        """Alternate inner probe steps on D_H with outer steps on θ and ω."""
+        """Alternate inner probe steps on D_H with outer steps on θ and ω (the deep loop for a deep model)."""
+        if not isinstance(model, LinearModel):
+            return fit_imma_deep(self, model, task, seed=seed)
         cfg = self.config
         lin = require_linear(model, self.name, task)
         theta = lin.theta

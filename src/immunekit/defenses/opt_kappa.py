@@ -6,6 +6,11 @@ left preconditioning of Algorithm 1 applies unchanged; ∂(1/log κ)/∂H = −(
 The terms are balanced exactly as for ``condition_number`` (same ``balance`` options), and there
 is no monotone step bound, so ``guard`` has no effect.
 
+A model that is not a LinearModel gets the deep variant under the same name
+(:func:`immunekit.defenses.deep_baselines.fit_opt_kappa_deep`): the same objective on mini-batch
+features, κ from the singular values of Φ by the factor rank rule, in the shared loop of
+:mod:`immunekit.defenses.deep`, with the deep fields of ``ConditionNumberConfig``.
+
 References:
     Zheng et al., arXiv 2505.23760, §5 (baselines).
 
@@ -13,17 +18,35 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from immunekit.defenses.condition_number import SpectralLinearDefense, _Point
+from immunekit.data.task import Task
+from immunekit.defenses.condition_number import ConditionNumberConfig, SpectralLinearDefense, _Point
+from immunekit.defenses.deep_baselines import fit_opt_kappa_deep
+from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.fast import g_log_kappa_fast
 from immunekit.spectral.regularizers import SpectralGrad, g_log_kappa
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptKappaConfig(ConditionNumberConfig):
+    """Algorithm 1's settings and the deep fields (the deep loop reads them for a non-linear model)."""
 
 
 class OptKappa(SpectralLinearDefense):
     """Algorithm 1 with log κ(H_P) and 1/log κ(H_H) as the regularizers."""
 
     name = "opt_kappa"
+    Config = OptKappaConfig
+    config: OptKappaConfig
+
+    def fit(self, model: ImmunizableModel, task: Task, *, seed: int) -> ImmunizableModel:
+        """Algorithm 1 with the log κ terms for a LinearModel, the deep loop otherwise."""
+        if not isinstance(model, LinearModel):
+            return fit_opt_kappa_deep(self, model, task, seed=seed)
+        return super().fit(model, task, seed=seed)
 
     def primary_term(self, h: Tensor, rank: int) -> SpectralGrad:
         """∂ log κ(H_P)/∂H_P."""
