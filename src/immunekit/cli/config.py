@@ -59,9 +59,9 @@ def render(experiment: str, config_file: Path | None = None, sets: list[str] | N
 
     from immunekit.cli.run import resolve_experiment
     from immunekit.config import to_dict
-    from immunekit.experiments.linear import build_config
+    from immunekit.experiments.registry import get_experiment
 
-    cfg = build_config(resolve_experiment(experiment, config_file, sets))
+    cfg = get_experiment(experiment).build_config(resolve_experiment(experiment, config_file, sets))
     return str(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=100))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ examples:
   immunekit run mnist-pairs --pairs 0-1,3-8 --protocol reference   # digit pairs (Table 2, Fig. 2)
   immunekit run mnist-pairs --workers 2               # a pool of 2 processes (default: all usable cores)
   immunekit run mnist-pairs --executor ray --ray-address 10.0.0.5:6379   # on a Ray cluster
+  immunekit run deep-vision --backbone resnet         # MNIST kept, Fashion-MNIST blocked (Table 3)
   immunekit config show house-prices --set epsilon=0.05   # the resolved config, as YAML
   (interrupted? rerun the same command: finished trials under DIR/trials are kept, not recomputed)
 """
@@ -40,11 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("experiment", help="experiment name, e.g. house-prices (see 'immunekit ls experiments')")
-    p.add_argument(
-        "--csv", type=Path, help="house-prices: Kaggle's train.csv instead of the pinned Ames data"
-    )
-    p.add_argument("--protocol", help="mnist-pairs: 'reference' (digit p vs digit h images) or 'one-vs-rest'")
-    p.add_argument("--pairs", help="mnist-pairs: 'all' or ordered pairs primary-harmful, e.g. 0-1,3-8")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
     p.add_argument("--methods", help="comma-separated method keys (default: all in the config)")
     p.add_argument("--out", type=Path, help="results directory (default: results/<experiment>)")
@@ -105,44 +100,72 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    _add_experiment_options(p)
     p.set_defaults(handler=handle)
 
 
-EXPERIMENT_FLAGS = ("--csv", "--protocol", "--pairs")
-"""Options only some experiments have: ``--csv`` when the task is house_prices, ``--protocol`` when the
-task config has a protocol, ``--pairs`` when the experiment is a grid (its config sets pairs)."""
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
-def _has_flag(data: dict[str, Any], flag: str) -> bool:
-    """Whether the experiment config ``data`` has the option ``flag`` (see :data:`EXPERIMENT_FLAGS`)."""
-    task_config = data.get("task_config")
-    if flag == "--csv":
-        return data.get("task") == "house_prices"
-    if flag == "--protocol":
-        return isinstance(task_config, dict) and "protocol" in task_config
-    return data.get("pairs") is not None
+def _add_experiment_options(p: argparse.ArgumentParser) -> None:
+    """One argument group per registered experiment with its own options (:data:`OPTIONS`)."""
+    from immunekit.experiments.registry import OPTIONS
+
+    seen: set[str] = set()
+    for name, options in OPTIONS.items():
+        fresh = [o for o in options if o.flag not in seen]
+        if not fresh:
+            continue
+        group = p.add_argument_group(f"{name.replace('_', '-')} options")
+        for o in fresh:
+            group.add_argument(o.flag, dest=_dest(o.flag), metavar=o.metavar, help=o.help)
+            seen.add(o.flag)
 
 
 def experiments_with(flag: str) -> list[str]:
-    """The packaged experiments (dashed names) that have ``flag`` (one of :data:`EXPERIMENT_FLAGS`)."""
-    from immunekit.experiments import default_config_path, experiment_names
+    """The registered experiments (dashed names) that have the option ``flag``."""
+    from immunekit.experiments.registry import OPTIONS
 
-    return [
-        name.replace("_", "-")
-        for name in experiment_names()
-        if _has_flag(read_yaml(default_config_path(name)), flag)
-    ]
+    return [n.replace("_", "-") for n, opts in OPTIONS.items() if any(o.flag == flag for o in opts)]
 
 
-def _check_experiment_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    """``--csv``/``--protocol``/``--pairs`` given to an experiment without that option: say which has it."""
-    for flag in EXPERIMENT_FLAGS:
-        if getattr(args, flag.lstrip("-"), None) is None or _has_flag(data, flag):
+def _experiment_flags(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The experiment options given on the command line, as a nested config mapping.
+
+    Raises:
+        ConfigError: a flag of another experiment (naming the experiments that have it), or a
+            value its converter refuses.
+
+    """
+    from immunekit.experiments.registry import OPTIONS
+
+    key = name.replace("-", "_")
+    own = {o.flag: o for o in OPTIONS.get(key, ())}
+    flags: dict[str, Any] = {}
+    for flag in dict.fromkeys(o.flag for opts in OPTIONS.values() for o in opts):
+        value = getattr(args, _dest(flag), None)
+        if value is None:
             continue
-        owners = experiments_with(flag)
-        applies = f"{flag} applies to {', '.join(owners)}" if owners else f"{flag} applies to no experiment"
-        name = str(data.get("experiment", args.experiment)).replace("_", "-")
-        raise ConfigError(f"{applies}, not {name}; drop {flag} or run {' / '.join(owners) or 'another'}")
+        if flag not in own:
+            owners = experiments_with(flag)
+            raise ConfigError(
+                f"{flag} applies to {', '.join(owners)}, not {key.replace('_', '-')}; drop {flag} or run "
+                f"{' / '.join(owners)}"
+            )
+        flags = deep_merge(flags, _nested(own[flag].path, own[flag].convert(value)))
+    return flags
+
+
+def _nested(path: str, value: Any) -> dict[str, Any]:
+    """``"a.b", v`` → ``{"a": {"b": v}}``."""
+    out: dict[str, Any] = {}
+    node = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
 
 
 def resolve_experiment(
@@ -151,16 +174,13 @@ def resolve_experiment(
     """Packaged defaults of ``experiment`` < ``config_file`` < ``--set`` (each applied only when given).
 
     The mapping may hold a ``defenses`` section (per-method defense settings), which
-    :func:`~immunekit.experiments.linear.build_config` merges into the methods.
+    experiment's ``build_config`` merges into the methods.
     """
     return resolve(
         argparse.Namespace(
             experiment=experiment,
             config=config_file,
             sets=list(sets or []),
-            csv=None,
-            protocol=None,
-            pairs=None,
             seeds=None,
             methods=None,
         )
@@ -182,28 +202,13 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is not None:
         data = deep_merge(data, read_yaml(args.config))
     overrides = parse_set(args.sets)
-    _check_experiment_flags(args, deep_merge(data, overrides))
-    flags: dict[str, Any] = {}
-    if args.csv is not None:
-        flags["task_config"] = {"csv": str(_check_csv(args.csv))}
-    if args.protocol is not None:
-        flags.setdefault("task_config", {})["protocol"] = args.protocol.replace("-", "_")
-    if args.pairs is not None:
-        flags["pairs"] = args.pairs
+    flags = _experiment_flags(args, args.experiment)
     if args.seeds is not None:
         flags["seeds"] = _seed_list(args.seeds)
     if args.methods is not None:
         flags["methods"] = _select_methods(args.methods, data.get("methods", []))
     data = deep_merge(data, flags)
     return deep_merge(data, overrides)
-
-
-def _check_csv(path: Path) -> Path:
-    if path.is_dir():
-        raise ConfigError(f"--csv {str(path)!r} is a folder; pass the path of Kaggle's train.csv")
-    if not path.is_file():
-        raise ConfigError(f"--csv {str(path)!r} does not exist; pass the path of Kaggle's train.csv")
-    return path
 
 
 def _select_methods(text: str, configured: Any) -> list[Any]:
@@ -277,18 +282,18 @@ def handle(args: argparse.Namespace) -> int:
     """Check every input, run the experiment, then render the report and print a summary."""
     import torch
 
-    from immunekit.experiments.linear import build_config, resolve_device, run_linear_experiment
+    from immunekit.experiments.registry import RunContext, get_experiment
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}; e.g. --threads 1")
+    experiment = get_experiment(args.experiment)
     out = args.out or Path("results") / args.experiment.replace("_", "-")
     check_out(out)
-    resolve_device(args.device)
-    cfg = build_config(resolve(args))
+    experiment.resolve_device(args.device)
+    cfg = experiment.build_config(resolve(args))
     torch.set_num_threads(args.threads)
-    results = run_linear_experiment(
-        cfg,
-        out,
+    ctx = RunContext(
+        out=out,
         progress=not args.no_progress,
         executor=args.executor,
         workers=args.workers,
@@ -296,34 +301,15 @@ def handle(args: argparse.Namespace) -> int:
         save_models=args.save_models,
         device=args.device,
     )
-    print(summary_table(results))
+    results = experiment.run(cfg, ctx)
+    from immunekit.experiments.registry import is_writer
+
+    if not is_writer():  # a rank > 0 of a data-parallel launch: rank 0 prints and writes the report
+        return 0
+    print(experiment.summary(results))
     print(f"results: {out / 'results.json'}")
     if not args.no_report:
         from immunekit.reports import write_report
 
         print(f"report:  {write_report(out)}")
     return 0
-
-
-def summary_table(results: dict[str, Any]) -> str:
-    """A plain-text table of the headline numbers (mean over seeds), (i) first.
-
-    The last column is the spectral κ criterion of Definition 3.1 only; whether a model resists
-    real attackers is the report card's verdict (``immunekit evaluate``), said under the table.
-    """
-    head = (
-        f"{'method':<24}{'(i)':>12}{'(ii)':>10}{'RIR':>12}{'primary MSE':>13}{'κ criterion (Def. 3.1)':>24}"
-    )
-    lines = [head, "-" * len(head)]
-    for key, m in results["methods"].items():
-        g = {n: (v["mean"] if v["mean"] is not None else math.nan) for n, v in m["metrics"].items()}
-        ok = f"{sum(v['immunized'] for v in m['verdict'])}/{len(m['verdict'])} seeds"
-        lines.append(
-            f"{key:<24}{g['kappa_ratio_harmful']:>12.4g}{g['kappa_ratio_primary']:>10.3g}{g['rir']:>12.4g}"
-            f"{g['primary_test_mse']:>13.4f}{ok:>24}"
-        )
-    lines.append(
-        "κ criterion: Definition 3.1 on condition numbers only. Whether a model resists attackers is "
-        "the report card's verdict: immunekit evaluate --model DIR/models (run with --save-models)."
-    )
-    return "\n".join(lines)

@@ -1,28 +1,33 @@
-"""Experiments: the only layer that combines data, models, defenses, attacks and metrics."""
+"""Experiments: the only layer that combines data, models, defenses, attacks and metrics.
+
+Each experiment kind is registered in :data:`immunekit.experiments.registry.EXPERIMENTS` with its
+packaged defaults in ``configs/<name>.yaml``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from immunekit.errors import ConfigError
-from immunekit.registry import did_you_mean
-
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
 def experiment_names() -> list[str]:
-    """Experiments with a packaged default config (``configs/<name>.yaml``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Registered experiments (underscored names; the CLI also accepts dashes)."""
+    from immunekit.experiments.registry import experiment_names as names
+
+    return names()
 
 
 def default_config_path(name: str) -> Path:
-    """Packaged defaults of experiment ``name`` (dashes and underscores are interchangeable)."""
-    key = name.replace("-", "_")
-    path = CONFIG_DIR / f"{key}.yaml"
-    if not path.exists():
-        names = [n.replace("_", "-") for n in experiment_names()]
-        raise ConfigError(f"unknown experiment {name!r}{did_you_mean(name.replace('_', '-'), names)}")
-    return path
+    """Packaged defaults of experiment ``name`` (dashes and underscores are interchangeable).
+
+    Raises:
+        ConfigError: unknown experiment, with a did-you-mean suggestion.
+
+    """
+    from immunekit.experiments.registry import get_experiment
+
+    return get_experiment(name).defaults_path()
 
 
 __all__ = ["CONFIG_DIR", "default_config_path", "experiment_names"]

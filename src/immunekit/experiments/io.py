@@ -21,6 +21,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def as_stored(data: Any) -> Any:
+    """``data`` as :func:`atomic_write_json` then :func:`read_json` would give it back (no file)."""
+    return json.loads(json.dumps(_clean(data), sort_keys=True, allow_nan=False))
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as sorted-key JSON atomically (NaN/Inf become null)."""
     return atomic_write_text(path, json.dumps(_clean(data), indent=1, sort_keys=True, allow_nan=False) + "\n")

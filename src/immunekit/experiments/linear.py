@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from immunekit._atomic import writable_dir_problem
 from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
 from immunekit.attacks.linear_probe import ProbeCache, probe_problem
@@ -35,8 +34,9 @@ from immunekit.defenses.base import Defense
 from immunekit.errors import ConfigError
 from immunekit.experiments import device as device_mod
 from immunekit.experiments import sweep
-from immunekit.experiments.io import atomic_write_json, read_json
+from immunekit.experiments.io import read_json
 from immunekit.experiments.provenance import provenance
+from immunekit.experiments.registry import Experiment, RunContext
 from immunekit.metrics import KappaPair, metric_meta, rir, steps_to_epsilon, verdict
 from immunekit.metrics.losses import LOSS_RULE, LOSS_RULE_TEXT
 from immunekit.metrics.rir import rir_band
@@ -719,39 +719,21 @@ def run_linear_experiment(
         DataError: the first trial's task cannot be built from its data.
 
     """
-    used_device = resolve_device(device)
-    sweep.resolve_options(executor, workers)  # a bad executor fails before any task is built
-    if save_models and executor != "local":
-        raise ConfigError(
-            f"save_models needs the local executor, got {executor!r}: Ray nodes write to their own disks; "
-            "drop --save-models or use --executor local"
-        )
-    out = Path(out)
-    problem = writable_dir_problem(out)
-    if problem:
-        raise ConfigError(f"cannot write the results to {str(out)!r}: {problem}; choose another --out")
-    trials = linear_trials(cfg, out / "models" if save_models else None)
-    # the data first: a bad data file is reported as such, not as "a different configuration"
-    first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
-    check_methods_and_attacks(cfg, first_task)
-    check_rules(out, trials)  # names the reason when an older rank or loss rule wrote the directory
-    _, todo = sweep.split_done(out, trials)  # refuses to mix configurations before any work
-    if todo:
-        log_rank_deficiency(first_task, cfg.rank_rtol)
-    done = sweep.run_sweep(
-        trials,
-        run_linear_trial,
-        out,
+    from immunekit.experiments.registry import EXPERIMENTS
+
+    key = cfg.experiment.replace("-", "_")
+    kind = EXPERIMENTS.get(key) if key in EXPERIMENTS else LinearExperiment
+    experiment = kind() if issubclass(kind, LinearExperiment) else LinearExperiment()
+    ctx = RunContext(
+        out=Path(out),
+        progress=progress,
         executor=executor,
         workers=workers,
-        address=ray_address,
-        progress=progress,
-        desc=f"{cfg.experiment} trials",
+        ray_address=ray_address,
+        save_models=save_models,
+        device=device,
     )
-    records = {(t.payload.cell, t.payload.method.key, t.payload.seed): done[t.key] for t in trials}
-    results = aggregate(cfg, records, first_task, device=used_device, device_requested=device)
-    atomic_write_json(out / "results.json", results)
-    return results
+    return experiment.run(cfg, ctx)
 
 
 _TASKS_CACHE: dict[str, Task] = {}
@@ -1094,3 +1076,104 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     import json
 
     return json.loads(json.dumps(info, default=str))
+
+
+class LinearExperiment(Experiment):
+    """The linear-extractor experiments (house prices, MNIST digit pairs, synthetic spectra).
+
+    A trial is one (cell, method, seed); the job is :func:`run_linear_trial`, the aggregation
+    :func:`aggregate`, and ``results.json`` has ``kind == "linear"``.
+    """
+
+    name = "linear"  # an unregistered linear config (its own ``experiment`` name) runs as this
+    kind = "linear"
+    help = "a linear-extractor experiment"
+    job = staticmethod(run_linear_trial)
+
+    def build_config(self, data: dict[str, Any]) -> LinearExperimentConfig:
+        """:func:`build_config`."""
+        return build_config(data)
+
+    def resolve_device(self, device: str) -> str:
+        """:func:`resolve_device`: the CPU, the one device the float64 spectral code honours."""
+        return resolve_device(device)
+
+    def trials(self, cfg: LinearExperimentConfig, ctx: RunContext, device: str) -> list[sweep.Trial]:
+        """:func:`linear_trials`, saving models under ``out/models`` with ``--save-models``."""
+        return linear_trials(cfg, ctx.out / "models" if ctx.save_models else None)
+
+    def check(self, cfg: LinearExperimentConfig, ctx: RunContext, trials: list[sweep.Trial]) -> Task:
+        """Check the first trial's task, every method and attack, and the records already in ``out``.
+
+        In that order, so a bad data file is reported as such; returns that task.
+        """
+        first_task = task_for(cfg, cfg.seeds[0], cells(cfg)[0][1])
+        check_methods_and_attacks(cfg, first_task)
+        check_rules(ctx.out, trials)
+        _, todo = sweep.split_done(ctx.out, trials)
+        if todo:
+            log_rank_deficiency(first_task, cfg.rank_rtol)
+        return first_task
+
+    def aggregate(
+        self,
+        cfg: LinearExperimentConfig,
+        records: dict[str, dict[str, Any]],
+        ctx: RunContext,
+        device: str,
+        state: Any,
+    ) -> dict[str, Any]:
+        """:func:`aggregate` over the records keyed by (cell, method, seed)."""
+        keyed = {
+            (t.payload.cell, t.payload.method.key, t.payload.seed): records[t.key] for t in linear_trials(cfg)
+        }
+        return aggregate(cfg, keyed, state, device=device, device_requested=ctx.device)
+
+    def summary(self, results: dict[str, Any]) -> str:
+        """:func:`summary_table`."""
+        return summary_table(results)
+
+
+class HousePrices(LinearExperiment):
+    """House prices (arXiv 2505.23760 §5.1, Table 1): SalePrice on RL rows vs LotArea on the rest."""
+
+    name = "house_prices"
+    help = "linear regression on the Ames house prices, 5 methods (Table 1)"
+
+
+class MnistPairs(LinearExperiment):
+    """MNIST digit pairs (arXiv 2505.23760 §5.2, Table 2, Fig. 2): 90 ordered pairs."""
+
+    name = "mnist_pairs"
+    help = "linear classification on 90 ordered MNIST digit pairs (Table 2, Fig. 2)"
+
+
+class Synthetic(LinearExperiment):
+    """Synthetic Gaussian tasks with designed spectra (a fast smoke run)."""
+
+    name = "synthetic"
+    help = "synthetic Gaussian tasks with designed spectra (seconds; a smoke run)"
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A plain-text table of the headline numbers (mean over seeds), (i) first.
+
+    The last column is the spectral κ criterion of Definition 3.1 only; whether a model resists
+    real attackers is the report card's verdict (``immunekit evaluate``), said under the table.
+    """
+    head = (
+        f"{'method':<24}{'(i)':>12}{'(ii)':>10}{'RIR':>12}{'primary MSE':>13}{'κ criterion (Def. 3.1)':>24}"
+    )
+    lines = [head, "-" * len(head)]
+    for key, m in results["methods"].items():
+        g = {n: (v["mean"] if v["mean"] is not None else math.nan) for n, v in m["metrics"].items()}
+        ok = f"{sum(v['immunized'] for v in m['verdict'])}/{len(m['verdict'])} seeds"
+        lines.append(
+            f"{key:<24}{g['kappa_ratio_harmful']:>12.4g}{g['kappa_ratio_primary']:>10.3g}{g['rir']:>12.4g}"
+            f"{g['primary_test_mse']:>13.4f}{ok:>24}"
+        )
+    lines.append(
+        "κ criterion: Definition 3.1 on condition numbers only. Whether a model resists attackers is "
+        "the report card's verdict: immunekit evaluate --model DIR/models (run with --save-models)."
+    )
+    return "\n".join(lines)

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from immunekit.errors import ConfigError
-from immunekit.experiments.io import atomic_write_json, read_json
+from immunekit.experiments.io import as_stored, atomic_write_json, read_json
 from immunekit.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def run_sweep(
     address: str | None = None,
     progress: bool = True,
     desc: str = "trials",
+    write: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run every trial not yet finished under ``root``; return all records, in trial order.
 
@@ -246,6 +247,8 @@ def run_sweep(
             ``auto``); ``None`` falls back to ``RAY_ADDRESS``, then to a local instance.
         progress: show a progress bar with trials done / total and ETA.
         desc: progress bar label.
+        write: store each new record under ``root`` (False: return the records as they would be
+            stored, writing nothing; the non-writing ranks of a data-parallel run).
 
     Returns:
         ``{key: record}`` for every trial, each record as stored on disk (with :data:`SHA_FIELD`).
@@ -269,7 +272,7 @@ def run_sweep(
                 total=len(trials), initial=len(done), desc=desc, unit="trial", disable=not progress
             ) as bar:
                 for trial, record in run(job, todo, workers=n_workers, address=address):
-                    done[trial.key] = _save(root, trial, record)
+                    done[trial.key] = _save(root, trial, record, write=write)
                     bar.set_postfix_str(trial.key, refresh=False)
                     bar.update(1)
         except KeyboardInterrupt:
@@ -284,12 +287,14 @@ def _records_folder(root: Path, trials: Sequence[Trial]) -> Path:
     return Path(os.path.commonpath(sorted(parents))) if parents else root
 
 
-def _save(root: Path, trial: Trial, record: dict[str, Any]) -> dict[str, Any]:
+def _save(root: Path, trial: Trial, record: dict[str, Any], *, write: bool = True) -> dict[str, Any]:
     """Write one record atomically and return it as stored (so fresh and resumed records agree)."""
     if not isinstance(record, dict):
         raise TypeError(f"the job of trial {trial.key!r} returned {type(record).__name__}, not a dict")
-    path = atomic_write_json(trial_file(root, trial.key), {**record, SHA_FIELD: trial.config_sha})
-    return read_json(path)
+    stored = {**record, SHA_FIELD: trial.config_sha}
+    if not write:  # the same JSON round trip as a stored record, without the file
+        return dict(as_stored(stored))
+    return read_json(atomic_write_json(trial_file(root, trial.key), stored))
 
 
 def _one_thread() -> None:
