@@ -28,10 +28,14 @@ written through this shim gives bit-identical numbers with and without it.
 The process group is initialised through Hugging Face accelerate's process state (the singleton an
 ``accelerate.Accelerator`` shares; ``cpu=True`` without CUDA, gloo) when the launcher's environment
 says there is more than one process; accelerate is imported only then (extra ``immunekit[dist]``).
+A process group started that way is destroyed when the interpreter exits (``atexit``): without it
+a gloo process could abort at exit ("terminate called without an active exception") and the
+launcher would report the run as failed.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -67,6 +71,18 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         start = ctx.rank * ctx.rows
         return grad[start : start + ctx.rows], None, None
+
+
+def _destroy_process_group() -> None:
+    """At exit: shut down the process group :class:`DataParallel` started.
+
+    No barrier first, so a process that stops on an error does not wait for the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+_exit_hook: list[bool] = []  # registered once per interpreter
 
 
 def _all_reduce_sum(tensors: Sequence[Tensor]) -> None:
@@ -117,15 +133,19 @@ class DataParallel:
                     f"a data-parallel launch (WORLD_SIZE={launched_world_size()}) needs accelerate: pip "
                     'install "immunekit[dist]", or run without torchrun / accelerate launch'
                 ) from None
+            started_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
             # the shared state an Accelerator builds on: joins one the caller already started
             self.accelerator = PartialState(cpu=not torch.cuda.is_available())
+            if started_here and torch.distributed.is_initialized() and not _exit_hook:
+                atexit.register(_destroy_process_group)
+                _exit_hook.append(True)
         if self.accelerator is not None:
             self.world_size = int(self.accelerator.num_processes)
             self.rank = int(self.accelerator.process_index)
         else:
             self.world_size, self.rank = 1, 0
         if self.world_size > 1:
-            log.info("data parallel: process %d of %d", self.rank, self.world_size)
+            log.debug("data parallel: process %d of %d", self.rank, self.world_size)
 
     @classmethod
     def one_process(cls) -> DataParallel:

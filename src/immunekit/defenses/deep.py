@@ -108,6 +108,34 @@ b_H = min(``batch_size``, N_H) (a shorter tail is dropped, so every step sees b_
 the primary rows are drawn in batches of min(``batch_size``, N_P) from a fresh permutation each
 time fewer than a batch remain. Splits are read only through ``Dataset.rows(idx)``.
 
+Data parallel (DESIGN §5). Under ``torchrun --nproc_per_node W`` or ``accelerate launch`` the loop
+runs on W processes through the shim :class:`~immunekit._dist.DataParallel` (``fit_deep``'s
+``parallel``; by default ``DataParallel()``, built once per fit, which detects the launch from
+``WORLD_SIZE``; on one process every call of the shim returns its input unchanged, so the
+one-process numbers are bit-identical with and without it). Every process draws the same seeded
+global batch order and reads only its shard of each global batch pair, rows r, r + W, … of it
+(``shard`` before ``Dataset.rows``), so b_H and b_P must be multiples of W (else a ConfigError).
+Each process forwards its own rows; the spectral terms (R_P, R_H), the batch κ records and the
+factor rank rule are computed on the features of the whole global batch (``gather``, whose gradient
+flows back to the process's own rows), so they are the one-process values. Each process
+back-propagates task(shard) + W·(λ_P R_P + λ_H R_H) and the gradients are averaged over the
+processes (``average_gradients``) before the non-finite guard, the gradient norm, clipping and the
+optimizer step: the average is the gradient of the one-process loss (derivation in
+:mod:`immunekit._dist`), and every process takes the same step. The λ rule uses the global norms:
+each term's gradient at θ_0 is combined over the processes with the same weighting (the mean for the
+task term, the sum for a spectral term) before its norm is taken, so λ_P and λ_H equal the
+one-process λ. Records (``history_``, ``info_``) hold the global, unscaled values on every process
+(the task loss as the mean of the shards' means). IMMA adapts its inner head on the gathered harmful
+features and labels; its outer terms are means over rows, so they need no scaling. The result
+equals the one-process fit up to rounding (the batch sums are split in W parts): the 2-process test
+(tests/defenses/test_deep_parallel.py) holds float64 weights to 1e-9 relative (measured: 1e-13).
+Limits: dropout masks are drawn per process (process r from its own stream, :func:`dropout_seed`
+with ``rank``), so a model with dropout gets other masks than on one process (the same
+distribution, other draws) and the fit is not the one-process fit; BatchNorm is in eval mode, so no
+statistics need syncing. A plugged-in :class:`Objective` runs under several processes only if it
+declares ``data_parallel = True``. Only process 0 should write results (:attr:`DataParallel.is_main`),
+but every process must run every fit (the fits are collective).
+
 Guards: a non-finite loss, gradient or parameter stops the fit with a NumericalError naming the
 step (NaN weights are never returned); the gradient norm of every step is recorded (``grad_norm``,
 before any clipping). The input model is never modified.
@@ -139,6 +167,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from immunekit._dist import DataParallel
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig
 from immunekit.errors import ConfigError, DataError, NumericalError
@@ -372,7 +401,8 @@ class StepTerms:
     """The loss terms of one batch pair.
 
     Attributes:
-        task: task loss (0-d, the model's dtype; 0 when the task term is off).
+        task: task loss (0-d, the model's dtype; 0 when the task term is off); under data
+            parallelism the mean over this process's shard.
         primary: R_P(S_P) (float64 0-d), e.g. R_well.
         harmful: R_H(S_H) (float64 0-d; 0 when floored), e.g. R_ill.
         floored: R_H hit its floor (Δ(S_H) ≤ ``delta_min`` for R_ill).
@@ -420,30 +450,40 @@ def step_terms(
     pair: SpectralPair,
     rtol: float | None = None,
     with_primary: bool = True,
+    parallel: DataParallel | None = None,
 ) -> StepTerms:
     """Forward one batch pair and form the terms of the regularized objective.
 
+    Under data parallelism the inputs are this process's shard of each global batch: the task term
+    is the mean over the shard, while the spectral terms, the κ records and the rank rule are
+    computed on the features of the whole global batch (:meth:`DataParallel.gather`), so they equal
+    the one-process values; the caller weights them by :attr:`DataParallel.spectral_scale`.
+
     Args:
         model: the model in its training configuration.
-        x_p: ``(B_P, ...)`` primary inputs.
+        x_p: ``(B_P, ...)`` primary inputs (this process's rows).
         y_p: ``(B_P, ...)`` their targets.
-        x_h: ``(B_H, ...)`` harmful inputs (B_H ≥ 2).
+        x_h: ``(B_H, ...)`` harmful inputs (this process's rows; the global batch has ≥ 2).
         loss: the task term ``loss(pred, y)`` or ``None`` (no task term).
         pair: the spectral terms R_P and R_H.
         rtol: the rank rule's cut on Φ_H and Φ_P (default max(B, D)·eps_64).
         with_primary: compute R_P(S_P) with a graph (False: its value only, for records).
+        parallel: the process group (``None``: one process; features are then used as they are).
 
     Returns:
         StepTerms.
 
     """
+    dp = parallel if parallel is not None else DataParallel.one_process()
     phi_p = model.features(x_p)
     phi_h = model.features(x_h)
     task_term = loss(model.head(phi_p), y_p) if loss is not None else torch.zeros((), dtype=phi_p.dtype)
-    spec_p = FactorSpectrum.of(phi_p.detach(), rtol=rtol)
-    spec_h = FactorSpectrum.of(phi_h.detach(), rtol=rtol)
-    r_p = pair.primary(phi_p if with_primary else phi_p.detach(), spec_p.rank)
-    r_h, floored = pair.harmful(phi_h, spec_h.rank)
+    full_p = dp.gather(phi_p if with_primary else phi_p.detach())  # (B_P, D), global batch
+    full_h = dp.gather(phi_h)  # (B_H, D)
+    spec_p = FactorSpectrum.of(full_p.detach(), rtol=rtol)
+    spec_h = FactorSpectrum.of(full_h.detach(), rtol=rtol)
+    r_p = pair.primary(full_p, spec_p.rank)
+    r_h, floored = pair.harmful(full_h, spec_h.rank)
     return StepTerms(task_term, r_p, r_h, floored, spec_p.kappa(), spec_h.kappa())
 
 
@@ -491,22 +531,28 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             m.training = modes[name]
 
 
-def dropout_seed(seed: int) -> int:
+def dropout_seed(seed: int, rank: int = 0) -> int:
     """A 63-bit seed for the forked global generator, derived from the fit's ``seed`` (sha256).
 
-    Distinct from ``seed`` itself, which seeds the batch-order generator.
+    Distinct from ``seed`` itself, which seeds the batch-order generator. Process ``rank`` > 0 of a
+    data-parallel fit gets its own stream (so the shards' dropout masks are independent, not copies
+    of each other); rank 0 and a single process share the same one.
 
     Example:
         >>> dropout_seed(0) == dropout_seed(0) != dropout_seed(1)
         True
+        >>> dropout_seed(0, rank=1) != dropout_seed(0, rank=0) == dropout_seed(0)
+        True
 
     """
     text = f"immunekit.defenses.deep:{int(seed)}:dropout"
+    if rank:
+        text += f":rank{int(rank)}"
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
 @contextmanager
-def private_rng(seed: int) -> Iterator[None]:
+def private_rng(seed: int, rank: int = 0) -> Iterator[None]:
     """Run the block with torch's global generator forked and seeded with :func:`dropout_seed`.
 
     ``torch.random.fork_rng`` saves the CPU (and every visible CUDA device's) RNG state and restores
@@ -514,7 +560,7 @@ def private_rng(seed: int) -> Iterator[None]:
     """
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(dropout_seed(seed))
+        torch.manual_seed(dropout_seed(seed, rank))
         yield
 
 
@@ -620,6 +666,9 @@ def _norm(grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> float:
 class Batch:
     """One batch pair, placed on the model's device and dtype (targets on the device only).
 
+    Under data parallelism these are this process's rows of the global batch pair
+    (:meth:`DataParallel.shard`, B/W rows each); on one process the whole batch.
+
     Attributes:
         x_p: ``(B_P, ...)`` primary inputs.
         y_p: ``(B_P, ...)`` primary targets.
@@ -650,6 +699,10 @@ class FitState:
         head_ids: ``id`` of every head parameter.
         loss_fn: the task term, or ``None`` when it is off.
         info: becomes ``defense.info_``.
+        parallel: the data-parallel process group (the no-op object on one process). The batch
+            an objective receives is this process's shard; terms that are not means over rows
+            must be computed on :meth:`DataParallel.gather`-ed features and weighted by
+            :meth:`DataParallel.scale_gathered` (see :mod:`immunekit._dist`).
 
     """
 
@@ -660,6 +713,7 @@ class FitState:
     head_ids: set[int]
     loss_fn: TaskLoss | None
     info: dict[str, Any] = field(default_factory=dict)
+    parallel: DataParallel = field(default_factory=DataParallel.one_process)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -676,6 +730,10 @@ class Objective(Protocol):
         hint: what to lower when the fit diverges (for error messages).
         max_grad_norm: clip the gradient's norm over the trainable parameters to this (``None``:
             no clipping).
+
+    An objective that may run under several processes also sets a class attribute
+    ``data_parallel = True`` (it handles shards as :class:`FitState` describes); without it
+    :func:`fit_deep` refuses a data-parallel launch.
 
     """
 
@@ -699,6 +757,7 @@ def fit_deep(
     *,
     seed: int,
     objective: Objective | None = None,
+    parallel: DataParallel | None = None,
 ) -> ImmunizableModel:
     """Immunize a copy of a deep ``model``; sets ``defense.history_`` and ``defense.info_``.
 
@@ -710,13 +769,18 @@ def fit_deep(
             global generator, dropout (:func:`private_rng`).
         objective: the loss; ``None``: :meth:`RegularizedObjective.condition_number` (the
             ``condition_number`` / ``rill_only`` objective, by the defense's ``uses_primary_term``).
+        parallel: the data-parallel process group; ``None`` detects a launch (``DataParallel()``:
+            the no-op object on one process). See "Data parallel" in the module docstring.
 
     Returns:
-        A new model of the same class, the last ``blocks`` blocks and the head trained.
+        A new model of the same class, the last ``blocks`` blocks and the head trained (the same
+        weights on every process of a data-parallel fit).
 
     Raises:
         ConfigError: a harmful batch < 2 rows, ``blocks`` larger than the model's block count,
-            trainable blocks without parameters, or the objective's own checks.
+            trainable blocks without parameters, a batch that the processes cannot share evenly,
+            an objective that is not data-parallel under several processes, or the objective's own
+            checks.
         NumericalError: a non-finite loss, gradient or parameter (the step is named).
 
     """
@@ -724,8 +788,11 @@ def fit_deep(
         objective = RegularizedObjective.condition_number(defense)
     cfg = deep_config(defense, TRAINING_FIELDS + objective.fields)
     plan = batch_plan(len(task.harmful), len(task.primary), cfg.batch_size)
+    dp = parallel if parallel is not None else DataParallel()
+    _check_parallel(defense.name, dp, objective, plan, cfg.batch_size)
     work = copy.deepcopy(model)
     state = _fit_state(defense.name, cfg, work, task, objective.fields)
+    state.parallel = dp
     objective.prepare(task, state.info)
     b_h, b_p, per_epoch = plan
     state.info.update(
@@ -735,11 +802,34 @@ def fit_deep(
         epochs=cfg.epochs,
         steps=per_epoch * cfg.epochs,
         dropout_seed=dropout_seed(seed),
+        data_parallel_processes=dp.world_size,
     )
     opt = _optimizer(cfg, state)
     history = _train(state, objective, opt, task, plan, seed)
     _finish(defense, state, history)
     return work
+
+
+def _check_parallel(
+    name: str, dp: DataParallel, objective: Objective, plan: tuple[int, int, int], batch_size: int
+) -> None:
+    """Refuse a launch the loop cannot share: an objective without ``data_parallel``, uneven batches.
+
+    Raises:
+        ConfigError: naming the objective or the batch, the process count and the fix.
+
+    """
+    if dp.world_size == 1:
+        return
+    if not getattr(objective, "data_parallel", False):
+        raise ConfigError(
+            f"{name}: the objective {type(objective).__name__} is not data-parallel (it sets no "
+            f"data_parallel = True), but {dp.world_size} processes were launched; run it on one "
+            "process (without torchrun / accelerate launch), or make its loss handle shards"
+        )
+    b_h, b_p, _ = plan
+    dp.check_batch(b_h, f"{name}: the harmful mini-batch (batch_size={batch_size})")
+    dp.check_batch(b_p, f"{name}: the primary mini-batch (min(batch_size={batch_size}, primary rows))")
 
 
 def _fit_state(name: str, cfg: Any, work: ImmunizableModel, task: Task, fields: tuple[str, ...]) -> FitState:
@@ -788,8 +878,16 @@ def _optimizer(cfg: Any, state: FitState) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def _read_batch(model: nn.Module, task: Task, idx_p: Tensor, idx_h: Tensor) -> Batch:
-    """The rows of one step, read through ``Dataset.rows``."""
+def _read_batch(
+    model: nn.Module, task: Task, idx_p: Tensor, idx_h: Tensor, parallel: DataParallel | None = None
+) -> Batch:
+    """The rows of one step this process computes, read through ``Dataset.rows``.
+
+    ``idx_p`` and ``idx_h`` are the global batch; only the shard of ``parallel`` is read (all of it
+    on one process).
+    """
+    if parallel is not None:
+        idx_p, idx_h = parallel.shard(idx_p), parallel.shard(idx_h)
     x_p, y_p = task.primary.rows(idx_p)
     x_h, y_h = task.harmful.rows(idx_h)
     xp, xh = _place(model, x_p), _place(model, x_h)
@@ -807,10 +905,12 @@ def _train(
     """The loop: one optimizer step per batch pair, every step recorded."""
     history: list[dict[str, float]] = []
     order = batch_order(len(task.harmful), len(task.primary), plan, state.cfg.epochs, seed)
-    bar = tqdm(total=state.info["steps"], desc=state.name, disable=not state.cfg.progress, leave=False)
-    with private_rng(seed), training_configuration(state.model, set(state.trainable)):
-        for step, (epoch, idx_h, idx_p) in enumerate(order):
-            batch = _read_batch(state.model, task, idx_p, idx_h)
+    dp = state.parallel
+    quiet = not state.cfg.progress or not dp.is_main
+    bar = tqdm(total=state.info["steps"], desc=state.name, disable=quiet, leave=False)
+    with private_rng(seed, dp.rank), training_configuration(state.model, set(state.trainable)):
+        for step, (epoch, idx_h, idx_p) in enumerate(order):  # the global batch order, every process
+            batch = _read_batch(state.model, task, idx_p, idx_h, dp)
             if step == 0:
                 state.info["first_batch"] = {"primary": idx_p.tolist(), "harmful": idx_h.tolist()}
             total, terms = objective.loss(state, batch, step)
@@ -833,6 +933,7 @@ def _descend(
         raise NumericalError(f"{state.name}: non-finite loss at {where}: {parts}; {objective.hint}")
     opt.zero_grad(set_to_none=True)
     total.backward()
+    state.parallel.average_gradients(state.params)  # the global gradient on every process
     bad = [n for n, p in state.trainable.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
         raise NumericalError(f"{state.name}: non-finite gradient at {where} in {bad[:3]}; {objective.hint}")
@@ -852,7 +953,7 @@ def _descend(
 
 def _finish(defense: Defense, state: FitState, history: list[dict[str, float]]) -> None:
     """Store the diagnostics on the defense, drop gradients, log the batch κ trend."""
-    if history and "log_kappa_harmful" in history[0]:
+    if history and "log_kappa_harmful" in history[0] and state.parallel.is_main:
         first, last = history[0], history[-1]
         log.info(
             "%s (deep): %d steps, batch log κ(S_H) %.3f → %.3f, log κ(S_P) %.3f → %.3f",
@@ -893,6 +994,7 @@ class RegularizedObjective:
     loss_parts: tuple[str, ...] = ("task_loss", "reg_primary", "reg_harmful")
     hint: str = "lower lr or lambda_harmful"
     max_grad_norm: float | None = None
+    data_parallel: bool = True
 
     def __init__(self, name: str, cfg: DeepConfig, pair: SpectralPair, *, use_primary: bool) -> None:
         if cfg.balance == "per_step":
@@ -923,7 +1025,14 @@ class RegularizedObjective:
         info["rank_rtol"] = self.cfg.rank_rtol
 
     def loss(self, state: FitState, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Task + weighted spectral terms; λ are set on the first call (θ_0, first batch pair)."""
+        """Task + weighted spectral terms; λ are set on the first call (θ_0, first batch pair).
+
+        Under data parallelism the returned loss is this process's share, task(shard) +
+        W·(λ_P R_P + λ_H R_H) on the gathered features, whose gradient averaged over the processes
+        is the global gradient; the record holds the global values (task loss averaged over the
+        processes, unscaled terms), equal to the one-process record.
+        """
+        dp = state.parallel
         terms = step_terms(
             state.model,
             batch.x_p,
@@ -933,20 +1042,28 @@ class RegularizedObjective:
             pair=self.pair,
             rtol=self.cfg.rank_rtol,
             with_primary=self.use_primary or self.lam_h is None,
+            parallel=dp,
         )
         if self.lam_p is None or self.lam_h is None:
             self.lam_p, self.lam_h = self._calibrate(state, terms)
         reg_p = self.lam_p * terms.primary if self.use_primary else torch.zeros((), dtype=F64)
         reg_h = self.lam_h * terms.harmful
-        total = terms.task.to(F64) + reg_p + reg_h
+        total = terms.task.to(F64) + dp.scale_gathered(reg_p) + dp.scale_gathered(reg_h)
         state.info[f"{self.pair.floor_tag}_floor_hits"] += int(terms.floored)
-        return total, self._record(terms, total, reg_p, reg_h)
+        return total, self._record(terms, total, reg_p, reg_h, dp)
 
-    def _record(self, terms: StepTerms, total: Tensor, reg_p: Tensor, reg_h: Tensor) -> dict[str, float]:
+    def _record(
+        self, terms: StepTerms, total: Tensor, reg_p: Tensor, reg_h: Tensor, dp: DataParallel
+    ) -> dict[str, float]:
         kp, kh = terms.kappa_primary, terms.kappa_harmful
+        task = _f(terms.task)
+        loss = _f(total)
+        if dp.world_size > 1:  # the global loss: the shards' mean task loss + the unscaled terms
+            task = dp.all_same(task)
+            loss = task + _f(reg_p) + _f(reg_h)
         return {
-            "loss": _f(total),
-            "task_loss": _f(terms.task),
+            "loss": loss,
+            "task_loss": task,
             f"r_{self.pair.primary_tag}": _f(terms.primary),
             f"r_{self.pair.harmful_tag}": _f(terms.harmful),
             "reg_primary": _f(reg_p),
@@ -985,26 +1102,36 @@ class RegularizedObjective:
                 "grad_norm_harmful": lam_h * norms["harmful"],
             }
         )
-        log.info("%s (deep): λ_P=%.3g (%s), λ_H=%.3g (%s)", self.name, lam_p, source_p, lam_h, source_h)
+        if state.parallel.is_main:
+            log.info("%s (deep): λ_P=%.3g (%s), λ_H=%.3g (%s)", self.name, lam_p, source_p, lam_h, source_h)
         return applied, lam_h
 
 
 def _term_norms(state: FitState, terms: StepTerms) -> dict[str, float]:
-    """‖∇L_task‖ (all trainable and extractor only), ‖∇R_P‖, ‖∇R_H‖ over the trainable parameters."""
-    params = state.params
+    """‖∇L_task‖ (all trainable and extractor only), ‖∇R_P‖, ‖∇R_H‖ over the trainable parameters.
 
-    def grads(t: Tensor) -> tuple[Tensor | None, ...]:
+    The gradients are those of the global objective's terms on the global batch pair: under data
+    parallelism each process's gradient of a term is combined over the processes
+    (:meth:`DataParallel.global_gradient`: the mean for the task term on the shard, the sum for the
+    spectral terms on gathered features) before the norm is taken, so every process gets the
+    one-process norms and λ.
+    """
+    params = state.params
+    dp = state.parallel
+
+    def grads(t: Tensor, *, gathered: bool) -> tuple[Tensor | None, ...]:
         if not t.requires_grad:
             return (None,) * len(params)
-        return torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        g = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        return dp.global_gradient(g, gathered=gathered)
 
-    g_task = grads(terms.task)
+    g_task = grads(terms.task, gathered=False)
     g_ext = tuple(g for g, p in zip(g_task, params, strict=True) if id(p) not in state.head_ids)
-    g_h = (None,) * len(params) if terms.floored else grads(terms.harmful)
+    g_h = (None,) * len(params) if terms.floored else grads(terms.harmful, gathered=True)
     return {
         "task": _norm(g_task),
         "task_extractor": _norm(g_ext),
-        "primary": _norm(grads(terms.primary)),
+        "primary": _norm(grads(terms.primary, gathered=True)),
         "harmful": _norm(g_h),
     }
 

@@ -38,6 +38,12 @@ columns, or (``ce``) negative labels marking unlabelled rows, is a ConfigError. 
 inner loss before and after adaptation, the adapted harmful loss, the gradient norm before
 clipping and whether it was clipped; ``info_`` records λ_adv, M_in, η_in and the clip.
 
+Data parallel (see :mod:`immunekit.defenses.deep`): Opt-κ's log κ terms are computed on the
+gathered features of the global batch and weighted by W, exactly as R_well/R_ill. IMMA adapts its
+inner head on the gathered, detached harmful features and labels (so w is the one-process w on
+every process); its outer loss is a mean over rows and is taken on each process's shard, and the
+averaged gradient is the one-process gradient before clipping.
+
 References:
     Zheng, Bai, Bullins, Yeh, arXiv 2505.23760, §5 (baselines); Zheng & Yeh, IMMA: Immunizing
     text-to-image models against malicious adaptation, ECCV 2024.
@@ -223,6 +229,7 @@ class ImmaObjective:
     fields: tuple[str, ...] = IMMA_FIELDS
     loss_parts: tuple[str, ...] = ("task_loss", "harmful_loss")
     hint: str = "lower lr or adv_weight"
+    data_parallel: bool = True
 
     def __init__(self, name: str, cfg: Any) -> None:
         self.name, self.cfg = name, cfg
@@ -246,10 +253,16 @@ class ImmaObjective:
         )
 
     def loss(self, state: FitState, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Adapt the inner head on Φ_H, then the outer loss at the adapted head."""
+        """Adapt the inner head on Φ_H, then the outer loss at the adapted head.
+
+        Under data parallelism the inner head is adapted on the gathered (detached) features and
+        labels of the whole harmful batch, so every process holds the one-process w; both outer
+        terms are means over rows, so each process returns them on its own shard and the averaged
+        gradient is the global one (no W scaling). The record holds the global values.
+        """
         if self.spec is None:
             raise ConfigError(f"{self.name}: ImmaObjective.prepare must run before loss")
-        model = state.model
+        model, dp = state.model, state.parallel
         phi_p, phi_h = model.features(batch.x_p), model.features(batch.x_h)
         task_term = (
             state.loss_fn(model.head(phi_p), batch.y_p)
@@ -257,17 +270,19 @@ class ImmaObjective:
             else torch.zeros((), dtype=phi_p.dtype)
         )
         target, _ = self.spec.targets(batch.y_h, "harmful")
+        full_h = dp.gather(phi_h.detach())  # (B_H, D): the global harmful batch
+        full_target = target if dp.world_size == 1 else dp.gather(target)
         w, before, after = adapt_head(
-            phi_h, target, self.spec, steps=self.cfg.inner_steps, lr=self.cfg.inner_lr
+            full_h, full_target, self.spec, steps=self.cfg.inner_steps, lr=self.cfg.inner_lr
         )
         harmful = self.spec(phi_h.to(F64) @ w, target)
         total = task_term.to(F64) - self.cfg.adv_weight * harmful
-        kp = FactorSpectrum.of(phi_p.detach()).kappa()
-        kh = FactorSpectrum.of(phi_h.detach()).kappa()
+        kp = FactorSpectrum.of(dp.gather(phi_p.detach())).kappa()
+        kh = FactorSpectrum.of(full_h).kappa()
         return total, {
-            "loss": float(total.detach()),
-            "task_loss": float(task_term.detach()),
-            "harmful_loss": float(harmful.detach()),
+            "loss": dp.all_same(float(total.detach())),
+            "task_loss": dp.all_same(float(task_term.detach())),
+            "harmful_loss": dp.all_same(float(harmful.detach())),
             "inner_loss_start": before,
             "inner_loss_end": after,
             "log_kappa_primary": kp.log_kappa,
