@@ -19,7 +19,7 @@ ALLOWED = {
     "reports": set(),
     "cli": {"experiments", "reports", "attacks", "data", "defenses", "metrics"},
 }
-SHARED = {"errors", "registry", "config", "_typing", "_atomic", "_versions", "assets"}
+SHARED = {"errors", "registry", "config", "_typing", "_atomic", "_versions", "assets", "_dist"}
 #: Standard-library-only utilities that even ``reports`` (JSON in, files out) may import.
 STDLIB_ONLY = {"_atomic", "_versions"}
 

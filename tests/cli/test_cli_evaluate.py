@@ -23,7 +23,8 @@ def ckpt(tmp_path: Path) -> Path:
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(["evaluate", *args, "--no-progress"])
+    # in this process: a pool's start-up would dominate these tiny runs (test_cli_evaluate_sweep uses one)
+    code = main(["evaluate", *args, "--no-progress", "--workers", "1"])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -131,7 +132,8 @@ def evaluated_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("immunekit.reports.card._matplotlib_available", lambda: False)  # keep it fast
-        assert main(["evaluate", "--model", str(models), *DIR_ARGS, "--out", str(out), "--no-progress"]) == 0
+        args = ["--model", str(models), *DIR_ARGS, "--out", str(out), "--no-progress", "--workers", "1"]
+        assert main(["evaluate", *args]) == 0
     return models, out
 
 

@@ -74,6 +74,8 @@ def test_a_user_registered_model_class_is_evaluated_from_the_cli(tmp_path: Path,
         _forget_user_module(items, meta)
         cmd = ["evaluate", "--model", str(path), "--reference", str(ref), "--attacks", "full_finetune"]
         cmd += ["--budget", "steps=10", "--out", str(tmp_path / "eval"), "--no-progress", "--device", "cpu"]
+        # a pool: the class must reach its workers too (they import the --import modules)
+        cmd += ["--workers", "2"]
         code, _, err = _run(capsys, *cmd)  # without --import the class is unknown: say so
         assert code == 2 and "user_tiny_mlp" in err and err.count("\n") == 1
         assert not (tmp_path / "eval").exists()
@@ -125,6 +127,8 @@ def test_a_users_table_is_evaluated_from_the_cli(tmp_path: Path, table: Path, ca
         str(out),
         "--no-progress",
         "--no-report",
+        "--workers",
+        "1",
     )
     assert code == 0, err
     record = json.loads((out / "results.json").read_text())

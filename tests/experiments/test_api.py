@@ -68,14 +68,14 @@ def test_evaluate_out_writes_results_and_the_card(tmp_path: Path) -> None:
     assert record["verdict"]["verdict"] in (tmp_path / "card" / "report.md").read_text()
     assert record["provenance"]["device"] == "cpu" and record["provenance"]["dtype"] == "float64"
     _small_eval(ik.linear_model(4), task, tmp_path / "plain", report=False)
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["results.json"]
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["results.json", "trials"]
 
 
 def test_evaluate_refuses_an_unwritable_out_before_any_attack(tmp_path: Path, monkeypatch) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     calls = []
-    monkeypatch.setattr("immunekit.experiments.evaluate._run_setting", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("immunekit.experiments.evaluate_trials.run_trial", lambda *a, **k: calls.append(a))
     task = gaussian_spectra(dim=4, n=64, seed=0)
     with pytest.raises(ConfigError, match=r"file\.txt.*is a file, not a folder"):
         _small_eval(ik.linear_model(4), task, blocker / "out")

@@ -21,6 +21,7 @@ TOP_LEVEL = {
     "schema_version", "kind", "rules_version", "run_id", "created_at", "provenance", "config",
     "config_sha256", "seeds", "model", "reference", "task", "thresholds", "budget", "attacks", "groups",
     "search", "conditions", "per_attack", "gates", "verdict", "statement", "kappa", "metrics", "timing",
+    "trials",
 }  # fmt: skip
 
 

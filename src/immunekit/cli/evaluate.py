@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from immunekit.cli._sweep_options import add_sweep_options, set_threads, sweep_options
 from immunekit.cli.run import check_out
 from immunekit.config import load_config, parse_set
 from immunekit.errors import ConfigError
@@ -30,13 +31,19 @@ examples:
   immunekit evaluate --model runs/hp/models --out runs/hp-eval   # every checkpoint + summary.html
   immunekit evaluate --model runs/hp/models --match '*--seed1.safetensors' --out runs/hp-eval
   immunekit report runs/hp-eval                                  # rebuild summary.md/summary.html
+  immunekit evaluate --model m.safetensors --workers 4           # the attack runs on 4 processes
+  immunekit evaluate --model m.safetensors --executor ray --ray-address 10.0.0.5:6379
+  (interrupted? rerun the same command: finished trials under DIR/trials are kept, not recomputed)
 
 Writes DIR/results.json, DIR/report.md and a self-contained DIR/report.html (plots need the
-[plots] extra). With --model a directory, every *.safetensors below it is evaluated into
-OUT/<relative path without suffix>/ (same files; resumable: models already evaluated with the same
-config are skipped, another config in OUT is refused) and the method comparison is written to
-OUT/summary.md and OUT/summary.html. Conditions: resistance (strong/weak), stability,
-generalization (in-domain and cross-domain), trainability. Verdict, by the first rule that
+[plots] extra), and one record per run under DIR/trials: every (attack setting x model x seed) run
+is a trial, spread over --workers or a Ray cluster like the trials of 'immunekit run' (the numbers
+do not depend on the executor); trials of another model or task in DIR are refused. With --model a
+directory, every *.safetensors below it is evaluated into OUT/<relative path without suffix>/ (same
+files; resumable: models already evaluated with the same config are skipped, another config in OUT
+is refused) and the method comparison is written to OUT/summary.md and OUT/summary.html.
+Conditions: resistance (strong/weak), stability, generalization (in-domain and cross-domain),
+trainability. Verdict, by the first rule that
 applies: INVALID (overlapping splits, a reference harmful before any attack, or no attack broke
 either model), NOT IMMUNIZED (the immunized model harmful at release, or any condition FAILs,
 cross-domain included when run), INCONCLUSIVE (a condition is undecided: diverged attacks, an
@@ -164,8 +171,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help=f"where the attacks train: {DEVICES_HELP} (default auto: CUDA when present, else cpu)",
     )
-    p.add_argument("--no-report", action="store_true", help="write results.json only")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_sweep_options(p)
+    p.add_argument("--no-report", action="store_true", help="write results.json (and the trials) only")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=handle)
 
 
@@ -309,11 +317,15 @@ def handle(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_out(args.out)
     shared = _shared_inputs(args)
+    options = sweep_options(args)
+    set_threads(args)
     model_inputs, meta = _model_inputs(args, args.model)
     inputs = {**model_inputs, **shared}
     out = args.out or Path("results") / f"evaluate-{inputs['task'].name}"
     check_out(out)
-    record = _evaluate_into(inputs, meta, out, progress=not args.no_progress, report=not args.no_report)
+    record = _evaluate_into(
+        inputs, meta, out, progress=not args.no_progress, report=not args.no_report, options=options
+    )
     print(summary(record))
     print(f"results: {out / 'results.json'}")
     if not args.no_report:
@@ -322,13 +334,22 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _evaluate_into(
-    inputs: dict[str, Any], meta: dict[str, Any], out: Path, *, progress: bool, report: bool
+    inputs: dict[str, Any],
+    meta: dict[str, Any],
+    out: Path,
+    *,
+    progress: bool,
+    report: bool,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
-    """Run ``evaluate()`` into ``out`` (results.json and, with ``report``, the card), checkpoint recorded."""
+    """Run ``evaluate()`` into ``out`` (results.json, trials and, with ``report``, the card).
+
+    The checkpoint is recorded; ``options`` are the executor options (:func:`sweep_options`).
+    """
     from immunekit.experiments.evaluate import evaluate
 
     checkpoint = {"path": inputs["model_source"], "metadata": meta}
-    return evaluate(**inputs, progress=progress, out=out, report=report, checkpoint=checkpoint)
+    return evaluate(**inputs, progress=progress, out=out, report=report, checkpoint=checkpoint, **options)
 
 
 # --- a directory of checkpoints -----------------------------------------------------------------
@@ -437,6 +458,8 @@ def handle_directory(args: argparse.Namespace) -> int:
     out: Path = args.out or Path("results") / f"evaluate-{root.resolve().name}"
     check_out(out)
     shared = _shared_inputs(args)
+    options = sweep_options(args)
+    set_threads(args)
     _check_existing(out, shared)
 
     done: dict[str, dict[str, Any]] = {}
@@ -467,7 +490,12 @@ def handle_directory(args: argparse.Namespace) -> int:
             else:
                 model_inputs, meta = _model_inputs(args, path)
                 _evaluate_into(
-                    {**model_inputs, **shared}, meta, target, progress=False, report=not args.no_report
+                    {**model_inputs, **shared},
+                    meta,
+                    target,
+                    progress=False,
+                    report=not args.no_report,
+                    options=options,
                 )
                 record = record_from_disk(target)
             if not args.no_report and cached and not (target / "report.html").exists():

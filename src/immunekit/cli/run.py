@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from immunekit._atomic import writable_dir_problem
+from immunekit.cli._sweep_options import add_sweep_options, set_threads, sweep_options
 from immunekit.config import deep_merge, parse_set, read_yaml
 from immunekit.errors import ConfigError
 from immunekit.experiments.device import DEVICES_HELP
-from immunekit.experiments.sweep import EXECUTORS, default_workers
 
 EXAMPLES = """\
 examples:
@@ -62,36 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "in float64 on the CPU only, so auto gives cpu and an accelerator is refused with the reason; "
         "recorded in results.json (provenance.device)",
     )
-    p.add_argument(
-        "--executor",
-        choices=EXECUTORS.names(),
-        default="local",
-        help="local (default): --workers 1 runs the trials one after another in this process (easy to "
-        "debug), more runs a pool of processes on this machine; ray: the same trials on a Ray cluster "
-        '(pip install "immunekit[ray]"); records are identical whatever the executor',
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help=f"local: processes in the pool (1 = no pool); ray: CPUs of the local Ray instance started when "
-        f"there is no cluster address (default: the usable CPU cores, {default_workers()} here)",
-    )
-    p.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        help="--executor ray: the cluster to run on, HOST:PORT of its head (e.g. 10.0.0.5:6379), "
-        "ray://HOST:10001 or 'auto'; default: the RAY_ADDRESS environment variable, and when that is "
-        "unset too, a local Ray instance with --workers CPUs that is shut down at the end",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads of this process, used with --workers 1 (pool and Ray workers always use "
-        "1; default 1: the linear experiments use small matrices, for which one thread is fastest, and many "
-        "times faster when other processes share the cores)",
-    )
+    add_sweep_options(p)
     p.add_argument(
         "--save-models",
         action="store_true",
@@ -280,26 +251,17 @@ def check_out(out: Path, what: str = "--out", fix: str = "choose another --out")
 
 def handle(args: argparse.Namespace) -> int:
     """Check every input, run the experiment, then render the report and print a summary."""
-    import torch
-
     from immunekit.experiments.registry import RunContext, get_experiment
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}; e.g. --threads 1")
     experiment = get_experiment(args.experiment)
     out = args.out or Path("results") / args.experiment.replace("_", "-")
     check_out(out)
     experiment.resolve_device(args.device)
+    options = sweep_options(args)
     cfg = experiment.build_config(resolve(args))
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     ctx = RunContext(
-        out=out,
-        progress=not args.no_progress,
-        executor=args.executor,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        save_models=args.save_models,
-        device=args.device,
+        out=out, progress=not args.no_progress, save_models=args.save_models, device=args.device, **options
     )
     results = experiment.run(cfg, ctx)
     from immunekit.experiments.registry import is_writer

@@ -29,6 +29,15 @@ What is run (every attack on a copy; the inputs are never modified):
   at most :data:`KAPPA_MAX_DIM`. For an ℓ2 probe on frozen features the Hessian is exactly 2ΦᵀΦ
   whatever the extractor.
 
+How it runs: every (setting × model role × seed) attack run, the attacker search and the
+measurements of both models are trials of the sweep runner (:mod:`immunekit.experiments.evaluate_trials`),
+in dependency order: the grid, its generalization variants, the benign recipe and the measurements
+first; then the learning-rate retries of diverged settings; then the search and what depends on it.
+With ``out`` each trial record is kept in ``out/trials`` (a rerun after an interruption computes only
+what is missing); ``workers`` and ``executor`` spread each batch over processes or a Ray cluster, and
+the record does not depend on them. The conditions, verdict and summaries are pure functions of the
+trial records.
+
 Statistics: per attack and model, final harm, max harm, normalised harm AUC and steps-to-threshold
 over seeds are summarised (mean, sample std, bootstrap 95 % CI, :func:`immunekit.metrics.stats.summarise`),
 and the defended-vs-reference gaps are paired by seed (:func:`~immunekit.metrics.stats.paired_difference`).
@@ -41,27 +50,37 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
 from immunekit._atomic import writable_dir_problem
 from immunekit._versions import SCHEMA_VERSION
-from immunekit.attacks import ATTACKS, AttackBudget
-from immunekit.attacks.base import default_eval_split
+from immunekit.attacks import AttackBudget
 from immunekit.config import config_sha256, to_dict
 from immunekit.data.task import SPLITS, Task
 from immunekit.errors import ConfigError, DataError
+from immunekit.experiments.evaluate_trials import (
+    BENIGN_EVALUATIONS,
+    ROLES,
+    AttackSpec,
+    Inputs,
+    Setting,
+    TrialRunner,
+    accepts_split,
+    benign_setting,
+    parse_attack_list,
+    resolve_settings,
+    setting_folder,
+)
 from immunekit.experiments.io import atomic_write_json
 from immunekit.experiments.provenance import provenance
+from immunekit.experiments.sweep import Trial
 from immunekit.metrics import conditions as cond
 from immunekit.metrics.conditions import Thresholds
 from immunekit.metrics.rir import KappaPair, rir
@@ -76,13 +95,6 @@ KAPPA_MAX_DIM = 4096
 N_BOOT = 10_000
 N_BOOT_BAND = 2_000  # per evaluated step of the plotted bands; the band is descriptive
 
-#: An attack setting: ``"name"``, ``"name[key=value,...]"`` (keys of the attack's config or of
-#: :class:`AttackBudget`), ``(name, config overrides)`` or ``(name, config overrides, budget
-#: overrides or an AttackBudget)``.
-AttackSpec = (
-    str | tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], Mapping[str, Any] | AttackBudget]
-)
-
 DEFAULT_BUDGET = AttackBudget()  # the one default budget: 100 Adam steps, lr 0.01, batch 32, Δt 10
 #: Adam and exact-line-search GD linear probes, and the closed-form probe (the adaptive attacker
 #: that a κ-based defense does not slow down).
@@ -92,224 +104,15 @@ DEFAULT_ATTACKS: tuple[AttackSpec, ...] = (
     "closed_form_probe",
 )
 
-_BUDGET_FIELDS = {f.name for f in dataclasses.fields(AttackBudget)}
+#: Record order of the setting groups; generalization groups with their split and condition.
+GROUPS = ("resistance", "search", "in_domain", "cross_domain", "benign")
+GENERALIZATION = (
+    ("in_domain", "attack_disjoint", "generalization_in_domain"),
+    ("cross_domain", "attack_cross", "generalization_cross_domain"),
+)
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One attacker setting: registry name, config overrides and the budget it runs with.
-
-    Attributes:
-        key: unique display key, e.g. ``"linear_probe[optimizer=gd_exact]"``.
-        name: registry name in :data:`immunekit.attacks.ATTACKS`.
-        overrides: keyword overrides of the attack's config.
-        budget: the budget of this setting.
-
-    """
-
-    key: str
-    name: str
-    overrides: dict[str, Any]
-    budget: AttackBudget
-
-    def with_split(self, split: str, prefix: str) -> Setting:
-        """The same setting trained on ``split`` (eval split: the attack's default for it)."""
-        return Setting(f"{prefix}:{self.key}", self.name, {**self.overrides, "split": split}, self.budget)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "key": self.key,
-            "name": self.name,
-            "overrides": dict(self.overrides),
-            "budget": to_dict(self.budget),
-        }
-
-
-# --- settings -----------------------------------------------------------------------------------
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: ``"a,b[x=1,y=2]"`` → ``["a", "b[x=1,y=2]"]``."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [s.strip() for s in out if s.strip()]
-
-
-def parse_attack_list(text: str) -> list[str]:
-    """Comma-separated attack specs of the CLI, brackets kept together.
-
-    Example:
-        >>> parse_attack_list("linear_probe,linear_probe[optimizer=gd_exact,lr=null],closed_form_probe")
-        ['linear_probe', 'linear_probe[optimizer=gd_exact,lr=null]', 'closed_form_probe']
-
-    """
-    return _split_top_level(text)
-
-
-def _parse_spec_string(spec: str) -> tuple[str, dict[str, Any]]:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*", spec)
-    if m is None:
-        raise ConfigError(
-            f"attack spec {spec!r} is not 'name' or 'name[key=value,...]'; e.g. linear_probe[optimizer=adam]"
-        )
-    name, inner = m.group(1), m.group(2)
-    pairs: dict[str, Any] = {}
-    for item in _split_top_level(inner or ""):
-        if "=" not in item:
-            raise ConfigError(f"attack spec {spec!r}: {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        pairs[k.strip()] = yaml.safe_load(v)
-    return name, pairs
-
-
-def resolve_settings(attacks: Sequence[AttackSpec], budget: AttackBudget) -> list[Setting]:
-    """Turn attack specs into :class:`Setting` s, checking names, config keys and budgets up front.
-
-    Keys in brackets or in the third tuple element that are :class:`AttackBudget` fields override
-    the budget; the others go to the attack's config.
-
-    Raises:
-        ConfigError: unknown attack (with a did-you-mean), unknown config key, invalid budget, an
-            empty list or duplicate settings.
-
-    """
-    if isinstance(attacks, str):
-        attacks = parse_attack_list(attacks)
-    if not attacks:
-        raise ConfigError("attacks is empty; give at least one attack, e.g. attacks=['linear_probe']")
-    out: list[Setting] = []
-    for spec in attacks:
-        if isinstance(spec, str):
-            name, pairs = _parse_spec_string(spec)
-            over = {k: v for k, v in pairs.items() if k not in _BUDGET_FIELDS}
-            b_over: Mapping[str, Any] | AttackBudget = {k: v for k, v in pairs.items() if k in _BUDGET_FIELDS}
-        elif isinstance(spec, tuple) and len(spec) in (2, 3):
-            name, over = spec[0], dict(spec[1])
-            b_over = spec[2] if len(spec) == 3 else {}  # type: ignore[misc]
-        else:
-            raise ConfigError(f"attack spec {spec!r} must be a name or a (name, overrides[, budget]) tuple")
-        cls = ATTACKS.get(name)  # unknown names raise with a did-you-mean
-        if isinstance(b_over, AttackBudget):
-            b = b_over
-            b_diff = {k: v for k, v in dataclasses.asdict(b).items() if getattr(budget, k) != v}
-        else:
-            unknown = set(b_over) - _BUDGET_FIELDS
-            if unknown:
-                raise ConfigError(f"attack {name!r}: unknown budget keys {sorted(unknown)}")
-            try:
-                b = dataclasses.replace(budget, **b_over)
-            except ConfigError as err:
-                raise ConfigError(f"attack {name!r}: {err}") from None
-            b_diff = dict(b_over)
-        cls(**over)  # validates the config keys now, before any run
-        parts = [f"{k}={_short(v)}" for k, v in {**over, **b_diff}.items()]
-        key = f"{name}[{','.join(parts)}]" if parts else name
-        if any(s.key == key for s in out):
-            raise ConfigError(f"attack setting {key!r} is listed twice; drop the duplicate")
-        out.append(Setting(key, name, over, b))
-    return out
-
-
-def _short(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-#: The benign (trainability) recipe is evaluated every max(1, steps // BENIGN_EVALUATIONS) steps
-#: unless its spec sets ``eval_every``: trainability compares reach steps bracketed by the grid, and
-#: a grid coarser than ε = 0.1·t_reach(M) could only say INCONCLUSIVE.
-BENIGN_EVALUATIONS = 100
-
-
-def benign_setting(benign: AttackSpec, budget: AttackBudget) -> Setting:
-    """The trainability recipe as a setting on split ``primary``, densely evaluated (see above)."""
-    s = resolve_settings([benign], budget)[0]
-    dense = max(1, s.budget.steps // BENIGN_EVALUATIONS)
-    inherited = s.budget.eval_every == budget.eval_every
-    if inherited and (s.budget.eval_every == 0 or s.budget.eval_every > dense):
-        s = Setting(s.key, s.name, s.overrides, dataclasses.replace(s.budget, eval_every=dense))
-    return s.with_split("primary", "benign")
-
-
-def _accepts_split(setting: Setting) -> bool:
-    cfg = getattr(ATTACKS.get(setting.name), "Config", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg):
-        return True
-    return "split" in {f.name for f in dataclasses.fields(cfg)}
-
-
-# --- running ------------------------------------------------------------------------------------
-
-
-def _harm_curve(result: Any) -> list[tuple[int, float]]:
-    """``result.harm_curve()`` (adapter: keeps the record independent of AttackResult details)."""
-    curve = result.harm_curve()
-    if not curve:
-        raise DataError(
-            f"attack result has no harm evaluations (stopped by {result.stopped_by!r}); attacks must "
-            "evaluate step 0 and their last step"
-        )
-    return [(int(s), float(h)) for s, h in curve]
-
-
-def _utility_curve(result: Any) -> list[tuple[int, float]]:
-    return [
-        (int(r.step), float(r.eval["utility"]))
-        for r in [result.initial, *result.records]
-        if r.eval is not None and r.eval.get("utility") is not None
-    ]
-
-
-def _loss_curve(result: Any) -> list[tuple[int, float]]:
-    """Training loss before the first step and after every step (the degeneracy rule reads it)."""
-    return [(int(r.step), float(r.loss)) for r in [result.initial, *result.records]]
-
-
-def _run_setting(
-    setting: Setting, models: Mapping[str, ImmunizableModel], task: Task, seeds: Sequence[int], bar: Any
-) -> dict[str, Any]:
-    attack = ATTACKS.get(setting.name)(**setting.overrides)
-    curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in models}
-    utility: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in models}
-    losses: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in models}
-    stopped: dict[str, list[str]] = {m: [] for m in models}
-    t0 = time.perf_counter()
-    for seed in seeds:
-        for role, model in models.items():
-            bar.set_postfix_str(f"{setting.key} {role} seed {seed}", refresh=False)
-            result = attack(model, task, setting.budget, seed=seed)
-            curves[role].append(_harm_curve(result))
-            utility[role].append(_utility_curve(result))
-            losses[role].append(_loss_curve(result))
-            stopped[role].append(str(result.stopped_by))
-            bar.update(1)
-    return {
-        "name": setting.name,
-        "overrides": dict(setting.overrides),
-        "budget": to_dict(setting.budget),
-        "split": setting.overrides.get("split", "attack"),
-        "eval_split": setting.overrides.get(
-            "eval_split", default_eval_split(setting.overrides.get("split", "attack"))
-        ),
-        "curves": curves,
-        "utility_curves": utility,
-        "loss_curves": losses,
-        "stopped_by": stopped,
-        "seconds": time.perf_counter() - t0,
-    }
-
+# --- refinement and retries ---------------------------------------------------------------------
 
 #: Grid refinement: a comparison the evaluation grid leaves undecided (both models cross φ, or
 #: reach the benign target, between the same two evaluations) is re-run evaluated at every step up
@@ -356,30 +159,25 @@ def _refine_window(entry: Mapping[str, Any], group: str, th: Thresholds, phi: fl
 
 
 #: Learning-rate back-off: a setting whose runs diverge is re-run with lr / BACKOFF_FACTOR, up to
+
+
+#: Learning-rate back-off: a setting whose runs diverge is re-run with lr / BACKOFF_FACTOR, up to
 #: BACKOFF_ROUNDS times (the attacker's obvious next move; a diverged run is no evidence).
 BACKOFF_FACTOR = 10.0
 BACKOFF_ROUNDS = 2
 
 
-def _backoff(setting: Setting, entries: Mapping[str, Any], budget: AttackBudget) -> Iterator[Setting]:
-    """Lower-lr copies of ``setting`` while its last run diverged on either model.
+def _next_backoff(setting: Setting, entries: Mapping[str, Any], budget: AttackBudget) -> Setting | None:
+    """The lower-lr copy of ``setting`` when its runs diverged on either model (``None``: no retry).
 
-    Lazy: each copy is yielded after the previous one has been run and recorded in ``entries``.
+    No retry either when ``setting`` has no learning rate or the copy is already in ``entries``.
     """
-    current = setting
-    for _ in range(BACKOFF_ROUNDS):
-        deg = entries[current.key]["degenerate"]
-        if current.budget.lr is None or not any(r for role in deg.values() for r in role):
-            return
-        lower_budget = dataclasses.replace(current.budget, lr=current.budget.lr / BACKOFF_FACTOR)
-        lower = resolve_settings([(current.name, current.overrides, lower_budget)], budget)[0]
-        if lower.key in entries:
-            return
-        logger.info(
-            "%s diverged; the attacker retries with lr %g (%s)", current.key, lower_budget.lr, lower.key
-        )
-        yield lower
-        current = lower
+    deg = entries[setting.key]["degenerate"]
+    if setting.budget.lr is None or not any(r for role in deg.values() for r in role):
+        return None
+    lower_budget = dataclasses.replace(setting.budget, lr=setting.budget.lr / BACKOFF_FACTOR)
+    lower = resolve_settings([(setting.name, setting.overrides, lower_budget)], budget)[0]
+    return None if lower.key in entries else lower
 
 
 def _band(curves: Sequence[Sequence[tuple[int, float]]]) -> dict[str, Any]:
@@ -655,80 +453,6 @@ def _overlaps(task: Task) -> dict[str, int]:
     return out
 
 
-# --- search adapter -----------------------------------------------------------------------------
-
-
-def _run_search(
-    model: ImmunizableModel,
-    task: Task,
-    search: Any,
-    budget: AttackBudget,
-    *,
-    seed: int,
-    fixed: Sequence[Setting] = (),
-) -> tuple[dict[str, Any], Setting]:
-    """Run the attacker search against ``model``; returns (search record, chosen setting).
-
-    Adapter over :mod:`immunekit.attacks.worst_case` so the record layout does not depend on its
-    result type. Every fixed resistance setting runs as a trial of the search with its exact attack,
-    config overrides and budget (``n_trials`` is raised to cover them), so on the validation
-    objective the search is never weaker than any of them; a setting the search cannot run (it
-    trains on ``val_harmful``, say) is listed with the reason in ``record["grid_skipped"]``.
-    """
-    from immunekit.attacks import worst_case
-
-    probe = worst_case.AttackerSearch(search)
-    grid: list[tuple[str, dict[str, Any], AttackBudget]] = []
-    skipped: dict[str, str] = {}
-    for s in fixed:
-        item = (s.name, dict(s.overrides), s.budget)
-        why = probe.outside_space(item)
-        if why is None:
-            grid.append(item)
-        else:
-            skipped[s.key] = why
-    result = worst_case.search_attacker(model, task, search, seed=seed, budget=budget, grid=grid)
-    chosen = dict(result.chosen)
-    name = str(chosen["attack"])
-    overrides = dict(chosen.get("config") or {})
-    b = chosen.get("budget")
-    b = b if isinstance(b, AttackBudget) else dataclasses.replace(budget, **dict(b or {}))
-    diff = {k: v for k, v in dataclasses.asdict(b).items() if getattr(budget, k) != v}
-    parts = [f"{k}={_short(v)}" for k, v in {**overrides, **diff}.items()]
-    key = f"search:{name}[{','.join(parts)}]" if parts else f"search:{name}"
-    trials = [
-        {
-            "number": int(t.get("number", i)),
-            "params": dict(t.get("params", {})),
-            "value": t.get("value"),
-            "state": t.get("state"),
-            "enqueued": t.get("enqueued", False),
-        }
-        for i, t in enumerate(result.trials)
-    ]
-    record = {
-        "chosen": {"attack": name, "overrides": overrides, **{f"budget.{k}": v for k, v in diff.items()}},
-        "trials": trials,
-        "cumulative_best": [float(v) if math.isfinite(v) else None for v in result.cumulative_best],
-        "best_value": float(result.best_value),
-        "eval_harm_seed0": float(result.eval_harm),
-        "objective": "harm on val_harmful after training on the attack split; reported on eval_harmful",
-        "config": to_dict(search) if dataclasses.is_dataclass(search) else str(search),
-        "seed": seed,
-        "attack_key": key,
-        "grid_enqueued": [g["key"] for g in result.grid],
-        "grid": [
-            {k: g.get(k) for k in ("key", "attack", "config", "in_space", "trial", "state", "value")}
-            for g in result.grid
-        ],
-        "grid_best_value": result.grid_best_value,
-        "n_trials_requested": result.n_trials_requested,
-        "n_trials_effective": result.n_trials_effective,
-        "grid_skipped": skipped,
-    }
-    return record, Setting(key, name, overrides, b)
-
-
 # --- evaluate -----------------------------------------------------------------------------------
 
 
@@ -770,6 +494,467 @@ def evaluation_config(
     }
 
 
+def _measurement_rules() -> dict[str, Any]:
+    """What decides the measurements besides the models and the task (part of their trial's sha)."""
+    from immunekit.spectral.rank import RANK_RULE
+
+    return {"rank_rule": RANK_RULE, "kappa_max_dim": KAPPA_MAX_DIM}
+
+
+def _measurements(model: ImmunizableModel, reference: ImmunizableModel, task: Task) -> dict[str, Any]:
+    """The measurement trial: stability scores of both models, κ/RIR and the split overlaps."""
+    return {
+        "scores": {"immunized": primary_score(model, task), "reference": primary_score(reference, task)},
+        "kappa": kappa_rir(model, reference, task),
+        # pairs, not a mapping: their order (the gate's detail) survives records written with sorted keys
+        "overlaps": [[k, v] for k, v in _overlaps(task).items()],
+    }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The resolved inputs of one evaluation, all checked before any run."""
+
+    model: ImmunizableModel
+    reference: ImmunizableModel
+    reference_source: str
+    task: Task
+    settings: list[Setting]
+    benign: AttackSpec
+    benign_run: Setting
+    budget: AttackBudget
+    seeds: list[int]
+    search: Any
+    th: Thresholds  # resolved for the task: φ is a number
+    phi: float
+
+    @property
+    def models(self) -> dict[str, ImmunizableModel]:
+        """``{"immunized": M*, "reference": M}``."""
+        return {"immunized": self.model, "reference": self.reference}
+
+
+def _plan(
+    model: ImmunizableModel,
+    task: Task,
+    *,
+    attacks: Sequence[AttackSpec] | str,
+    budget: AttackBudget,
+    seeds: Sequence[int],
+    reference: ImmunizableModel | None,
+    search: Any,
+    thresholds: Thresholds,
+    benign: AttackSpec | None,
+    reference_source: str | None,
+) -> _Plan:
+    """Check and resolve the arguments of :func:`evaluate` (the errors its docstring lists)."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct integers, got {seeds}; e.g. seeds=(0, 1, 2)")
+    if task.loss not in ("mse", "ce"):
+        raise ConfigError(f"evaluate supports tasks with loss 'mse' or 'ce', got {task.loss!r} ({task.name})")
+    th = thresholds.resolve(task.loss, task.classes or 2)
+    settings = resolve_settings(attacks, budget)  # type: ignore[arg-type]
+    if search is not None and getattr(task, "val_harmful", None) is None:
+        raise DataError(
+            f"task {task.name!r} has no validation split 'val_harmful' for the attacker search; build it "
+            "with evaluation_splits=True (the CLI does) or drop the search"
+        )
+    if benign is None:
+        benign = "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
+    benign_run = benign_setting(benign, budget)
+    if reference is None:
+        reference, reference_source = default_reference(model), DEFAULT_REFERENCE_SOURCE
+    return _Plan(
+        model=model,
+        reference=reference,
+        reference_source=reference_source or "given",
+        task=task,
+        settings=settings,
+        benign=benign,
+        benign_run=benign_run,
+        budget=budget,
+        seeds=seeds,
+        search=search,
+        th=th,
+        phi=float(th.harm),  # type: ignore[arg-type]
+    )
+
+
+class _Runs:
+    """The trials of one evaluation, run in dependency order, and the entry of every setting.
+
+    An entry holds a setting's curves over seeds for both models (from its attack-run records); it
+    is kept under the setting's key, and the setting under its group.
+    """
+
+    def __init__(self, plan: _Plan, runner: TrialRunner) -> None:
+        self.plan, self.runner = plan, runner
+        self.inputs = Inputs.of(plan.models, plan.task, str(_device(plan.model)))
+        if not runner.in_process:
+            self.inputs.pack()  # an unpicklable model fails now, not in a worker
+        self.kept: dict[str, dict[str, Any]] = {}
+        self.groups: dict[str, list[Setting]] = {g: [] for g in GROUPS}
+        self.skipped: dict[str, list[str]] = {g: [] for g, _, _ in GENERALIZATION}
+        self.search_record: dict[str, Any] | None = None
+        self.measured: dict[str, Any] = {}
+
+    def run(self) -> None:
+        """Every trial: grid, variants, benign and measurements; retries; then the search."""
+        p = self.plan
+        # its sha covers both models, the task and the device: trials of another model or task in
+        # ``out`` are refused before anything runs
+        measure = self.inputs.measure_trial(_measurements, _measurement_rules())
+        self.runner.check([measure])
+        first = [("resistance", s) for s in p.settings]
+        first += [*self._variants(p.settings), ("benign", p.benign_run)]
+        for (group, s), entry in zip(first, self._measure(first, "attacks"), strict=True):
+            self._keep(group, s, entry)
+        # in this process, with its torch threads: κ comes from SVDs, whose last bits can depend on
+        # the thread count, so the measurement does not depend on the executor
+        self.measured = self.runner.run([measure], "measurements", here=True)[0]
+        later = self._retries()
+        rest: list[tuple[str, Setting]] = []
+        if p.search is not None:
+            chosen = self._search([*p.settings, *later])
+            rest.append(("search", chosen))
+            later.append(chosen)
+        rest += self._variants(later)
+        for (group, s), entry in zip(rest, self._measure(rest, "retries and search"), strict=True):
+            self._keep(group, s, entry)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Entries by setting key, in record order (group by group)."""
+        return {s.key: self.kept[s.key] for g in GROUPS for s in self.groups[g]}
+
+    def _keep(self, group: str, setting: Setting, entry: dict[str, Any]) -> None:
+        self.groups[group].append(setting)
+        self.kept[setting.key] = entry
+
+    def _variants(self, settings: Sequence[Setting]) -> list[tuple[str, Setting]]:
+        """The generalization copies of ``settings`` on each split the task has."""
+        out = []
+        for group, split, _ in GENERALIZATION:
+            if getattr(self.plan.task, split, None) is None:
+                continue
+            for s in settings:
+                if accepts_split(s):
+                    out.append((group, s.with_split(split, group)))
+                else:
+                    self.skipped[group].append(s.key)
+        return out
+
+    def _attack_trials(self, settings: Sequence[Setting]) -> list[Trial]:
+        return [
+            self.inputs.attack_trial(s, role, seed)
+            for s in settings
+            for seed in self.plan.seeds
+            for role in ROLES
+        ]
+
+    def _measure(self, pairs: Sequence[tuple[str, Setting]], stage: str) -> list[dict[str, Any]]:
+        """Entries of ``(group, setting)`` pairs: their runs in one batch, then any refined re-runs."""
+        p = self.plan
+        self.runner.run(self._attack_trials([s for _, s in pairs]), stage)
+        entries = [self._entry(s) for _, s in pairs]
+        dense: list[tuple[int, Setting, int]] = []
+        for i, (group, s) in enumerate(pairs):
+            window = _refine_window(entries[i], group, p.th, p.phi, p.task.loss)
+            if window:
+                # the runs are seeded and evaluating changes no weight: the same attack, every step
+                # of the undecided window seen
+                logger.info(
+                    "%s: evaluations every %d steps cannot decide the comparison; re-running it "
+                    "evaluated at every step up to step %d",
+                    s.key,
+                    s.budget.eval_every,
+                    window,
+                )
+                dense.append(
+                    (i, s.with_budget(dataclasses.replace(s.budget, eval_dense_until=window)), window)
+                )
+        if dense:
+            self.runner.run(self._attack_trials([d for _, d, _ in dense]), f"{stage}, refined")
+        for i, d, window in dense:
+            entries[i] = {**self._entry(d), "refined_until": window}
+        for (group, _), entry in zip(pairs, entries, strict=True):
+            entry["group"] = group
+        return entries
+
+    def _entry(self, s: Setting) -> dict[str, Any]:
+        """A setting's entry from the records of its runs (seed order, both roles)."""
+        p = self.plan
+        recs = {
+            role: [self.runner.record(self.inputs.attack_key(s, role, seed)) for seed in p.seeds]
+            for role in ROLES
+        }
+
+        def curves(name: str) -> dict[str, list[list[tuple[int, float]]]]:
+            return {role: [[(int(a), float(b)) for a, b in r[name]] for r in rs] for role, rs in recs.items()}
+
+        entry: dict[str, Any] = {
+            "name": s.name,
+            "overrides": dict(s.overrides),
+            "budget": to_dict(s.budget),
+            "split": s.split,
+            "eval_split": s.eval_split,
+            "curves": curves("harm_curve"),
+            "utility_curves": curves("utility_curve"),
+            "loss_curves": curves("loss_curve"),
+            "stopped_by": {role: [str(r["stopped_by"]) for r in rs] for role, rs in recs.items()},
+            "seconds": sum(float(r["seconds"]) for rs in recs.values() for r in rs),
+            "trials": f"trials/{setting_folder(s)}",
+        }
+        entry["degenerate"] = {
+            role: [
+                cond.degeneracy(c, loss, factor=p.th.divergence, score=p.task.loss)
+                for c, loss in zip(entry["curves"][role], entry["loss_curves"][role], strict=True)
+            ]
+            for role in ROLES
+        }
+        return entry
+
+    def _retries(self) -> list[Setting]:
+        """Lower-lr retries of diverged grid settings, in the order a sequential attacker tries them."""
+        p = self.plan
+        # The first retry of every diverged setting runs in one batch: it is what the walk below asks
+        # for first, so the walk finds its records (a retry the walk then skips costs time, never a
+        # different record).
+        firsts = [b for s in p.settings if (b := _next_backoff(s, self.kept, p.budget)) is not None]
+        self.runner.run(self._attack_trials(firsts), "retries")
+        out: list[Setting] = []
+        for s in p.settings:
+            current = s
+            for _ in range(BACKOFF_ROUNDS):
+                lower = _next_backoff(current, self.kept, p.budget)
+                if lower is None:
+                    break
+                logger.info(
+                    "%s diverged; the attacker retries with lr %g (%s)",
+                    current.key,
+                    lower.budget.lr,
+                    lower.key,
+                )
+                entry = self._measure([("resistance", lower)], "retries")[0]
+                self._keep("resistance", lower, {**entry, "backoff_of": s.key})
+                out.append(lower)
+                current = lower
+        return out
+
+    def _search(self, fixed: Sequence[Setting]) -> Setting:
+        """Run the attacker search (a trial of its own); the chosen setting."""
+        p = self.plan
+        logger.info("attacker search against the immunized model (seed %d)", p.seeds[0])
+        trial = self.inputs.search_trial(p.search, p.budget, p.seeds[0], fixed)
+        rec = self.runner.run([trial], "attacker search")[0]
+        self.search_record = rec["record"]
+        return Setting.from_dict(rec["chosen"])
+
+
+# --- judgement: pure functions of the entries and the measurements ------------------------------
+
+
+def _finish_entries(entries: Mapping[str, dict[str, Any]], phi: float) -> None:
+    """Add the bands and per-metric summaries to every entry; curves become JSON lists (in place)."""
+    for e in entries.values():
+        e["bands"] = {role: _band(e["curves"][role]) for role in ROLES}
+        if e["group"] != "benign":
+            e["summary"] = _summaries(e, phi, int(e["budget"]["steps"]), e["degenerate"])
+        for field_ in ("curves", "utility_curves", "loss_curves"):
+            e[field_] = {role: [[list(p) for p in c] for c in cs] for role, cs in e[field_].items()}
+
+
+def _curves_of(
+    entries: Mapping[str, Any], groups: Sequence[str], role: str, field_: str = "curves"
+) -> dict[str, list[list[tuple[int, float]]]]:
+    """``field_`` of ``role`` per setting key, for the entries of ``groups``."""
+    return {
+        k: [[(int(s), float(v)) for s, v in c] for c in e[field_][role]]
+        for k, e in entries.items()
+        if e["group"] in groups
+    }
+
+
+def _judge_resistance(
+    plan: _Plan, entries: Mapping[str, Any], groups: Sequence[str], name: str, horizon: int
+) -> dict[str, Any]:
+    """:func:`~immunekit.metrics.conditions.resistance` over the entries of ``groups``."""
+    return cond.resistance(
+        _curves_of(entries, groups, "immunized"),
+        _curves_of(entries, groups, "reference"),
+        phi=plan.phi,
+        slowdown=plan.th.slowdown,
+        horizon=horizon,
+        name=name,
+        losses_immunized=_curves_of(entries, groups, "immunized", "loss_curves"),
+        losses_reference=_curves_of(entries, groups, "reference", "loss_curves"),
+        divergence=plan.th.divergence,
+        score=plan.task.loss,
+    )
+
+
+def _not_run_reason(task: Task, split: str, skipped: Sequence[str]) -> str:
+    if getattr(task, split, None) is not None:
+        return f"no attack accepts a training split: {list(skipped)}"
+    why = " (no second harmful domain)" if split == "attack_cross" else " (evaluation_splits=True adds it)"
+    return f"task {task.name!r} has no {split!r} split{why}"
+
+
+def _attack_conditions(
+    plan: _Plan,
+    entries: Mapping[str, Any],
+    groups: Mapping[str, Sequence[Setting]],
+    skipped: Mapping[str, Any],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Resistance (strong, weak, combined) and generalization; ``(conditions, per_attack, resistance)``."""
+    horizon = max(s.budget.steps for s in [*groups["resistance"], *groups["search"]])
+    res = _judge_resistance(plan, entries, ("resistance", "search"), "resistance", horizon)
+    per_attack = dict(res["per_attack"])
+    conditions: dict[str, dict[str, Any]] = {
+        "resistance_strong": res["strong"],
+        "resistance_weak": res["weak"],
+        "resistance": res["combined"],
+    }
+    for group, split, name in GENERALIZATION:
+        if not groups[group]:
+            detail = _not_run_reason(plan.task, split, skipped[group])
+            conditions[name] = cond.condition(name, cond.NOT_RUN, detail=detail)
+            continue
+        g = _judge_resistance(plan, entries, (group,), name, horizon)
+        conditions[name] = {**g["combined"], "name": name, "strong": g["strong"], "weak": g["weak"]}
+        per_attack.update(g["per_attack"])
+    return conditions, per_attack, res
+
+
+def _score_name(task: Task) -> str:
+    return "R²" if task.loss == "mse" else "accuracy"
+
+
+def _task_conditions(plan: _Plan, entries: Mapping[str, Any], scores: Mapping[str, Any]) -> dict[str, Any]:
+    """Stability (least-squares head on the features) and trainability (the benign recipe)."""
+    benign = plan.benign_run.key
+    return {
+        "stability": {
+            **cond.stability(
+                scores["immunized"]["least_squares_head"],
+                scores["reference"]["least_squares_head"],
+                delta=plan.th.stability,
+                metric=f"eval_primary {_score_name(plan.task)} of the least-squares head",
+                trivial=scores["reference"]["trivial"],
+            ),
+            "own_head": {role: s["own_head"] for role, s in scores.items()},
+        },
+        "trainability": {
+            **cond.trainability(
+                _curves_of(entries, ("benign",), "immunized")[benign],
+                _curves_of(entries, ("benign",), "reference")[benign],
+                delta_train=plan.th.train,
+                epsilon=plan.th.train_steps,
+            ),
+            "recipe": benign,
+        },
+    }
+
+
+def _gates(
+    plan: _Plan, entries: Mapping[str, Any], overlaps: Mapping[str, int], per_attack: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Disjointness, safe-at-release and attack-validity gates."""
+    groups = ("resistance", "search")
+    gates = cond.release_gates(
+        _release_harm(_curves_of(entries, groups, "immunized")),
+        _release_harm(_curves_of(entries, groups, "reference")),
+        phi=plan.phi,
+    )
+    return {
+        "disjointness": cond.condition(
+            "disjointness",
+            cond.PASS if not any(overlaps.values()) else cond.FAIL,
+            value=sum(overlaps.values()),
+            threshold=0,
+            detail="row overlaps (hashed ids): " + ", ".join(f"{k} = {v}" for k, v in overlaps.items()),
+            overlaps=dict(overlaps),
+        ),
+        **gates,
+        "attack_validity": cond.attack_validity(per_attack),
+    }
+
+
+def _judge(plan: _Plan, runs: _Runs, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Conditions, per-attack results, gates, verdict and statement from the trial records."""
+    _finish_entries(entries, plan.phi)
+    conditions, per_attack, res = _attack_conditions(plan, entries, runs.groups, runs.skipped)
+    conditions.update(_task_conditions(plan, entries, runs.measured["scores"]))
+    entries[plan.benign_run.key]["quality_metric"] = f"eval_primary {_score_name(plan.task)}"
+    overlaps = {str(k): int(v) for k, v in runs.measured["overlaps"]}
+    gates = _gates(plan, entries, overlaps, res["per_attack"])
+    return {
+        "conditions": conditions,
+        "per_attack": per_attack,
+        "gates": gates,
+        "verdict": cond.overall_verdict(conditions, gates),
+        "statement": cond.holds_statement(per_attack),
+        "kappa": runs.measured["kappa"],
+    }
+
+
+def _record(
+    plan: _Plan,
+    runs: _Runs,
+    judged: Mapping[str, Any],
+    config: dict[str, Any],
+    *,
+    model_source: str | None,
+    thresholds: Thresholds,
+    timing: Mapping[str, float],
+) -> dict[str, Any]:
+    """The evaluation record (layout: :mod:`immunekit.reports.card`)."""
+    task, sha = plan.task, config_sha256(config)
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entries = runs.entries()
+    metrics = _headline_metrics(
+        entries, judged["conditions"], judged["kappa"], timing["attack_seconds"], timing["measure_seconds"]
+    )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "rules_version": cond.RULES_VERSION,
+        "run_id": f"evaluate-{task.name}-{created.replace('-', '').replace(':', '')}-{sha[:8]}",
+        "created_at": created,
+        "provenance": provenance(
+            task_version=task.version,
+            task_info=_jsonable(task.info),
+            device=str(_device(plan.model)),
+            dtype=str(_dtype(plan.model)).removeprefix("torch."),
+        ),
+        "config": config,
+        "config_sha256": sha,
+        "seeds": plan.seeds,
+        "model": _model_info(plan.model, model_source),
+        "reference": {**_model_info(plan.reference, None), "source": plan.reference_source},
+        "task": {
+            "name": task.name,
+            "version": task.version,
+            "loss": task.loss,
+            "classes": task.classes or None,
+            "score": _score_name(task),
+            "splits": {s: len(getattr(task, s)) for s in SPLITS if getattr(task, s, None) is not None},
+        },
+        "thresholds": {
+            **plan.th.to_dict(),
+            "phi_rule": "given" if thresholds.harm is not None else "default per task",
+        },
+        "budget": to_dict(plan.budget),
+        "attacks": entries,
+        "groups": {g: [s.key for s in items] for g, items in runs.groups.items()},
+        "search": runs.search_record,
+        **judged,
+        "metrics": metrics,
+        "timing": dict(timing),
+        "trials": runs.runner.bookkeeping(),
+    }
+
+
 def evaluate(
     model: ImmunizableModel,
     task: Task,
@@ -787,6 +972,9 @@ def evaluate(
     model_source: str | None = None,
     reference_source: str | None = None,
     checkpoint: Mapping[str, Any] | None = None,
+    workers: int | None = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate an immunized model: the four conditions, a verdict and per-attack curves.
 
@@ -805,14 +993,23 @@ def evaluate(
         thresholds: φ, κ (``slowdown``), δ_stab, δ_train, ε; φ = None is resolved per task.
         benign: the trainability recipe, run with ``split="primary"``; default ``linear_probe``
             for a LinearModel, ``full_finetune`` otherwise.
-        progress: show a progress bar over attack runs.
+        progress: show a progress bar over the trials of each batch.
         out: when given, write ``results.json`` into this folder (atomically) and, with ``report``,
             the report card ``report.md`` + ``report.html`` (plots need the ``[plots]`` extra). The
             folder is checked before any attack runs, so a long evaluation never ends on a failed write.
-        report: with ``out``, also write the report card (``False``: results.json only).
+            Every trial's record is kept in ``out/trials``; a rerun computes only the trials missing
+            there (after an interruption, or for added seeds and settings), and refuses a folder whose
+            trials were run on another model or task. Without ``out`` nothing is written.
+        report: with ``out``, also write the report card (``False``: results.json and trials only).
         model_source: where ``model`` came from (e.g. the checkpoint path), recorded.
         reference_source: the same for ``reference``.
         checkpoint: the model file's path and metadata, recorded as the record's ``checkpoint``.
+        workers: ``local``: 1 = every trial in this process (default), N > 1 = a pool of N spawned
+            processes; ``ray``: CPUs of the local Ray instance started when there is no address.
+            ``None``: the usable CPU cores. The numbers do not depend on it.
+        executor: ``"local"`` or ``"ray"`` (extra ``immunekit[ray]``), as for ``immunekit run``.
+        ray_address: ``ray`` only: the cluster (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``);
+            ``None``: ``RAY_ADDRESS``, else a local instance.
 
     Returns:
         The evaluation record (JSON-ready; layout in the module docstring of
@@ -820,8 +1017,11 @@ def evaluate(
 
     Raises:
         ConfigError: unknown attack or config key, bad budget, thresholds outside the score range,
-            no reference for a non-linear model, empty or repeated seeds, unsupported task loss.
+            no reference for a non-linear model, empty or repeated seeds, unsupported task loss,
+            an unknown executor or ``workers < 1``, a model that cannot be sent to worker processes,
+            an ``out`` whose trials were run on another model or task, Ray missing or unreachable.
         DataError: ``search`` without a ``val_harmful`` split.
+        SweepInterrupted: Ctrl-C with ``out``; the finished trials are kept for the rerun.
 
     """
     t_start = time.perf_counter()
@@ -829,279 +1029,54 @@ def evaluate(
         raise ConfigError(
             f"cannot write the evaluation into out={str(out)!r}: {problem}; choose another folder"
         )
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds must be distinct integers, got {seeds}; e.g. seeds=(0, 1, 2)")
-    if task.loss not in ("mse", "ce"):
-        raise ConfigError(f"evaluate supports tasks with loss 'mse' or 'ce', got {task.loss!r} ({task.name})")
-    th = thresholds.resolve(task.loss, task.classes or 2)
-    phi = float(th.harm)  # type: ignore[arg-type]
-    settings = resolve_settings(attacks, budget)
-    if search is not None and getattr(task, "val_harmful", None) is None:
-        raise DataError(
-            f"task {task.name!r} has no validation split 'val_harmful' for the attacker search; build it "
-            "with evaluation_splits=True (the CLI does) or drop the search"
-        )
-    if benign is None:
-        benign = "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
-    benign_run = benign_setting(benign, budget)
-    ref_source = reference_source
-    if reference is None:
-        reference = default_reference(model)
-        ref_source = DEFAULT_REFERENCE_SOURCE
-    elif ref_source is None:
-        ref_source = "given"
-    models = {"immunized": model, "reference": reference}
-
-    groups: dict[str, list[Setting]] = {
-        "resistance": list(settings),
-        "search": [],
-        "in_domain": [],
-        "cross_domain": [],
-        "benign": [benign_run],
-    }
-    entries: dict[str, dict[str, Any]] = {}
-    search_record: dict[str, Any] | None = None
-    skipped: dict[str, list[str]] = {"in_domain": [], "cross_domain": []}
-    n_runs = (len(settings) + 1 + (search is not None)) * len(seeds) * 2
-    t_attack = time.perf_counter()
-    with tqdm(total=n_runs, desc=f"evaluate {task.name}", unit="run", disable=not progress) as bar:
-
-        def measure(s: Setting) -> dict[str, Any]:
-            entry = _run_setting(s, models, task, seeds, bar)
-            entry["degenerate"] = {
-                role: [
-                    cond.degeneracy(c, loss, factor=th.divergence, score=task.loss)
-                    for c, loss in zip(entry["curves"][role], entry["loss_curves"][role], strict=True)
-                ]
-                for role in models
-            }
-            return entry
-
-        def run(group: str, s: Setting) -> dict[str, Any]:
-            entry = measure(s)
-            window = _refine_window(entry, group, th, phi, task.loss)
-            if window:
-                # the runs are seeded and evaluating changes no weight: the same attack, every step
-                # of the undecided window seen
-                logger.info(
-                    "%s: evaluations every %d steps cannot decide the comparison; re-running it "
-                    "evaluated at every step up to step %d",
-                    s.key,
-                    s.budget.eval_every,
-                    window,
-                )
-                grow(1)
-                dense = dataclasses.replace(s.budget, eval_dense_until=window)
-                entry = measure(Setting(s.key, s.name, s.overrides, dense))
-                entry["refined_until"] = window
-            entry["group"] = group
-            entries[s.key] = entry
-            return entry
-
-        def grow(n_settings: int) -> None:
-            bar.total += n_settings * len(seeds) * 2
-            bar.refresh()
-
-        for s in settings:
-            run("resistance", s)
-        for s in settings:
-            for lower in _backoff(s, entries, budget):
-                grow(1)
-                groups["resistance"].append(lower)
-                run("resistance", lower)["backoff_of"] = s.key
-        if search is not None:
-            logger.info("attacker search against the immunized model (seed %d)", seeds[0])
-            search_record, chosen = _run_search(
-                model, task, search, budget, seed=seeds[0], fixed=groups["resistance"]
-            )
-            groups["search"].append(chosen)
-            run("search", chosen)
-        for group, split in (("in_domain", "attack_disjoint"), ("cross_domain", "attack_cross")):
-            if getattr(task, split, None) is None:
-                continue
-            for s in [*groups["resistance"], *groups["search"]]:
-                if _accepts_split(s):
-                    groups[group].append(s.with_split(split, group))
-                else:
-                    skipped[group].append(s.key)
-            grow(len(groups[group]))
-            for s in groups[group]:
-                run(group, s)
-        run("benign", benign_run)
-    attack_seconds = time.perf_counter() - t_attack
-
-    t_measure = time.perf_counter()
-    horizon = {key: int(e["budget"]["steps"]) for key, e in entries.items()}
-    for key, e in entries.items():
-        e["bands"] = {role: _band(e["curves"][role]) for role in models}
-        if e["group"] != "benign":
-            e["summary"] = _summaries(e, phi, horizon[key], e["degenerate"])
-        for field_ in ("curves", "utility_curves", "loss_curves"):
-            e[field_] = {role: [[list(p) for p in c] for c in cs] for role, cs in e[field_].items()}
-
-    def curves_of(
-        group_names: Sequence[str], role: str, field_: str = "curves"
-    ) -> dict[str, list[list[tuple[int, float]]]]:
-        return {
-            k: [[(int(s), float(v)) for s, v in c] for c in e[field_][role]]
-            for k, e in entries.items()
-            if e["group"] in group_names
-        }
-
-    def judge(group_names: Sequence[str], name: str) -> dict[str, Any]:
-        return cond.resistance(
-            curves_of(group_names, "immunized"),
-            curves_of(group_names, "reference"),
-            phi=phi,
-            slowdown=th.slowdown,
-            horizon=T,
-            name=name,
-            losses_immunized=curves_of(group_names, "immunized", "loss_curves"),
-            losses_reference=curves_of(group_names, "reference", "loss_curves"),
-            divergence=th.divergence,
-            score=task.loss,
-        )
-
-    T = max(s.budget.steps for s in [*groups["resistance"], *groups["search"]])
-    res = judge(("resistance", "search"), "resistance")
-    per_attack = dict(res["per_attack"])
-    conditions: dict[str, dict[str, Any]] = {
-        "resistance_strong": res["strong"],
-        "resistance_weak": res["weak"],
-        "resistance": res["combined"],
-    }
-    for group, split, name in (
-        ("in_domain", "attack_disjoint", "generalization_in_domain"),
-        ("cross_domain", "attack_cross", "generalization_cross_domain"),
-    ):
-        if not groups[group]:
-            why = (
-                f"task {task.name!r} has no {split!r} split"
-                + (
-                    " (no second harmful domain)"
-                    if split == "attack_cross"
-                    else " (evaluation_splits=True adds it)"
-                )
-                if getattr(task, split, None) is None
-                else f"no attack accepts a training split: {skipped[group]}"
-            )
-            conditions[name] = cond.condition(name, cond.NOT_RUN, detail=why)
-            continue
-        g = judge((group,), name)
-        conditions[name] = {**g["combined"], "name": name, "strong": g["strong"], "weak": g["weak"]}
-        per_attack.update(g["per_attack"])
-
-    scores = {role: primary_score(m, task) for role, m in models.items()}
-    score_name = "R²" if task.loss == "mse" else "accuracy"
-    conditions["stability"] = {
-        **cond.stability(
-            scores["immunized"]["least_squares_head"],
-            scores["reference"]["least_squares_head"],
-            delta=th.stability,
-            metric=f"eval_primary {score_name} of the least-squares head",
-            trivial=scores["reference"]["trivial"],
-        ),
-        "own_head": {role: s["own_head"] for role, s in scores.items()},
-    }
-    benign_entry = entries[benign_run.key]
-    conditions["trainability"] = {
-        **cond.trainability(
-            curves_of(("benign",), "immunized")[benign_run.key],
-            curves_of(("benign",), "reference")[benign_run.key],
-            delta_train=th.train,
-            epsilon=th.train_steps,
-        ),
-        "recipe": benign_run.key,
-    }
-    benign_entry["quality_metric"] = f"eval_primary {score_name}"
-
-    res_imm = curves_of(("resistance", "search"), "immunized")
-    res_ref = curves_of(("resistance", "search"), "reference")
-    gates = cond.release_gates(_release_harm(res_imm), _release_harm(res_ref), phi=phi)
-    overlaps = _overlaps(task)
-    gates = {
-        "disjointness": cond.condition(
-            "disjointness",
-            cond.PASS if not any(overlaps.values()) else cond.FAIL,
-            value=sum(overlaps.values()),
-            threshold=0,
-            detail="row overlaps (hashed ids): " + ", ".join(f"{k} = {v}" for k, v in overlaps.items()),
-            overlaps=overlaps,
-        ),
-        **gates,
-        "attack_validity": cond.attack_validity(res["per_attack"]),
-    }
-    verdict = cond.overall_verdict(conditions, gates)
-    statement = cond.holds_statement(per_attack)
-    kappa = kappa_rir(model, reference, task)
-    measure_seconds = time.perf_counter() - t_measure
-
-    config = evaluation_config(
+    plan = _plan(
         model,
         task,
         attacks=attacks,
         budget=budget,
         seeds=seeds,
+        reference=reference,
+        search=search,
+        thresholds=thresholds,
+        benign=benign,
+        reference_source=reference_source,
+    )
+    runner = TrialRunner(
+        out,
+        executor=executor,
+        workers=workers,
+        address=ray_address,
+        progress=progress,
+        desc=f"evaluate {task.name}",
+    )
+    runs = _Runs(plan, runner)
+    t_attack = time.perf_counter()
+    with runner:
+        runs.run()
+    attack_seconds = time.perf_counter() - t_attack
+    t_measure = time.perf_counter()
+    judged = _judge(plan, runs, runs.entries())
+    config = evaluation_config(
+        model,
+        task,
+        attacks=attacks,  # type: ignore[arg-type]
+        budget=budget,
+        seeds=plan.seeds,
         thresholds=thresholds,
         search=search,
-        benign=benign,
-        reference_source=ref_source,
+        benign=plan.benign,
+        reference_source=plan.reference_source,
     )
-    sha = config_sha256(config)
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    metrics = _headline_metrics(entries, conditions, kappa, attack_seconds, measure_seconds)
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "rules_version": cond.RULES_VERSION,
-        "run_id": f"evaluate-{task.name}-{created.replace('-', '').replace(':', '')}-{sha[:8]}",
-        "created_at": created,
-        "provenance": provenance(
-            task_version=task.version,
-            task_info=_jsonable(task.info),
-            device=str(_device(model)),
-            dtype=str(_dtype(model)).removeprefix("torch."),
-        ),
-        "config": config,
-        "config_sha256": sha,
-        "seeds": seeds,
-        "model": _model_info(model, model_source),
-        "reference": {**_model_info(reference, None), "source": ref_source or "given"},
-        "task": {
-            "name": task.name,
-            "version": task.version,
-            "loss": task.loss,
-            "classes": task.classes or None,
-            "score": score_name,
-            "splits": {s: len(getattr(task, s)) for s in SPLITS if getattr(task, s, None) is not None},
-        },
-        "thresholds": {
-            **th.to_dict(),
-            "phi_rule": "given" if thresholds.harm is not None else "default per task",
-        },
-        "budget": to_dict(budget),
-        "attacks": entries,
-        "groups": {g: [s.key for s in items] for g, items in groups.items()},
-        "search": search_record,
-        "conditions": conditions,
-        "per_attack": per_attack,
-        "gates": gates,
-        "verdict": verdict,
-        "statement": statement,
-        "kappa": kappa,
-        "metrics": metrics,
-        "timing": {
-            "attack_seconds": attack_seconds,
-            "measure_seconds": measure_seconds,
-            "total_seconds": time.perf_counter() - t_start,
-        },
-    }
+    timing = {"attack_seconds": attack_seconds, "measure_seconds": time.perf_counter() - t_measure}
+    record = _record(
+        plan, runs, judged, config, model_source=model_source, thresholds=thresholds,
+        timing={**timing, "total_seconds": time.perf_counter() - t_start},
+    )  # fmt: skip
     if checkpoint is not None:
         record["checkpoint"] = dict(checkpoint)
     if out is not None:
         _write_outputs(record, Path(out), report=report)
-    logger.info("verdict: %s; %s", verdict["verdict"], statement["text"])
+    logger.info("verdict: %s; %s", record["verdict"]["verdict"], record["statement"]["text"])
     return record
 
 
@@ -1192,13 +1167,16 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[ImmunizableMod
 
 
 __all__ = [
+    "BENIGN_EVALUATIONS",
     "DEFAULT_ATTACKS",
     "DEFAULT_BUDGET",
     "KIND",
     "AttackSpec",
     "Setting",
+    "benign_setting",
     "default_reference",
     "evaluate",
+    "evaluation_config",
     "kappa_rir",
     "load_model",
     "parse_attack_list",
