@@ -39,7 +39,9 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     instead: ``report.md`` and a self-contained ``report.html`` (:func:`immunekit.reports.card.write_card`).
     A folder without its own ``results.json`` that holds evaluation records in subfolders (``immunekit
     evaluate --model DIR``) gets the method comparison: ``summary.md`` and ``summary.html``
-    (:func:`immunekit.reports.comparison.write_comparison`).
+    (:func:`immunekit.reports.comparison.write_comparison`). A deep vision record (``kind ==
+    "deep_vision"``, from ``immunekit run deep-vision``) gets its own report: ``report.md`` and
+    ``probe_curves.png`` (:func:`immunekit.reports.deep_vision.write_deep_vision_report`).
 
     Returns:
         Path of the written ``report.md`` (``summary.md`` for a comparison folder).
@@ -53,10 +55,15 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     if comparison.is_comparison_dir(results_path_or_dir):
         return comparison.write_comparison(results_path_or_dir, out_dir)[0]
     results_file = resolve_results_path(results_path_or_dir)
-    if _is_evaluation_file(results_file):
+    kind = _kind(results_file)
+    if kind == "evaluation":
         from immunekit.reports.card import write_card
 
         return write_card(results_file, out_dir)[0]
+    if kind == "deep_vision":
+        from immunekit.reports.deep_vision import write_deep_vision_report
+
+        return write_deep_vision_report(results_file, out_dir)
     results = load_results(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -67,15 +74,16 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     return report
 
 
-def _is_evaluation_file(path: Path) -> bool:
-    """True when ``path`` is a JSON object with ``kind == "evaluation"`` (errors: left to the loaders)."""
+def _kind(path: Path) -> str | None:
+    """The ``kind`` of the JSON object at ``path``, or ``None`` (errors: left to the loaders)."""
     import json
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(data, Mapping) and data.get("kind") == "evaluation"
+        return None
+    kind = data.get("kind") if isinstance(data, Mapping) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _write_figures(results: Mapping[str, Any], out: Path) -> dict[str, str]:
