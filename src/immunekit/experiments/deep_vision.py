@@ -111,7 +111,7 @@ from immunekit.defenses.deep import group_features
 from immunekit.errors import ConfigError, DataError, NumericalError
 from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
-from immunekit.experiments.linear import MethodSpec
+from immunekit.experiments.linear import MethodSpec, apply_defense_sections
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import OPTIONS, Experiment, RunContext, is_writer
 from immunekit.metrics.rir_groups import rir_by_groups
@@ -499,33 +499,12 @@ def build_config(data: Mapping[str, Any]) -> DeepVisionConfig:
     methods = data.get("methods")
     if isinstance(methods, list | tuple):
         methods = [{"key": m} if isinstance(m, str) else dict(m) for m in methods]
-        data["methods"] = _merge_sections(methods, sections)
+        data["methods"] = apply_defense_sections(methods, sections)
     elif sections:
         raise ConfigError("defenses: settings given but no methods list; add methods or drop defenses")
     cfg = load_config(DeepVisionConfig, data, where="deep_vision")
     check_defenses(cfg)
     return cfg
-
-
-def _merge_sections(methods: list[Any], sections: Any) -> list[Any]:
-    if not isinstance(sections, Mapping):
-        raise ConfigError(f"defenses must map method keys to settings, got {sections!r}")
-    keys = [m.get("key") for m in methods if isinstance(m, Mapping)]
-    for key, settings in sections.items():
-        if key not in keys:
-            hint = did_you_mean(str(key), [str(k) for k in keys])
-            hint = hint if "did you mean" in hint else ""
-            raise ConfigError(
-                f"defenses.{key}: no method {key!r} in this run{hint} "
-                f"(methods: {', '.join(map(str, keys))}); "
-                "add it to --methods or drop the setting"
-            )
-        if not isinstance(settings, Mapping):
-            raise ConfigError(f"defenses.{key} must be a mapping of settings, got {settings!r}")
-        for m in methods:
-            if isinstance(m, dict) and m.get("key") == key:
-                m["overrides"] = {**(m.get("overrides") or {}), **settings}
-    return methods
 
 
 def method_overrides(cfg: DeepVisionConfig, method: MethodSpec, backbone: str) -> dict[str, Any]:

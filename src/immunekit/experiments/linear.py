@@ -212,13 +212,13 @@ def build_config(data: dict[str, Any]) -> LinearExperimentConfig:
     sections = data.pop(DEFENSES_SECTION, None)
     data = normalise(data)
     if sections:
-        data["methods"] = _apply_defense_sections(data.get("methods", []), sections)
+        data["methods"] = apply_defense_sections(data.get("methods", []), sections)
     cfg = load_config(LinearExperimentConfig, data, where="experiment")
     check_methods_and_attacks(cfg)
     return cfg
 
 
-def _apply_defense_sections(methods: Any, sections: Any) -> list[Any]:
+def apply_defense_sections(methods: Any, sections: Any) -> list[Any]:
     """Merge ``defenses.<key>`` settings into the ``overrides`` of the method called ``key``."""
     if not isinstance(sections, dict):
         raise ConfigError(
