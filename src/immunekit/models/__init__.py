@@ -11,6 +11,9 @@ from immunekit.models.checkpoint import (
     save_checkpoint,
 )
 
+# Imported on first use (it needs transformers): load_checkpoint finds "causal_lm" through this.
+MODELS.register_lazy("causal_lm", "immunekit.models.causal_lm:CausalLM")
+
 __all__ = [
     "MODELS",
     "ImmunizableModel",
