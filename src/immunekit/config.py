@@ -127,6 +127,20 @@ def load_config(cls: type[C], data: Mapping[str, Any] | None, *, where: str = ""
         raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
 
 
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise unless ``value`` is an int (not a bool) ``>= minimum``; the message names ``name`` and the bound.
+
+    Example:
+        >>> check_int("epochs", 0)
+        Traceback (most recent call last):
+        ...
+        immunekit.errors.ConfigError: epochs=0 is invalid; use an integer >= 1
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-JSON view of a (nested) config dataclass; tuples become lists."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))

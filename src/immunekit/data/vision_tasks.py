@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from immunekit.config import config_sha256, load_config
+from immunekit.config import check_int, config_sha256, load_config
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.registry import did_you_mean
@@ -133,20 +133,15 @@ class VisionTaskConfig:
             raise ConfigError(
                 f"primary and harmful are both {self.primary!r}; D_P and D_H must be two different domains"
             )
-        _check_int("val_rows", self.val_rows, minimum=1)
+        check_int("val_rows", self.val_rows, minimum=1)
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=2)
-        _check_int("subsample_seed", self.subsample_seed, minimum=0)
+                check_int(name, getattr(self, name), minimum=2)
+        check_int("subsample_seed", self.subsample_seed, minimum=0)
         if len(self.synthetic_rows) != 3:
             raise ConfigError(f"synthetic_rows must be (train, val, test), got {list(self.synthetic_rows)}")
         for n in self.synthetic_rows:
-            _check_int("synthetic_rows", n, minimum=2)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}")
+            check_int("synthetic_rows", n, minimum=2)
 
 
 @dataclass(frozen=True, eq=False)

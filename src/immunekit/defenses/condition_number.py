@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 
 from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
-from immunekit.defenses.deep import PRIMARY_GRAD_RATIO, check_training_settings, fit_deep
+from immunekit.defenses.deep import PRIMARY_GRAD_RATIO, DeepTrainingConfig, check_training_settings, fit_deep
 from immunekit.defenses.linear_common import task_grads, task_head_width
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel, LinearModel
@@ -864,31 +864,17 @@ class _Screen:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConditionNumberConfig(SpectralDefenseConfig):
+class ConditionNumberConfig(SpectralDefenseConfig, DeepTrainingConfig):
     """Algorithm 1's settings plus those of the deep-network variant (:mod:`immunekit.defenses.deep`).
 
-    The fields below are read only when the model is not a LinearModel; the deep loop also reads
+    The deep loop's own fields (``epochs`` … ``weight_decay_head``) come from
+    :class:`~immunekit.defenses.deep.DeepTrainingConfig` and, with ``primary_grad_ratio``, are
+    read only when the model is not a LinearModel; the deep loop also reads
     ``lr`` (its SGD step), ``lambda_primary``, ``lambda_harmful``, ``balance`` (``init`` or
     ``fixed``), ``rank_rtol``, ``delta_min``, ``task_loss`` and ``progress``. On a deep model an
     unset ``lambda_primary`` is derived from the task gradient at θ_0 (``primary_grad_ratio``, see
     :mod:`immunekit.defenses.deep`), not the linear default 1.
     """
-
-    epochs: int = field(default=1, metadata={"help": "deep: passes over the harmful training data"})
-    batch_size: int = field(
-        default=64, metadata={"help": "deep: rows per D_P and per D_H mini-batch (harmful batch >= 2)"}
-    )
-    blocks: int = field(
-        default=1, metadata={"help": "deep: trainable blocks counted from the output side (plus the head)"}
-    )
-    label_smoothing: float = field(
-        default=0.1, metadata={"help": "deep: ε of the label-smoothed cross-entropy task term"}
-    )
-    momentum: float = field(default=0.9, metadata={"help": "deep: SGD momentum (Nesterov when > 0)"})
-    weight_decay_extractor: float = field(
-        default=0.0, metadata={"help": "deep: weight decay of the trainable extractor blocks"}
-    )
-    weight_decay_head: float = field(default=2e-5, metadata={"help": "deep: weight decay of the head"})
 
     primary_grad_ratio: float = field(
         default=PRIMARY_GRAD_RATIO,

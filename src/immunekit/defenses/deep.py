@@ -262,10 +262,7 @@ class DeepConfig(TrainingConfig, Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class DeepTrainingConfig(DefenseConfig):
-    """The shared loop's settings for a defense whose linear config lacks them (IMMA).
-
-    ``ConditionNumberConfig`` declares the same fields with the same defaults and checks.
-    """
+    """The shared loop's settings: IMMA's config and ``ConditionNumberConfig`` both inherit them."""
 
     epochs: int = field(default=1, metadata={"help": "deep: passes over the harmful training data"})
     batch_size: int = field(

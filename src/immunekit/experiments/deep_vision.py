@@ -102,7 +102,7 @@ from torch import Tensor, nn
 from immunekit import assets
 from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget, AttackResult
-from immunekit.config import config_sha256, load_config, to_dict
+from immunekit.config import check_int, config_sha256, load_config, to_dict
 from immunekit.data.task import Dataset, Task
 from immunekit.data.vision_tasks import VisionTaskConfig, folder_task, image_folder_available, vision_task
 from immunekit.defenses import DEFENSES
@@ -111,7 +111,7 @@ from immunekit.defenses.deep import group_features
 from immunekit.errors import ConfigError, DataError, NumericalError
 from immunekit.experiments import sweep
 from immunekit.experiments.io import atomic_write_json, read_json
-from immunekit.experiments.linear import MethodSpec, apply_defense_sections
+from immunekit.experiments.linear import MethodSpec, apply_defense_sections, read_paper_table
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import OPTIONS, Experiment, RunContext, is_writer
 from immunekit.metrics.rir_groups import rir_by_groups
@@ -196,7 +196,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int("data.feature_batch_size", self.feature_batch_size, 1)
+        check_int("data.feature_batch_size", self.feature_batch_size, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,16 +222,16 @@ class Theta0Config:
     )
 
     def __post_init__(self) -> None:
-        _check_int("theta0.seed", self.seed, 0)
+        check_int("theta0.seed", self.seed, 0)
         for name, value in self.epochs.items():
             if name not in ("resnet", "vit"):
                 raise ConfigError(
                     f"theta0.epochs.{name}: only the small resnet and vit θ_0 are trained here; use "
                     "resnet or vit"
                 )
-            _check_int(f"theta0.epochs.{name}", value, 1)
-        _check_int("theta0.head_epochs", self.head_epochs, 1)
-        _check_int("theta0.head_batch_size", self.head_batch_size, 1)
+            check_int(f"theta0.epochs.{name}", value, 1)
+        check_int("theta0.head_epochs", self.head_epochs, 1)
+        check_int("theta0.head_batch_size", self.head_batch_size, 1)
         _check_positive("theta0.head_lr", self.head_lr)
 
 
@@ -253,8 +253,8 @@ class RIRConfig:
     full_data: bool = field(default=True, metadata={"help": "also κ over all D_P / D_H training features"})
 
     def __post_init__(self) -> None:
-        _check_int("rir.groups", self.groups, 1)
-        _check_int("rir.per_group", self.per_group, 2)
+        check_int("rir.groups", self.groups, 1)
+        check_int("rir.per_group", self.per_group, 2)
         check_band(self.band)
         if self.rank_rtol is not None and not 0 < self.rank_rtol < 1:
             raise ConfigError(f"rir.rank_rtol must be in (0, 1) or null, got {self.rank_rtol}")
@@ -297,10 +297,10 @@ class ProbeConfig:
                 f"probe.attack={self.attack!r} is not a frozen-feature probe"
                 f"{did_you_mean(str(self.attack), list(PROBE_ATTACKS))}"
             )
-        _check_int("probe.epochs", self.epochs, 1)
-        _check_int("probe.batch_size", self.batch_size, 1)
-        _check_int("probe.select_epochs", self.select_epochs, 1)
-        _check_int("probe.select_seed", self.select_seed, 0)
+        check_int("probe.epochs", self.epochs, 1)
+        check_int("probe.batch_size", self.batch_size, 1)
+        check_int("probe.select_epochs", self.select_epochs, 1)
+        check_int("probe.select_seed", self.select_seed, 0)
         if self.lr is not None:
             _check_positive("probe.lr", self.lr)
         if self.lr is None and not self.lr_grid:
@@ -326,8 +326,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_positive("finetune.epochs", self.epochs)
-        _check_int("finetune.batch_size", self.batch_size, 1)
-        _check_int("finetune.partial_blocks", self.partial_blocks, 1)
+        check_int("finetune.batch_size", self.batch_size, 1)
+        check_int("finetune.partial_blocks", self.partial_blocks, 1)
         AttackBudget(steps=1, optimizer=self.optimizer, lr=self.lr)  # type: ignore[arg-type]  # checks the name
 
 
@@ -442,11 +442,6 @@ class DeepVisionConfig:
             )
         if self.rir.groups * self.rir.per_group < 2:
             raise ConfigError("rir.groups × rir.per_group must be >= 2")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}")
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -1866,16 +1861,11 @@ def paper_reference(key: str | None) -> dict[str, Any]:
     """The paper's Table 3 (``experiments/paper_tables.json``), labelled as other data and scale."""
     if not key:
         return {}
-    tables = read_json(Path(__file__).with_name("paper_tables.json"))
-    if key not in tables:
-        raise ConfigError(
-            f"unknown paper table {key!r}; choose one of {sorted(k for k in tables if k != 'source')}"
-        )
-    table = dict(tables[key])
+    source, table, _ = read_paper_table(key)
     columns = table.pop("columns", [])
     init = table.pop("init_accuracy", {})
     return {
-        "source": f"{tables['source']}, {key}",
+        "source": source,
         "label": PAPER_LABEL,
         "columns": columns,
         "init_accuracy": init,

@@ -1041,6 +1041,21 @@ def summarise(name: str, values: list[float | None]) -> dict[str, Any]:
     }
 
 
+def read_paper_table(key: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(source, table, all tables)`` of ``key`` in ``paper_tables.json``; the table is a copy.
+
+    Raises:
+        ConfigError: ``key`` names no table (the message lists them).
+
+    """
+    tables = read_json(Path(__file__).with_name("paper_tables.json"))
+    if key not in tables:
+        raise ConfigError(
+            f"unknown paper table {key!r}; choose one of {sorted(k for k in tables if k != 'source')}"
+        )
+    return f"{tables['source']}, {key}", dict(tables[key]), tables
+
+
 def paper_rows(key: str | None) -> dict[str, Any]:
     """The paper's numbers for ``key`` (a table in paper_tables.json), or {}.
 
@@ -1049,13 +1064,8 @@ def paper_rows(key: str | None) -> dict[str, Any]:
     """
     if not key:
         return {}
-    tables = read_json(Path(__file__).with_name("paper_tables.json"))
-    if key not in tables:
-        raise ConfigError(
-            f"unknown paper table {key!r}; choose one of {sorted(k for k in tables if k != 'source')}"
-        )
-    table = dict(tables[key])
-    out: dict[str, Any] = {"source": f"{tables['source']}, {key}"}
+    source, table, tables = read_paper_table(key)
+    out: dict[str, Any] = {"source": source}
     if all(isinstance(v, int | float) for v in table.values()):
         out.update(columns=["rir"], rows={m: [v] for m, v in table.items()}, table2=table)
         fig2 = {k: v for k, v in tables.get("fig2_mnist_ln_rir", {}).items() if k != "layout"}

@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from immunekit import assets
+from immunekit.config import check_int
 from immunekit.data import mnist
 from immunekit.errors import ConfigError, DataError
 from immunekit.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
@@ -181,10 +182,10 @@ def train_theta0(
         raise ConfigError(
             f"unknown theta0 backbone {backbone!r}{did_you_mean(str(backbone), list(BACKBONES))}"
         )
-    _check_int("seed", seed, minimum=0)
-    _check_int("epochs", epochs, minimum=1)
+    check_int("seed", seed, minimum=0)
+    check_int("epochs", epochs, minimum=1)
     if num_threads is not None:
-        _check_int("num_threads", num_threads, minimum=1)
+        check_int("num_threads", num_threads, minimum=1)
     cls = BACKBONES[backbone]
     settings = SETTINGS[backbone]
     config = cls.default_config()
@@ -347,11 +348,6 @@ def _subseed(seed: int, *parts: object) -> int:
     """A 63-bit generator seed derived from ``seed`` and a purpose (stable across runs and platforms)."""
     text = ":".join(["immunekit.theta0", str(seed), *map(str, parts)])
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; use an integer >= {minimum}")
 
 
 def _transformers_version() -> str:

@@ -44,9 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from immunekit.assets import cache_dir, cached_path, installed_member, pin, verified
+from immunekit.config import check_int
 from immunekit.errors import AssetError, ConfigError, DataError
 from immunekit.models.base import ImmunizableModel
 from immunekit.models.checkpoint import register_model
+from immunekit.models.hf_vision import require_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ class CausalLM(ImmunizableModel):
         }
         for name, value in config.items():
             if name != "model_type" and not isinstance(value, bool):
-                _check_int(name, value)
+                check_int(name, value)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return cls(config)
@@ -411,7 +413,7 @@ class CausalLM(ImmunizableModel):
             ``(N, T + n)`` ids, prompt included, ``n <= max_new_tokens``.
 
         """
-        _check_int("max_new_tokens", max_new_tokens)
+        check_int("max_new_tokens", max_new_tokens)
         input_ids, mask = self._check_inputs(input_ids, attention_mask)
         kwargs.setdefault("do_sample", False)
         pad = self.hf_config.pad_token_id
@@ -502,16 +504,4 @@ def _make_config(config: Mapping[str, Any]) -> Any:
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError(
-            f"CausalLM needs {TRANSFORMERS_REQUIREMENT}; install it with "
-            f"`pip install '{TRANSFORMERS_REQUIREMENT}'` (or immunekit's [hf] extra)"
-        ) from exc
-    return transformers
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} is invalid; use a positive integer")
+    return require_transformers("CausalLM", TRANSFORMERS_REQUIREMENT)

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from immunekit.config import check_int
 from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel
 from immunekit.models.checkpoint import register_model
@@ -162,7 +163,7 @@ class _HFVisionModel(ImmunizableModel):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
+        check_int("num_classes", num_classes)
         hf_config = self._make_config(self.default_config() if config is None else config)
         self._setup(self._build(hf_config), num_classes, head_bias, dtype)
 
@@ -312,7 +313,7 @@ class _HFVisionModel(ImmunizableModel):
             hint = f"; load it with {other}.from_pretrained_dir" if other else ""
             raise ConfigError(f"{str(folder)!r} holds a {model_type!r} model, not {cls.MODEL_TYPE!r}{hint}")
         if num_classes is not None:
-            _check_int("num_classes", num_classes)
+            check_int("num_classes", num_classes)
         backbone, classifier = cls._load(folder, classifier=num_classes is None)
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
@@ -356,20 +357,20 @@ def _check_classifier(folder: Path, info: Mapping[str, Any]) -> None:
         )
 
 
-def _transformers() -> Any:
+def require_transformers(who: str, requirement: str = TRANSFORMERS_REQUIREMENT) -> Any:
+    """The ``transformers`` module, or a ConfigError saying that ``who`` needs ``requirement`` and how."""
     try:
         import transformers
     except ImportError as exc:
         raise ConfigError(
-            f"HFResNet and HFViT need {TRANSFORMERS_REQUIREMENT}; install it with "
-            f"`pip install '{TRANSFORMERS_REQUIREMENT}'` (or immunekit's [hf] extra)"
+            f"{who} need{'s' if ' and ' not in who else ''} {requirement}; install it with "
+            f"`pip install '{requirement}'` (or immunekit's [hf] extra)"
         ) from exc
     return transformers
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} is invalid; use a positive integer")
+def _transformers() -> Any:
+    return require_transformers("HFResNet and HFViT")
 
 
 # --- ResNet ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from immunekit import assets
+from immunekit.config import check_int
 from immunekit.errors import AssetError, ConfigError, DataError
 from immunekit.models.base import ImmunizableModel
 from immunekit.models.checkpoint import register_model
@@ -207,7 +208,7 @@ class DigitCNN(ImmunizableModel):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
+        check_int("num_classes", num_classes)
         self.extractor = nn.Sequential(
             OrderedDict(
                 input=ImageBatch(),
@@ -301,8 +302,8 @@ class EfficientNetLite0(ImmunizableModel):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        _check_int("image_size", image_size)
+        check_int("num_classes", num_classes)
+        check_int("image_size", image_size)
         if image_size % 32:
             raise ConfigError(
                 f"image_size={image_size} is not a multiple of 32 (EfficientNet halves it 5 times); "
@@ -383,11 +384,6 @@ def _group_stages(net: Any) -> tuple[list[nn.Sequential], dict[str, str]]:
 
 
 # --- pretrained weights ---------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} is invalid; use a positive integer")
 
 
 def _asset_file(name: str) -> Path:
