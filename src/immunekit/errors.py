@@ -21,3 +21,7 @@ class AssetError(ImmunekitError, RuntimeError):
 
 class NumericalError(ImmunekitError, ArithmeticError):
     """A numerical precondition failed (e.g. a singular matrix where an inverse is needed)."""
+
+
+class JudgeError(ImmunekitError, RuntimeError):
+    """A judge could not score a completion (endpoint down, refused, or unparsable replies)."""

@@ -29,6 +29,8 @@ ATTACKS.register_lazy("full_finetune", "immunekit.attacks.finetune:FullFinetune"
 ATTACKS.register_lazy("partial_finetune", "immunekit.attacks.finetune:PartialFinetune")
 ATTACKS.register_lazy("relearn", "immunekit.attacks.finetune:Relearn")
 ATTACKS.register_lazy("lora", "immunekit.attacks.lora:LoraFinetune")
+ATTACKS.register_lazy("lm_finetune", "immunekit.attacks.lm_sft:LmFinetune")
+ATTACKS.register_lazy("lm_lora", "immunekit.attacks.lm_sft:LmLora")
 ATTACKS.register_lazy("worst_case", "immunekit.attacks.worst_case:WorstCase")
 ATTACKS.register_lazy("attacker_search", "immunekit.attacks.worst_case:AttackerSearch")
 

@@ -108,7 +108,7 @@ class LoraFinetune(_TorchAttack):
             ),
         )
         (init,) = rng_streams(seed, "init")  # the loop's batch order comes from the "batches" stream
-        _seeded_init(work, init)
+        seeded_lora_init(work, init)
         params = [p for p in work.parameters() if p.requires_grad]
         out = run_loop(
             work,
@@ -128,7 +128,7 @@ class LoraFinetune(_TorchAttack):
         return self.result(merged, out, extra)
 
 
-def _seeded_init(model: nn.Module, gen: torch.Generator) -> None:
+def seeded_lora_init(model: nn.Module, gen: torch.Generator) -> None:
     """A ~ U(−1/√in, 1/√in) from ``gen`` and B = 0 for every LoRA adapter (peft's init, seeded)."""
     with torch.no_grad():
         for module in model.modules():

@@ -74,8 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         type=Path,
         required=True,
-        help="immunized model: an immunekit safetensors checkpoint, or a directory: every *.safetensors "
-        "below it (task from each checkpoint's metadata) plus a comparison summary",
+        help="immunized model: an immunekit safetensors checkpoint; a Hugging Face causal-LM folder "
+        "(config.json, weights, tokenizer: task qi_harmful_text, attack lm_finetune); or a directory: every "
+        "*.safetensors below it (task from each checkpoint's metadata) plus a comparison summary",
     )
     p.add_argument(
         "--match",
@@ -158,7 +159,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--reference",
         type=Path,
         default=None,
-        help="reference model (before immunization); default for linear models: θ_0 = I with a zero head",
+        help="reference model (before immunization), a checkpoint or a Hugging Face folder; default for "
+        "linear models: θ_0 = I with a zero head",
     )
     p.add_argument(
         "--out",
@@ -256,6 +258,8 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
     task_kwargs.update(table)
     task_kwargs.update(task_sets)
     task_kwargs["evaluation_splits"] = True
+    if getattr(model, "tokenizer", None) is not None:  # a language model: prompts use its chat template
+        task_kwargs["tokenizer"] = model.tokenizer
     builder = TASKS.get(str(name))
     try:
         task = builder(**task_kwargs)
@@ -310,7 +314,9 @@ def build_inputs(args: argparse.Namespace, path: Path | None = None) -> dict[str
 
 def handle(args: argparse.Namespace) -> int:
     """Evaluate, write results.json (and the report card), print the verdict."""
-    if args.model.is_dir():
+    from immunekit.experiments.evaluate import is_hf_folder
+
+    if args.model.is_dir() and not is_hf_folder(args.model):
         return handle_directory(args)
     if args.match is not None:
         raise ConfigError(f"--match filters the checkpoints of a directory; --model {args.model} is a file")

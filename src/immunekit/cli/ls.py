@@ -9,19 +9,21 @@ from immunekit.data import TASKS
 from immunekit.defenses import DEFENSES
 from immunekit.experiments import experiment_names
 from immunekit.metrics import METRICS
+from immunekit.metrics.judges import JUDGES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``ls``."""
     p = sub.add_parser(
         "ls",
-        help="list defenses, attacks, tasks and experiments",
-        description="List what is registered: defenses, attacks, optimizers, tasks, metrics, experiments.",
+        help="list defenses, attacks, tasks, judges and experiments",
+        description="List what is registered: defenses, attacks, optimizers, tasks, metrics, judges and "
+        "experiments.",
     )
     p.add_argument(
         "kind",
         nargs="?",
-        choices=("defenses", "attacks", "tasks", "metrics", "experiments"),
+        choices=("defenses", "attacks", "tasks", "metrics", "judges", "experiments"),
         help="only this kind",
     )
     p.set_defaults(handler=handle)
@@ -34,6 +36,7 @@ def handle(args: argparse.Namespace) -> int:
         "attacks": [*ATTACKS.names(), f"(optimizers: {', '.join(OPTIMIZERS)})"],
         "tasks": TASKS.names(),
         "metrics": METRICS.names(),
+        "judges": JUDGES.names(),
         "experiments": [n.replace("_", "-") for n in experiment_names()],
     }
     for kind, names in kinds.items():

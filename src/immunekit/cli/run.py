@@ -90,7 +90,12 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
             continue
         group = p.add_argument_group(f"{name.replace('_', '-')} options")
         for o in fresh:
-            group.add_argument(o.flag, dest=_dest(o.flag), metavar=o.metavar, help=o.help)
+            if o.const is not None:
+                group.add_argument(
+                    o.flag, dest=_dest(o.flag), action="store_const", const=o.const, help=o.help
+                )
+            else:
+                group.add_argument(o.flag, dest=_dest(o.flag), metavar=o.metavar, help=o.help)
             seen.add(o.flag)
 
 
@@ -124,7 +129,8 @@ def _experiment_flags(args: argparse.Namespace, name: str) -> dict[str, Any]:
                 f"{flag} applies to {', '.join(owners)}, not {key.replace('_', '-')}; drop {flag} or run "
                 f"{' / '.join(owners)}"
             )
-        flags = deep_merge(flags, _nested(own[flag].path, own[flag].convert(value)))
+        converted = value if own[flag].const is not None else own[flag].convert(value)
+        flags = deep_merge(flags, _nested(own[flag].path, converted))
     return flags
 
 

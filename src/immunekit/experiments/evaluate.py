@@ -335,6 +335,26 @@ def primary_score(model: ImmunizableModel, task: Task) -> dict[str, float]:
     }
 
 
+def lm_primary_score(model: ImmunizableModel, task: Task) -> dict[str, float]:
+    """Stability on an ``lm`` task: 1 / perplexity of ``eval_primary``'s answers (in (0, 1]).
+
+    The same number fills the least-squares-head slot (nothing is refitted: the model's own
+    next-token head is what a user of a language model gets); trivial = 1 / V, the uniform
+    predictor's score.
+    """
+    from immunekit.attacks.lm_eval import answer_perplexity
+    from immunekit.models.causal_lm import CausalLM
+
+    if not isinstance(model, CausalLM):
+        raise ConfigError(f"an 'lm' task needs CausalLM models, got {type(model).__name__}")
+    from immunekit.data.token_split import TokenSplit
+
+    if not isinstance(task.eval_primary, TokenSplit):
+        raise ConfigError(f"an 'lm' task needs token splits, got {type(task.eval_primary).__name__}")
+    score = 1.0 / answer_perplexity(model, task.eval_primary)
+    return {"least_squares_head": score, "own_head": score, "trivial": 1.0 / model.vocab_size}
+
+
 def trivial_score(task: Task) -> float:
     """Score of the best constant predictor on ``eval_primary``: R² 0, or the majority-class share.
 
@@ -459,6 +479,34 @@ def _overlaps(task: Task) -> dict[str, int]:
 DEFAULT_REFERENCE_SOURCE = "θ_0 = identity extractor, zero head (default for a LinearModel)"
 
 
+LM_BUDGET = AttackBudget(steps=50, batch_size=10, lr=5e-5, optimizer="adamw", eval_every=10)
+"""The default budget on a language-model task: Qi et al.'s 100-shot recipe (5 epochs of 10 steps at
+batch 10, AdamW, lr 5e-5), judged every 10 steps."""
+LM_ATTACKS: tuple[AttackSpec, ...] = ("lm_finetune",)
+"""The default grid on a language-model task: full fine-tuning on the harmful pairs."""
+
+
+def default_benign(model: ImmunizableModel, task: Task) -> AttackSpec:
+    """The trainability recipe: ``linear_probe`` (linear), ``lm_finetune`` (lm), else ``full_finetune``."""
+    if task.loss == "lm":
+        return "lm_finetune"
+    return "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
+
+
+def lm_defaults(
+    task: Task, attacks: Sequence[AttackSpec] | str, budget: AttackBudget
+) -> tuple[Sequence[AttackSpec] | str, AttackBudget]:
+    """The defaults of an ``lm`` task: :data:`LM_ATTACKS` and :data:`LM_BUDGET`.
+
+    The packaged grid (linear probes) and budget (Adam at 0.01) are replaced; anything the caller
+    set is kept.
+    """
+    if task.loss != "lm":
+        return attacks, budget
+    attacks = LM_ATTACKS if tuple(attacks) == DEFAULT_ATTACKS else attacks
+    return attacks, (LM_BUDGET if budget == DEFAULT_BUDGET else budget)
+
+
 def evaluation_config(
     model: ImmunizableModel,
     task: Task,
@@ -478,7 +526,7 @@ def evaluation_config(
     default reference of a LinearModel.
     """
     if benign is None:
-        benign = "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
+        benign = default_benign(model, task)
     return {
         "attacks": [s.to_dict() for s in resolve_settings(attacks, budget)],
         "budget": to_dict(budget),
@@ -502,10 +550,15 @@ def _measurement_rules() -> dict[str, Any]:
 
 
 def _measurements(model: ImmunizableModel, reference: ImmunizableModel, task: Task) -> dict[str, Any]:
-    """The measurement trial: stability scores of both models, κ/RIR and the split overlaps."""
+    """The measurement trial: stability scores of both models, κ/RIR and the split overlaps.
+
+    On an ``lm`` task the stability score is the model's own 1 / perplexity of ``eval_primary``'s
+    answers (a language model has no least-squares head to refit) and κ is not measured.
+    """
+    score = lm_primary_score if task.loss == "lm" else primary_score
     return {
-        "scores": {"immunized": primary_score(model, task), "reference": primary_score(reference, task)},
-        "kappa": kappa_rir(model, reference, task),
+        "scores": {"immunized": score(model, task), "reference": score(reference, task)},
+        "kappa": None if task.loss == "lm" else kappa_rir(model, reference, task),
         # pairs, not a mapping: their order (the gate's detail) survives records written with sorted keys
         "overlaps": [[k, v] for k, v in _overlaps(task).items()],
     }
@@ -551,8 +604,10 @@ def _plan(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct integers, got {seeds}; e.g. seeds=(0, 1, 2)")
-    if task.loss not in ("mse", "ce"):
-        raise ConfigError(f"evaluate supports tasks with loss 'mse' or 'ce', got {task.loss!r} ({task.name})")
+    if task.loss not in ("mse", "ce", "lm"):
+        raise ConfigError(
+            f"evaluate supports tasks with loss 'mse', 'ce' or 'lm', got {task.loss!r} ({task.name})"
+        )
     th = thresholds.resolve(task.loss, task.classes or 2)
     settings = resolve_settings(attacks, budget)  # type: ignore[arg-type]
     if search is not None and getattr(task, "val_harmful", None) is None:
@@ -561,7 +616,7 @@ def _plan(
             "with evaluation_splits=True (the CLI does) or drop the search"
         )
     if benign is None:
-        benign = "linear_probe" if isinstance(model, LinearModel) else "full_finetune"
+        benign = default_benign(model, task)
     benign_run = benign_setting(benign, budget)
     if reference is None:
         reference, reference_source = default_reference(model), DEFAULT_REFERENCE_SOURCE
@@ -827,7 +882,7 @@ def _attack_conditions(
 
 
 def _score_name(task: Task) -> str:
-    return "R²" if task.loss == "mse" else "accuracy"
+    return {"mse": "R²", "ce": "accuracy", "lm": "1/perplexity"}[task.loss]
 
 
 def _task_conditions(plan: _Plan, entries: Mapping[str, Any], scores: Mapping[str, Any]) -> dict[str, Any]:
@@ -1029,6 +1084,7 @@ def evaluate(
         raise ConfigError(
             f"cannot write the evaluation into out={str(out)!r}: {problem}; choose another folder"
         )
+    attacks, budget = lm_defaults(task, attacks, budget)
     plan = _plan(
         model,
         task,
@@ -1146,15 +1202,38 @@ def _jsonable(info: Mapping[str, Any]) -> dict[str, Any]:
 # --- loading for the CLI ------------------------------------------------------------------------
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder (a ``config.json`` inside), not a checkpoint tree."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
 def load_model(path: str | Path, *, device: str = "cpu") -> tuple[ImmunizableModel, dict[str, Any]]:
-    """Load an immunekit safetensors checkpoint onto ``device`` and its user metadata (never unpickles).
+    """Load an immunekit safetensors checkpoint, or a Hugging Face causal-LM folder, onto ``device``.
+
+    A folder with ``config.json`` loads as a :class:`~immunekit.models.causal_lm.CausalLM` (weights
+    and tokenizer required, local files only); its metadata names the language-model task
+    ``qi_harmful_text``. Nothing is ever unpickled.
 
     Raises:
-        ConfigError: ``path`` is missing, not a safetensors file or not an immunekit checkpoint; the
-            message says so and how to make one (``immunekit.models.save_checkpoint``).
+        ConfigError: ``path`` is missing, not a safetensors file or not an immunekit checkpoint, or a
+            model folder without weights or tokenizer; the message says so and how to fix it.
 
     """
     from immunekit.models.checkpoint import load_checkpoint, read_checkpoint_info
+
+    if is_hf_folder(path):
+        from immunekit.models.causal_lm import CausalLM
+
+        folder = Path(path)
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ConfigError(f"--model {str(folder)!r} has a config.json but no weights (model.safetensors)")
+        lm = CausalLM.from_pretrained_dir(folder)
+        if lm.tokenizer is None:
+            raise ConfigError(
+                f"--model {str(folder)!r} has no tokenizer files (tokenizer.json); the language-model task "
+                "renders prompts with the model's own chat template: save the tokenizer with the model"
+            )
+        return lm.to(device), {"task": "qi_harmful_text", "source": "huggingface folder"}
 
     try:
         info = read_checkpoint_info(path)

@@ -50,6 +50,7 @@ class Option:
         help: one line for ``--help`` (the experiment's name is prefixed).
         convert: turns the text into the config value (may raise ConfigError naming the flag).
         metavar: shown in ``--help``.
+        const: makes the option a switch without a value (``--lora``) that sets the key to this.
 
     """
 
@@ -58,6 +59,7 @@ class Option:
     help: str
     convert: Callable[[str], Any] = str
     metavar: str | None = None
+    const: Any = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,39 @@ _register(
     ),
     Option("--primary-dir", "primary_dir", "full scale: class-per-folder images of D_P", metavar="DIR"),
     Option("--harmful-dir", "harmful_dir", "full scale: class-per-folder images of D_H", metavar="DIR"),
+)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+_register(
+    "llm_finetuning_attacks",
+    "immunekit.experiments.llm_attacks:LlmFinetuningAttacks",
+    Option(
+        "--attacks",
+        "attacks",
+        "comma-separated recipes: harmful-10, harmful-50, harmful-100, aoa, benign, backdoor (default: all)",
+        _csv,
+        "LIST",
+    ),
+    Option("--lora", "lora", "train LoRA adapters (merged afterwards) instead of every weight", const=True),
+    Option(
+        "--judge", "judges", "comma-separated judges: keyword (offline, default), api (opt-in)", _csv, "LIST"
+    ),
+    Option(
+        "--study",
+        "study",
+        "lr-batch: Qi et al.'s benign lr 5e-5 × batch 16/32/64/128 ablation instead of --attacks",
+        lambda s: s.replace("-", "_"),
+    ),
+    Option(
+        "--save-completions",
+        "save_completions",
+        "write the generated texts to this folder (outside the results; contains harmful text)",
+        metavar="DIR",
+    ),
 )
 
 

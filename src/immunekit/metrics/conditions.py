@@ -204,7 +204,7 @@ class Thresholds:
 
         """
         lo, hi = score_range_of(loss)
-        score = "R²" if loss == "mse" else "accuracy"
+        score = {"mse": "R²", "ce": "accuracy", "lm": "harmfulness rate"}.get(loss, loss)
         rng = f"[{lo:g}, {hi:g})" if math.isfinite(lo) else f"(−∞, {hi:g})"
         if self.harm is not None and not lo <= self.harm < hi:
             raise ConfigError(
@@ -227,7 +227,7 @@ class Thresholds:
         """
         harm = self.harm
         if harm is None:
-            harm = 0.5 if loss == "mse" else (1.0 / max(classes, 2) + 1.0) / 2.0
+            harm = 0.5 if loss in ("mse", "lm") else (1.0 / max(classes, 2) + 1.0) / 2.0
         out = replace(self, harm=harm)
         out.check_range(loss)
         return out

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from immunekit.errors import ConfigError, DataError
 
-_RANGES: dict[str, tuple[float, float]] = {"mse": (float("-inf"), 1.0), "ce": (0.0, 1.0)}
+_RANGES: dict[str, tuple[float, float]] = {"mse": (float("-inf"), 1.0), "ce": (0.0, 1.0), "lm": (0.0, 1.0)}
+"""``lm``: the harm of a language model is a judged harmfulness rate, its utility 1 / perplexity."""
 
 
 def score_range(loss: str) -> tuple[float, float]:

@@ -393,6 +393,15 @@ class CausalLM(ImmunizableModel):
         return {k: v for k, v in sorted(raw.items()) if k not in _DROPPED_KEYS}
 
     @torch.no_grad()
+    def save_pretrained_dir(self, folder: str | os.PathLike[str]) -> Path:
+        """Save the model (safetensors) and its tokenizer as a Hugging Face folder, atomically.
+
+        :meth:`from_pretrained_dir` loads it back. Returns the folder.
+        """
+        path = Path(folder).expanduser()
+        save_folder(self.hf_model, self.tokenizer, path)
+        return path
+
     def generate(
         self,
         input_ids: Tensor,
@@ -450,6 +459,68 @@ class CausalLM(ImmunizableModel):
         return input_ids, mask
 
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML template (SmolLM2's format without its default system prompt), for :func:`toy_chat_tokenizer`."""
+
+
+def toy_chat_tokenizer() -> Any:
+    r"""A byte-level tokenizer with ChatML special tokens and chat template, built offline (unit tests).
+
+    Ids 0–255 are the UTF-8 bytes, 256 is ``<|im_end|>`` (end of turn, eos and padding), 257
+    ``<|im_start|>``: 258 ids, so it pairs with ``CausalLM.tiny(vocab_size=258)``. Any text
+    round-trips through ``encode``/``decode``.
+
+    Example:
+        >>> tok = toy_chat_tokenizer()
+        >>> ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        >>> tok.decode(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+
+    """
+    tf = _transformers()
+    core = _byte_tokenizer()
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token=None
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def _byte_tokenizer() -> Any:
+    """A ``tokenizers`` model whose tokens are single bytes (GPT-2 byte-to-unicode alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    vocab["<|im_end|>"], vocab["<|im_start|>"] = 256, 257
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|im_end|>", "<|im_start|>"])
+    return core
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable-character map (what ``ByteLevel`` pre-tokenizes into)."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, (chr(c) for c in chars), strict=True))
+
+
 def smollm2_cache_dir() -> Path:
     """Folder of the converted SmolLM2: ``cache_dir()/models/smollm2-135m-instruct-fp32-<sha[:12]>``."""
     return cache_dir() / "models" / f"smollm2-135m-instruct-fp32-{pin(SMOLLM2_ASSET).sha256[:12]}"
@@ -474,18 +545,28 @@ def _convert_gguf(gguf_path: Path, folder: Path) -> None:
         lm.is_quantized = False
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
+    save_folder(lm, tok, folder)
+    logger.info("SmolLM2: cached fp32 model at %s in %.1f s", folder, time.perf_counter() - start)
+
+
+def save_folder(lm: Any, tokenizer: Any, folder: Path) -> None:
+    """``save_pretrained`` of a transformers model (safetensors) and its tokenizer, atomically.
+
+    The files are written into a hidden sibling folder that replaces ``folder`` only once complete,
+    so an interrupted save never leaves a half-written model where a later run would load it.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         lm.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("SmolLM2: cached fp32 model at %s in %.1f s", folder, time.perf_counter() - start)
 
 
 def _make_config(config: Mapping[str, Any]) -> Any:

@@ -41,7 +41,9 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     evaluate --model DIR``) gets the method comparison: ``summary.md`` and ``summary.html``
     (:func:`immunekit.reports.comparison.write_comparison`). A deep vision record (``kind ==
     "deep_vision"``, from ``immunekit run deep-vision``) gets its own report: ``report.md`` and
-    ``probe_curves.png`` (:func:`immunekit.reports.deep_vision.write_deep_vision_report`).
+    ``probe_curves.png`` (:func:`immunekit.reports.deep_vision.write_deep_vision_report`). An LLM
+    fine-tuning attacks record (``kind == "llm_finetuning_attacks"``) gets ``report.md``,
+    ``harm_by_attack.png`` and ``per_category.png`` (:func:`immunekit.reports.llm.write_llm_attacks_report`).
 
     Returns:
         Path of the written ``report.md`` (``summary.md`` for a comparison folder).
@@ -64,6 +66,10 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
         from immunekit.reports.deep_vision import write_deep_vision_report
 
         return write_deep_vision_report(results_file, out_dir)
+    if kind == "llm_finetuning_attacks":
+        from immunekit.reports.llm import write_llm_attacks_report
+
+        return write_llm_attacks_report(results_file, out_dir)
     results = load_results(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
     out.mkdir(parents=True, exist_ok=True)

