@@ -531,6 +531,8 @@ class LlmFinetuningAttacks(Experiment):
 
     def trials(self, cfg: LlmAttacksConfig, ctx: RunContext, device: str) -> list[sweep.Trial]:
         """θ0 (trained and gated once, cached), then one θ0 trial per condition and one per (recipe, seed)."""
+        for j in cfg.judges:  # an API judge without its endpoint fails now, not after training
+            make_judge(j)
         splits = qi_splits(cfg.split_seed)
         recipes = cfg.selected()
         for name, recipe in recipes.items():  # disjointness before anything is trained

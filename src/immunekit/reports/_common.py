@@ -6,14 +6,18 @@ Standard library only, so that ``import immunekit.reports`` stays light.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from immunekit._atomic import atomic_path
 from immunekit._atomic import atomic_write_text as _write_text
 from immunekit._versions import RULES_VERSION
+
+logger = logging.getLogger(__name__)
 
 DASH = "—"
 
@@ -225,3 +229,69 @@ def atomic_target(path: Path, suffix: str = "") -> contextlib.AbstractContextMan
 def atomic_write_text(path: Path, text: str) -> None:
     """Write UTF-8 text to ``path`` atomically with the user's umask (:mod:`immunekit._atomic`)."""
     _write_text(path, text)
+
+
+def read_kind_record(path: str | Path, kind: str, label: str, required: Sequence[str]) -> dict[str, Any]:
+    """Read a ``results.json`` of one record ``kind`` and check its required top-level keys.
+
+    Args:
+        path: the file.
+        kind: the ``kind`` it must have.
+        label: what to call it in messages, e.g. ``"deep vision record"`` (after "a"/"an").
+        required: keys that must be present.
+
+    Raises:
+        ReportError: missing file, not JSON, another kind, or a required key missing (named, with the fix).
+
+    """
+    from immunekit.reports.schema import RERUN_HINT, ReportError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist; {RERUN_HINT}") from None
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} is not readable JSON ({exc}); {RERUN_HINT}") from None
+    if not isinstance(data, Mapping) or data.get("kind") != kind:
+        found = data.get("kind") if isinstance(data, Mapping) else type(data).__name__
+        article = "an" if label[:1].lower() in "aeiou" or label.startswith("LLM") else "a"
+        raise ReportError(f"{path} is not {article} {label} (kind {found!r}); render it with write_report")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ReportError(f"{path}: missing key(s) {missing}; {RERUN_HINT}")
+    return dict(data)
+
+
+def write_figures_and_report(
+    results: Mapping[str, Any],
+    out: Path,
+    plots: Mapping[str, tuple[str, Callable[[Mapping[str, Any], Path], Any]]],
+    render: Callable[[Mapping[str, Any], Mapping[str, str]], str],
+    source: Path,
+) -> Path:
+    """Draw the figures, then write ``report.md`` rendered with the figures drawn.
+
+    ``plots`` maps a figure key to ``(file name, plot(results, path))``; a figure is skipped without
+    matplotlib or when its plot returns ``None``.
+
+    Returns:
+        The path of ``report.md``.
+
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.warning(
+            "matplotlib is not installed (pip install 'immunekit[plots]'); the report has no figures"
+        )
+    else:
+        for key, (name, plot) in plots.items():
+            if plot(results, out / name) is not None:
+                figures[key] = name
+    report = out / "report.md"
+    _write_text(report, render(results, figures))
+    logger.info("wrote %s (%d figure(s)) from %s", report, len(figures), source)
+    return report

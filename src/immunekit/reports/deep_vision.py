@@ -17,14 +17,20 @@ Output, next to it (or in ``out_dir``):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from immunekit.reports._common import DASH, atomic_target, atomic_write_text, display_name, fmt_num
+from immunekit.reports._common import (
+    DASH,
+    display_name,
+    fmt_num,
+    read_kind_record,
+    write_figures_and_report,
+)
+from immunekit.reports.plots import save_figure
 from immunekit.reports.schema import RERUN_HINT, ReportError
 
 logger = logging.getLogger(__name__)
@@ -73,19 +79,7 @@ def load_deep_vision(path: str | Path) -> dict[str, Any]:
         ReportError: missing file, not JSON, another kind, or a required key missing (named, with the fix).
 
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist; {RERUN_HINT}") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path} is not readable JSON ({exc}); {RERUN_HINT}") from None
-    if not is_deep_vision(data):
-        kind = data.get("kind") if isinstance(data, Mapping) else type(data).__name__
-        raise ReportError(f"{path} is not a deep vision record (kind {kind!r}); render it with write_report")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise ReportError(f"{path}: missing key(s) {missing}; {RERUN_HINT}")
+    data = read_kind_record(path, KIND, "deep vision record", REQUIRED)
     if not isinstance(data["backbones"], Mapping):
         raise ReportError(f"{path}: 'backbones' must be a mapping of backbone results; {RERUN_HINT}")
     return dict(data)
@@ -541,13 +535,7 @@ def probe_figure(results: Mapping[str, Any]) -> Any | None:
 def plot_probe_curves(results: Mapping[str, Any], path: str | Path) -> Path | None:
     """Write :func:`probe_figure` to ``path`` (PNG, atomically); ``None`` when there is nothing to draw."""
     fig = probe_figure(results)
-    if fig is None:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    return path
+    return None if fig is None else save_figure(fig, Path(path))
 
 
 def write_deep_vision_report(results_file: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -567,21 +555,8 @@ def write_deep_vision_report(results_file: str | Path, out_dir: str | Path | Non
     results_file = Path(results_file)
     results = load_deep_vision(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
-    out.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, str] = {}
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        logger.warning(
-            "matplotlib is not installed (pip install 'immunekit[plots]'); the report has no figure"
-        )
-    else:
-        if plot_probe_curves(results, out / PROBE_FIGURE) is not None:
-            figures["probe"] = PROBE_FIGURE
-    report = out / REPORT_FILENAME
-    atomic_write_text(report, render_deep_vision(results, figures))
-    logger.info("wrote %s (%d figure(s)) from %s", report, len(figures), results_file)
-    return report
+    plots = {"probe": (PROBE_FIGURE, plot_probe_curves)}
+    return write_figures_and_report(results, out, plots, render_deep_vision, results_file)
 
 
 __all__ = [

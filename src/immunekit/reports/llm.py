@@ -21,14 +21,19 @@ Figures are drawn with matplotlib's Agg canvas (the ``[plots]`` extra); without 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from immunekit.reports._common import DASH, atomic_target, atomic_write_text, fmt_num
+from immunekit.reports._common import (
+    DASH,
+    fmt_num,
+    read_kind_record,
+    write_figures_and_report,
+)
+from immunekit.reports.plots import new_figure, save_figure
 from immunekit.reports.schema import RERUN_HINT, ReportError
 
 logger = logging.getLogger(__name__)
@@ -68,21 +73,7 @@ def load_llm_attacks(path: str | Path) -> dict[str, Any]:
             an attack without its ``conditions`` (named, with the fix).
 
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist; {RERUN_HINT}") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path} is not readable JSON ({exc}); {RERUN_HINT}") from None
-    if not is_llm_attacks(data):
-        kind = data.get("kind") if isinstance(data, Mapping) else type(data).__name__
-        raise ReportError(
-            f"{path} is not an LLM fine-tuning attacks record (kind {kind!r}); render it with write_report"
-        )
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise ReportError(f"{path}: missing key(s) {missing}; {RERUN_HINT}")
+    data = read_kind_record(path, KIND, "LLM fine-tuning attacks record", REQUIRED)
     if data["schema_version"] != SUPPORTED_SCHEMA:
         raise ReportError(
             f"{path}: schema_version {data['schema_version']!r} is not supported (expected "
@@ -771,15 +762,6 @@ def render_llm_attacks(results: Mapping[str, Any], figures: Mapping[str, str]) -
 # ------------------------------------------------------------------------------------------- figures
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def harm_entries(results: Mapping[str, Any]) -> list[tuple[str, float, float, tuple[float, float] | None]]:
     """``(label, before, after, rise CI)`` per attack and condition at its last epoch, primary first."""
     out = []
@@ -799,7 +781,7 @@ def harm_figure(results: Mapping[str, Any]) -> Any | None:
     entries = harm_entries(results)
     if not entries:
         return None
-    fig = _new_figure((max(5.0, 1.1 * len(entries) + 1.5), 4.2))
+    fig = new_figure((max(5.0, 1.1 * len(entries) + 1.5), 4.2))
     ax = fig.subplots()
     xs = list(range(len(entries)))
     width = 0.38
@@ -839,7 +821,7 @@ def category_figure(results: Mapping[str, Any]) -> Any | None:
     if not cats:
         return None
     k = len(series)
-    fig = _new_figure((10.0, 1.5 + 0.16 * len(cats) * max(k, 2)))
+    fig = new_figure((10.0, 1.5 + 0.16 * len(cats) * max(k, 2)))
     ax = fig.subplots()
     height = 0.8 / k
     for i, (label, per) in enumerate(series):
@@ -857,23 +839,16 @@ def category_figure(results: Mapping[str, Any]) -> Any | None:
     return fig
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    return path
-
-
 def plot_harm_by_attack(results: Mapping[str, Any], path: str | Path) -> Path | None:
     """Write :func:`harm_figure` to ``path`` (PNG, atomically); ``None`` when there is nothing to draw."""
     fig = harm_figure(results)
-    return None if fig is None else _save(fig, Path(path))
+    return None if fig is None else save_figure(fig, Path(path))
 
 
 def plot_per_category(results: Mapping[str, Any], path: str | Path) -> Path | None:
     """Write :func:`category_figure` to ``path`` (PNG, atomically); ``None`` when there is nothing to draw."""
     fig = category_figure(results)
-    return None if fig is None else _save(fig, Path(path))
+    return None if fig is None else save_figure(fig, Path(path))
 
 
 def write_llm_attacks_report(results_file: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -893,23 +868,8 @@ def write_llm_attacks_report(results_file: str | Path, out_dir: str | Path | Non
     results_file = Path(results_file)
     results = load_llm_attacks(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
-    out.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, str] = {}
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        logger.warning(
-            "matplotlib is not installed (pip install 'immunekit[plots]'); the report has no figures"
-        )
-    else:
-        if plot_harm_by_attack(results, out / HARM_FIGURE) is not None:
-            figures["harm"] = HARM_FIGURE
-        if plot_per_category(results, out / CATEGORY_FIGURE) is not None:
-            figures["category"] = CATEGORY_FIGURE
-    report = out / REPORT_FILENAME
-    atomic_write_text(report, render_llm_attacks(results, figures))
-    logger.info("wrote %s (%d figure(s)) from %s", report, len(figures), results_file)
-    return report
+    plots = {"harm": (HARM_FIGURE, plot_harm_by_attack), "category": (CATEGORY_FIGURE, plot_per_category)}
+    return write_figures_and_report(results, out, plots, render_llm_attacks, results_file)
 
 
 __all__ = [

@@ -81,7 +81,8 @@ def _records(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [(m, methods[m]) for m in method_order(results) if isinstance(methods[m], Mapping)]
 
 
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot state), constrained layout."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -91,7 +92,8 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` as PNG, atomically (no software tag: byte-stable); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(path, suffix=".png") as tmp:
@@ -425,7 +427,7 @@ def convergence_figure(results: Mapping[str, Any], attack_key: str) -> Any | Non
     if not any(curves for _, curves in panels):
         return None
     styles = method_styles(results)
-    fig = _new_figure((11.0, 4.6))
+    fig = new_figure((11.0, 4.6))
     axes = fig.subplots(1, 2)
     epsilon = results.get("epsilon")
     for ax, (title, curves) in zip(axes, panels, strict=True):
@@ -458,7 +460,7 @@ def plot_convergence(results: Mapping[str, Any], attack_key: str, path: str | Pa
 
     """
     fig = convergence_figure(results, attack_key)
-    return None if fig is None else _save(fig, Path(path))
+    return None if fig is None else save_figure(fig, Path(path))
 
 
 def _log10_stats(metric: Mapping[str, Any] | None) -> tuple[float, float]:
@@ -493,7 +495,7 @@ def kappa_bars_figure(results: Mapping[str, Any]) -> Any | None:
     if not rows:
         return None
     styles = method_styles(results)
-    fig = _new_figure((max(6.5, 1.7 * len(rows) + 2.5), 4.8))
+    fig = new_figure((max(6.5, 1.7 * len(rows) + 2.5), 4.8))
     ax = fig.subplots()
     tops = _draw_bars(ax, rows, styles)
     _annotate_rir(ax, rows, tops)
@@ -522,7 +524,7 @@ def plot_kappa_bars(results: Mapping[str, Any], path: str | Path) -> Path | None
 
     """
     fig = kappa_bars_figure(results)
-    return None if fig is None else _save(fig, Path(path))
+    return None if fig is None else save_figure(fig, Path(path))
 
 
 def _draw_bars(ax: Any, rows: Sequence[Any], styles: Mapping[str, Mapping[str, str]]) -> list[float]:
@@ -725,7 +727,7 @@ def plot_heatmap(
     size = max(grid.grid_size(results), len(matrix))
     matrix, fails = _pad(matrix, size), _pad(fails, size)
     norm = _heat_norm([matrix])
-    fig = _new_figure((HEATMAP_PANEL_INCHES + 1.2, HEATMAP_PANEL_INCHES + 1.1))
+    fig = new_figure((HEATMAP_PANEL_INCHES + 1.2, HEATMAP_PANEL_INCHES + 1.1))
     ax = fig.subplots()
     image = _draw_heat_panel(ax, matrix, fails, norm, title)
     fig.colorbar(image, ax=ax, shrink=0.8, label="ln RIR")
@@ -733,7 +735,7 @@ def plot_heatmap(
     fig.supxlabel(
         f"{FAIL_MARK} + black border: fails, i.e. {rule}. Grey: diagonal; white: pair not run.", fontsize=8
     )
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_heatmap_grid(results: Mapping[str, Any], path: str | Path) -> Path | None:
@@ -762,7 +764,7 @@ def plot_heatmap_grid(results: Mapping[str, Any], path: str | Path) -> Path | No
     norm = _heat_norm([p[0] for r in rows for p in r[1:] if p is not None])
     ncols = 2 if with_paper else 1
     width = HEATMAP_PANEL_INCHES * ncols + 1.3
-    fig = _new_figure((width, HEATMAP_PANEL_INCHES * len(rows) + 1.4))
+    fig = new_figure((width, HEATMAP_PANEL_INCHES * len(rows) + 1.4))
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     image = None
     for (method, measured, paper), row_axes in zip(rows, axes, strict=True):
@@ -777,4 +779,4 @@ def plot_heatmap_grid(results: Mapping[str, Any], path: str | Path) -> Path | No
         fig.colorbar(image, ax=axes, shrink=0.5 if len(rows) > 1 else 0.8, aspect=40, label="ln RIR")
     fig.suptitle("ln RIR per digit pair (Fig. 2 layout)", fontsize=13)
     fig.supxlabel(HEATMAP_NOTE, fontsize=8.5)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
