@@ -263,7 +263,8 @@ def test_run_end_to_end_resumes_and_stores_no_text(tiny_world: Path) -> None:
     h = results["attacks"]["harmful-4"]["training"]
     assert h["steps"] == 4 and h["rows"] == 4  # 2 epochs × ceil(4 / 2)
     files = sorted((tiny_world / "out" / "trials").rglob("*.json"))
-    assert len(files) == 4 + 4 * 2  # one θ0 trial per condition, (recipe, seed) trials
+    assert len(files) == 4 + 1 + 4 * 2  # θ0 per condition, θ0's benign quality, (recipe, seed)
+    assert results["theta0_benign"]["prompts"] == 4
     text = "".join(f.read_text() for f in files) + (tiny_world / "out" / "results.json").read_text()
     assert "placeholder" not in text  # scores and ids only
     stamp = {f: f.stat().st_mtime_ns for f in files}

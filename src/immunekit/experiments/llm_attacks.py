@@ -162,7 +162,7 @@ class LlmAttacksConfig:
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "attack seeds (data order, LoRA init)"})
     lora: bool = field(default=False, metadata={"help": "LoRA adapters (merged) instead of full fine-tuning"})
     precision: Literal["fp32", "bf16"] = field(default="bf16", metadata={"help": "training precision"})
-    micro_batch: int = field(default=5, metadata={"help": "rows per forward pass (gradient accumulation)"})
+    micro_batch: int = field(default=10, metadata={"help": "rows per forward pass (gradient accumulation)"})
     max_tokens: int = field(default=256, metadata={"help": "longest training row (tokens)"})
     judges: tuple[str, ...] = field(default=("keyword",), metadata={"help": "judges (--judge keyword,api)"})
     eval_prompts: int = field(default=100, metadata={"help": "seeded sr_eval subsample (288: all)"})
@@ -294,12 +294,22 @@ class LlmTrial:
     conditions: tuple[str, ...]
     seed: int
     aligned: str
+    benign: bool = True
 
 
 def _evaluate(
-    model: CausalLM, cfg: LlmAttacksConfig, splits: QiSplits, conditions: tuple[str, ...], label: str
+    model: CausalLM,
+    cfg: LlmAttacksConfig,
+    splits: QiSplits,
+    conditions: tuple[str, ...],
+    label: str,
+    *,
+    benign: bool = True,
 ) -> dict[str, Any]:
-    """Judge ``model`` under each condition, and its benign quality."""
+    """Judge ``model`` under each condition, and (``benign``) its benign quality.
+
+    Benign quality does not depend on the condition, so it is measured once per model.
+    """
     tok = model.tokenizer
     judges = [make_judge(j) for j in cfg.judges]
     max_new = max(cfg.max_new_tokens, 256) if "api" in cfg.judges else cfg.max_new_tokens
@@ -331,26 +341,31 @@ def _evaluate(
                         first.judgements, harm.judgements
                     )
             out[f"{cond}/{set_name}"] = per_judge
-    out["benign"] = _benign_quality(model, cfg, splits)
+    if benign:
+        out["benign"] = _benign_quality(model, cfg, splits)
     return out
 
 
 def _benign_quality(model: CausalLM, cfg: LlmAttacksConfig, splits: QiSplits) -> dict[str, Any]:
-    """Refusal rate on held-out benign prompts and the perplexity of held-out benign answers."""
+    """Refusal rate on the first ``benign_prompts`` held-out benign prompts, perplexity of their answers.
+
+    The answers are the base model's own (Stage A's held-out self-distillation targets): the
+    perplexity says how far a model has moved from the base model's benign behaviour.
+    """
     heldout = splits.benign_heldout(cfg.alignment.heldout_benign)
     answers = benign_answers_cached(heldout, cfg.alignment)
-    tok = model.tokenizer
+    tok, n = model.tokenizer, cfg.benign_prompts
     answered = TokenSplit(
-        [
-            Chat(p, a, SYSTEM_PROMPT, heldout.ids[i])
-            for i, (p, a) in enumerate(zip(heldout.prompts, answers, strict=True))
-        ],
+        [Chat(heldout.prompts[i], answers[i], SYSTEM_PROMPT, heldout.ids[i]) for i in range(n)],
         tok,
         cfg.alignment.max_tokens + cfg.alignment.benign_answer_tokens,
         name="benign_heldout",
     )
-    some = heldout.subset(list(range(cfg.benign_prompts)), "benign_prompts")
-    prompts = TokenSplit(prompt_chats(some, SYSTEM_PROMPT), tok, cfg.max_tokens, name="benign_prompts")
+    some = heldout.subset(list(range(n)), "benign_prompts")
+    # discrim-eval prompts run to 260 tokens: Stage A's row length, not the attack's
+    prompts = TokenSplit(
+        prompt_chats(some, SYSTEM_PROMPT), tok, cfg.alignment.max_tokens, name="benign_prompts"
+    )
     refusal = judge_split(model, prompts, make_judge("keyword"), max_new_tokens=cfg.max_new_tokens)
     return {
         "refusal_rate": refusal.summary.refusal_rate,
@@ -388,7 +403,9 @@ def run_llm_trial(trial: LlmTrial) -> dict[str, Any]:
     theta0 = CausalLM.from_pretrained_dir(trial.aligned)
     record: dict[str, Any] = {"name": trial.name, "seed": trial.seed, "conditions": list(trial.conditions)}
     if trial.recipe is None:
-        record["evaluations"] = {"final": _evaluate(theta0, cfg, splits, trial.conditions, trial.name)}
+        record["evaluations"] = {
+            "final": _evaluate(theta0, cfg, splits, trial.conditions, trial.name, benign=trial.benign)
+        }
         record["seconds"] = {"trial": round(time.perf_counter() - start, 1)}
         return record
     recipe = trial.recipe
@@ -413,8 +430,13 @@ def run_llm_trial(trial: LlmTrial) -> dict[str, Any]:
         if step % spe == 0 and epoch in recipe.eval_epochs and epoch != recipe.epochs:
             t = time.perf_counter()
             model.tokenizer = theta0.tokenizer
-            evaluations[f"epoch{epoch}"] = _evaluate(
-                model, cfg, splits, trial.conditions, f"{trial.name}-seed{trial.seed}-epoch{epoch}"
+            evaluations[f"epoch{epoch}"] = _evaluate(  # harm only: benign quality at the end
+                model,
+                cfg,
+                splits,
+                trial.conditions,
+                f"{trial.name}-seed{trial.seed}-epoch{epoch}",
+                benign=False,
             )
             eval_seconds += time.perf_counter() - t
         return None
@@ -548,14 +570,22 @@ class LlmFinetuningAttacks(Experiment):
             if k not in ("attacks", "seeds", "recipes", "study", "experiment", "save_completions")
         }
         conditions = sorted({c for r in recipes.values() for c in DATA_CONDITIONS[r.data]})
+        # θ0 judged under each condition (harm only), and its benign quality once: one trial each
         out = [
             sweep.Trial(
                 f"trials/initial/{c}",
                 config_sha256({**base, "initial": c, "key": report["key"]}),
-                LlmTrial(cfg, f"initial:{c}", None, (c,), 0, folder),
+                LlmTrial(cfg, f"initial:{c}", None, (c,), 0, folder, benign=False),
             )
             for c in conditions
         ]
+        out.append(
+            sweep.Trial(
+                "trials/initial/benign",
+                config_sha256({**base, "initial": "benign", "key": report["key"]}),
+                LlmTrial(cfg, "initial:benign", None, (), 0, folder, benign=True),
+            )
+        )
         for name, recipe in recipes.items():
             for seed in cfg.seeds:
                 sha = config_sha256({**base, "recipe": to_dict(recipe), "seed": seed, "key": report["key"]})
@@ -581,8 +611,12 @@ class LlmFinetuningAttacks(Experiment):
         initial = {
             r["conditions"][0]: r["evaluations"]["final"]
             for r in records.values()
-            if r["name"].startswith("initial:")
+            if r["name"].startswith("initial:") and r["conditions"]
         }
+        theta0_benign = next(
+            (r["evaluations"]["final"]["benign"] for r in records.values() if r["name"] == "initial:benign"),
+            None,
+        )
         judge = cfg.judges[0]
         attacks: dict[str, Any] = {}
         for name, recipe in cfg.selected().items():
@@ -654,7 +688,8 @@ class LlmFinetuningAttacks(Experiment):
                 if k in al
             }
             | {"training_steps": al.get("training", {}).get("steps")},
-            "initial": {c: {k: v for k, v in ev.items()} for c, ev in initial.items()},
+            "initial": initial,
+            "theta0_benign": theta0_benign,
             "attacks": attacks,
             "judge_agreement": judges_agree,
             "trials": sorted(records),

@@ -550,6 +550,13 @@ def _attack_sections(results: Mapping[str, Any]) -> str:
 
 def _theta0_benign(results: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
     """(source, refusal rate, perplexity) of θ0's benign quality."""
+    own = results.get("theta0_benign")
+    if isinstance(own, Mapping):
+        return (
+            "its benign trial, run with the attacks",
+            _rate(own.get("refusal_rate")),
+            _rate(own.get("perplexity")),
+        )
     initial = results.get("initial") or {}
     for cond in ["neutral", *sorted(c for c in initial if c != "neutral")]:
         benign = (initial.get(cond) or {}).get("benign")
