@@ -290,3 +290,12 @@ def test_lora_run_trains_only_adapters(tiny_world: Path) -> None:
     results = exp.run(cfg, RunContext(out=tiny_world / "out-lora", progress=False, workers=1))
     full = CausalLM.from_pretrained_dir(tiny_world / "aligned").num_parameters()
     assert 0 < results["attacks"]["harmful-4"]["training"]["trainable_parameters"] < full / 4
+
+
+def test_completions_are_never_written_inside_the_results(tiny_world: Path) -> None:
+    exp = get_experiment("llm-finetuning-attacks")
+    out = tiny_world / "out"
+    cfg = build_config({**SMALL, "attacks": ["harmful-4"], "save_completions": str(out / "dump")})
+    with pytest.raises(ConfigError, match="inside the results"):
+        exp.run(cfg, RunContext(out=out, progress=False, workers=1))
+    assert not (out / "trials").exists()

@@ -555,6 +555,19 @@ class LlmFinetuningAttacks(Experiment):
         """θ0 (trained and gated once, cached), then one θ0 trial per condition and one per (recipe, seed)."""
         for j in cfg.judges:  # an API judge without its endpoint fails now, not after training
             make_judge(j)
+        if cfg.save_completions is not None:
+            dump, out = Path(cfg.save_completions).expanduser().resolve(), ctx.out.resolve()
+            if dump == out or out in dump.parents:
+                raise ConfigError(
+                    f"--save-completions {cfg.save_completions!r} is inside the results folder "
+                    f"{str(ctx.out)!r}; completions of harmful prompts are kept apart from the shareable "
+                    "results: choose another folder"
+                )
+            logger.warning(
+                "completions of harmful prompts will be written to %s: they contain harmful text; keep them "
+                "private and delete them when done",
+                dump,
+            )
         splits = qi_splits(cfg.split_seed)
         recipes = cfg.selected()
         for name, recipe in recipes.items():  # disjointness before anything is trained
