@@ -337,3 +337,17 @@ def test_lm_attack_runs_the_budget(model64: CausalLM, tok, attack: type[LmFinetu
     assert [r.eval is not None for r in res.records] == [False, True, True]
     for r in (res.initial, *res.records[1:]):
         assert 0.0 <= r.eval["harm"] <= 1.0 and 0.0 < r.eval["utility"] < 1.0
+
+
+def test_budget_caps_stop_before_the_step_that_would_pass_them(model64: CausalLM, data: TokenSplit) -> None:
+    cfg = SFTConfig(epochs=3, lr=1e-3, batch_size=2, micro_batch=2)
+    full = supervised_finetune(model64, data, cfg, seed=0, progress=False)
+    assert full.info["stopped_by"] == "steps" and full.info["steps"] == 9
+    first, second = full.records[0].tokens, full.records[1].tokens
+    capped = supervised_finetune(model64, data, cfg, seed=0, progress=False, max_tokens=second - 1)
+    assert capped.info["stopped_by"] == "tokens" and capped.info["steps"] == 1
+    assert capped.records[-1].tokens == first  # exact real-token count, never past the cap
+    exact = supervised_finetune(model64, data, cfg, seed=0, progress=False, max_tokens=second)
+    assert exact.info["steps"] == 2  # a cap met exactly still allows the step
+    by_rows = supervised_finetune(model64, data, cfg, seed=0, progress=False, max_examples=3)
+    assert by_rows.info["stopped_by"] == "examples" and by_rows.records[-1].examples == 2

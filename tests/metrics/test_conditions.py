@@ -401,8 +401,9 @@ def test_thresholds_outside_the_score_range_name_value_and_range() -> None:
         c.Thresholds(harm=-0.1).check_range("ce")
     with pytest.raises(ConfigError, match="exceeds the width 1"):
         c.Thresholds(stability=1.5).check_range("ce")
-    with pytest.raises(ConfigError, match="lm"):
-        c.Thresholds().check_range("lm")
+    with pytest.raises(ConfigError, match=r"= 1 is outside the range \[0, 1\) .*harmfulness rate"):
+        c.Thresholds(harm=1.0).check_range("lm")
+    assert c.Thresholds().resolve("lm").harm == 0.5
     c.Thresholds(harm=-5.0).check_range("mse")  # any R² below 1 is a valid φ
 
 

@@ -43,8 +43,9 @@ def test_score_range() -> None:
     low, high = score_range("mse")
     assert math.isinf(low) and low < 0 and high == 1.0
     assert score_range("ce") == (0.0, 1.0)
-    with pytest.raises(ConfigError, match="'lm'"):
-        score_range("lm")
+    assert score_range("lm") == (0.0, 1.0)  # a judged harmfulness rate; utility 1/perplexity
+    with pytest.raises(ConfigError, match="'poisson'"):
+        score_range("poisson")
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -28,7 +28,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from immunekit.attacks.base import Attack, AttackBudget, AttackResult, StepRecord, rng_streams, split_of
+from immunekit.attacks.base import (
+    TRAIN_SPLITS,
+    Attack,
+    AttackBudget,
+    AttackResult,
+    StepRecord,
+    rng_streams,
+    split_of,
+)
 from immunekit.attacks.lm_eval import answer_loss, real_tokens
 from immunekit.attacks.lora import seeded_lora_init
 from immunekit.config import check_int, load_config
@@ -166,6 +174,8 @@ def supervised_finetune(
     hook: StepHook | None = None,
     progress: bool = True,
     desc: str = "sft",
+    max_tokens: int | None = None,
+    max_examples: int | None = None,
 ) -> SFTOutput:
     """Fine-tune a copy of ``model`` on the answers of ``data`` (see the module docstring).
 
@@ -178,6 +188,9 @@ def supervised_finetune(
             step's ``eval`` (e.g. a judged evaluation at epoch ends).
         progress: show a progress bar.
         desc: the progress bar's label.
+        max_tokens: stop before a step whose real tokens would take the total past this (the
+            attack budget's exact token cap; ``info["stopped_by"] == "tokens"``).
+        max_examples: the same for rows (``"examples"``).
 
     Returns:
         :class:`SFTOutput`.
@@ -216,6 +229,7 @@ def supervised_finetune(
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     step = 0
+    stopped = "steps"
     for epoch in range(cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cfg.epoch_decay**epoch
@@ -224,6 +238,12 @@ def supervised_finetune(
             if step >= total:
                 break
             idx = order[lo : lo + cfg.batch_size]
+            if max_examples is not None and examples + len(idx) > max_examples:
+                stopped = "examples"
+            elif max_tokens is not None and tokens + data.token_counts(idx)[0] > max_tokens:
+                stopped = "tokens"
+            if stopped != "steps":
+                break
             loss, n_tok, _ = _step(work, data, idx, cfg, params, opt)
             step += 1
             tokens, examples = tokens + n_tok, examples + len(idx)
@@ -242,6 +262,8 @@ def supervised_finetune(
             records.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+        if stopped != "steps":
+            break
     bar.close()
     if wrapped is not None:
         work = wrapped.merge_and_unload()
@@ -251,6 +273,7 @@ def supervised_finetune(
     seconds = time.perf_counter() - start
     info = {
         "steps": step,
+        "stopped_by": stopped,
         "epochs": cfg.epochs,
         "steps_per_epoch": spe,
         "rows": len(data),
@@ -302,8 +325,8 @@ class LmAttackConfig:
     """Settings of :class:`LmFinetune` beyond the budget.
 
     Attributes:
-        split: ``attack`` (harmful pairs) or ``primary`` (benign fine-tuning: the harness's
-            trainability recipe).
+        split: ``attack`` (harmful pairs), ``primary`` (benign fine-tuning: the harness's
+            trainability recipe) or another harmful training split (``attack_disjoint``, …).
         judge: judge of the harm curve (:data:`~immunekit.metrics.judges.JUDGES`).
         max_new_tokens: generation length of each judged evaluation.
         micro_batch: rows per forward pass.
@@ -312,7 +335,7 @@ class LmAttackConfig:
 
     """
 
-    split: Literal["attack", "primary"] = field(default="attack", metadata={"help": "training split"})
+    split: str = field(default="attack", metadata={"help": "training split: " + ", ".join(TRAIN_SPLITS)})
     judge: str = field(default="keyword", metadata={"help": "judge of the harm curve"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per judged prompt"})
     micro_batch: int = field(default=5, metadata={"help": "rows per forward pass"})
@@ -322,8 +345,10 @@ class LmAttackConfig:
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens)
         check_int("micro_batch", self.micro_batch)
-        if self.split not in ("attack", "primary"):
-            raise ConfigError(f"lm attack split must be 'attack' or 'primary', got {self.split!r}")
+        if self.split not in TRAIN_SPLITS:
+            raise ConfigError(
+                f"lm attack split {self.split!r} is unknown; choose one of {list(TRAIN_SPLITS)}"
+            )
 
 
 class LmFinetune(Attack):
@@ -400,7 +425,17 @@ class LmFinetune(Attack):
             return measure(m) if budget.evaluates(step) or step == budget.steps else None
 
         initial_eval = measure(model)
-        out = supervised_finetune(model, data, sft, seed=seed, hook=hook, progress=False, desc=self.name)
+        out = supervised_finetune(
+            model,
+            data,
+            sft,
+            seed=seed,
+            hook=hook,
+            progress=False,
+            desc=self.name,
+            max_tokens=budget.max_tokens,
+            max_examples=budget.max_examples,
+        )
         out.model.tokenizer = model.tokenizer
         initial = StepRecord(
             step=0,
@@ -421,7 +456,7 @@ class LmFinetune(Attack):
             "judge": judge.describe(),
             "max_new_tokens": cfg.max_new_tokens,
         }
-        return AttackResult(out.model, initial, out.records, "steps", info)
+        return AttackResult(out.model, initial, out.records, out.info["stopped_by"], info)
 
 
 class LmLora(LmFinetune):

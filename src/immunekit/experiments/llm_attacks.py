@@ -556,8 +556,8 @@ class LlmFinetuningAttacks(Experiment):
         for j in cfg.judges:  # an API judge without its endpoint fails now, not after training
             make_judge(j)
         if cfg.save_completions is not None:
-            dump, out = Path(cfg.save_completions).expanduser().resolve(), ctx.out.resolve()
-            if dump == out or out in dump.parents:
+            dump, results_dir = Path(cfg.save_completions).expanduser().resolve(), ctx.out.resolve()
+            if dump == results_dir or results_dir in dump.parents:
                 raise ConfigError(
                     f"--save-completions {cfg.save_completions!r} is inside the results folder "
                     f"{str(ctx.out)!r}; completions of harmful prompts are kept apart from the shareable "
