@@ -437,12 +437,15 @@ class LmFinetune(Attack):
             max_examples=budget.max_examples,
         )
         out.model.tokenizer = model.tokenizer
+        # L_0 = the first batch's loss at θ0 (each record's loss is its batch's, before the update):
+        # the harness's degeneracy rule compares later losses with it
+        first_loss = out.records[0].loss if out.records else math.nan
         initial = StepRecord(
             step=0,
             examples=0,
             flops=0.0,
             lr=0.0,
-            loss=math.nan,
+            loss=first_loss,
             grad_norm=math.nan,
             wall_time=0.0,
             eval=initial_eval,

@@ -882,7 +882,7 @@ def _attack_conditions(
 
 
 def _score_name(task: Task) -> str:
-    return {"mse": "R²", "ce": "accuracy", "lm": "1/perplexity"}[task.loss]
+    return {"mse": "R²", "ce": "accuracy", "lm": "harmfulness rate"}[task.loss]
 
 
 def _task_conditions(plan: _Plan, entries: Mapping[str, Any], scores: Mapping[str, Any]) -> dict[str, Any]:
@@ -894,7 +894,9 @@ def _task_conditions(plan: _Plan, entries: Mapping[str, Any], scores: Mapping[st
                 scores["immunized"]["least_squares_head"],
                 scores["reference"]["least_squares_head"],
                 delta=plan.th.stability,
-                metric=f"eval_primary {_score_name(plan.task)} of the least-squares head",
+                metric="eval_primary 1/perplexity of the model's own answers"
+                if plan.task.loss == "lm"
+                else f"eval_primary {_score_name(plan.task)} of the least-squares head",
                 trivial=scores["reference"]["trivial"],
             ),
             "own_head": {role: s["own_head"] for role, s in scores.items()},
@@ -993,6 +995,8 @@ def _record(
             "loss": task.loss,
             "classes": task.classes or None,
             "score": _score_name(task),
+            # the stability (utility) score: the task score, except for a language model's 1/perplexity
+            "utility_score": "1/perplexity" if task.loss == "lm" else _score_name(task),
             "splits": {s: len(getattr(task, s)) for s in SPLITS if getattr(task, s, None) is not None},
         },
         "thresholds": {

@@ -91,6 +91,14 @@ def score_name(record: Mapping[str, Any]) -> str:
     return "R²" if isinstance(task, Mapping) and task.get("loss") == "mse" else "accuracy"
 
 
+def utility_name(record: Mapping[str, Any]) -> str:
+    """The utility (stability) score of a record: ``task.utility_score``, else :func:`score_name`."""
+    task = record.get("task") or {}
+    if isinstance(task, Mapping) and task.get("utility_score"):
+        return str(task["utility_score"])
+    return score_name(record)
+
+
 def threshold_label(key: str, value: Any, score: str) -> str:
     """A threshold with its symbol, meaning and unit.
 

@@ -49,6 +49,7 @@ from immunekit.reports._common import (
     score_name,
     stale_rules_note,
     threshold_label,
+    utility_name,
     verdict_rules,
 )
 from immunekit.reports.schema import RERUN_HINT, ReportError, resolve_results_path
@@ -613,7 +614,7 @@ def _th(results: Mapping[str, Any], key: str, fallback: Any = None) -> str:
     """The labelled threshold ``key`` of the record (``fallback`` when the record lacks it)."""
     th = _thresholds(results)
     value = th.get(key, fallback)
-    return threshold_label(key, value, score_name(results))
+    return threshold_label(key, value, utility_name(results) if key == "stability" else score_name(results))
 
 
 def condition_threshold(results: Mapping[str, Any], key: str, cond: Mapping[str, Any]) -> str:
@@ -640,7 +641,8 @@ def condition_value(results: Mapping[str, Any], key: str, cond: Mapping[str, Any
     value = cond.get("value")
     if key in CONDITION_VALUES and isinstance(value, int | float) and not isinstance(value, bool):
         what, unit = CONDITION_VALUES[key]
-        return f"{fmt_num(value)} ({what}, {unit or score_name(results)})"
+        score = utility_name(results) if key == "stability" else score_name(results)
+        return f"{fmt_num(value)} ({what}, {unit or score})"
     return _fmt(value)
 
 
