@@ -115,3 +115,54 @@ def test_a_reference_that_never_refuses_voids_the_card(
     rec = evaluate(_model(0), _task(), reference=_model(1), budget=budget, seeds=(0,), progress=False)
     assert rec["verdict"]["verdict"] == "INVALID"
     assert rec["gates"]["reference_safe_at_release"]["status"] == "FAIL"
+
+
+def test_cli_evaluates_a_hugging_face_folder_with_the_language_model_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from immunekit.cli.main import main
+    from immunekit.data import TASKS
+
+    folder = _model(0).save_pretrained_dir(tmp_path / "lm")
+    name = "toy_lm_cli_test"
+    if name not in TASKS:
+        TASKS.register(name)(lambda tokenizer=None, evaluation_splits=True: _task())
+    safe = {_fingerprint(CausalLM.from_pretrained_dir(folder))}
+    monkeypatch.setattr(lm_eval, "generate", _refuse_when(safe, []))
+    out = tmp_path / "card"
+    argv = ["evaluate", "--model", str(folder), "--reference", str(folder), "--task", name, "--seeds", "0"]
+    argv += ["--workers", "1"]  # the patched generation lives in this process
+    argv += [
+        "--budget",
+        "steps=2",
+        "--budget",
+        "eval_every=1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-report",
+    ]
+    assert main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert (
+        record["budget"]["optimizer"] == "adamw" and record["budget"]["lr"] == LM_BUDGET.lr
+    )  # not Adam at 0.01
+    assert record["budget"]["steps"] == 2 and record["task"]["loss"] == "lm"
+    assert [a["name"] for a in record["config"]["attacks"]] == ["lm_finetune"]
+    assert record["verdict"]["verdict"] == "NOT IMMUNIZED", json.dumps(record["gates"])[:1500]
+
+
+def test_a_model_folder_without_tokenizer_is_refused(tmp_path: Path) -> None:
+    from immunekit.errors import ConfigError
+    from immunekit.experiments.evaluate import load_model
+
+    bare = _model(0)
+    bare.tokenizer = None
+    folder = bare.save_pretrained_dir(tmp_path / "bare")
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_model(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no weights"):
+        load_model(folder)

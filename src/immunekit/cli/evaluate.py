@@ -201,10 +201,18 @@ def _flat_sets(items: list[str], flag: str) -> dict[str, Any]:
 def _shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``evaluate()`` arguments every model of a run shares (attacks, budget, seeds, search, ...)."""
     from immunekit.attacks import AttackBudget
-    from immunekit.experiments.evaluate import DEFAULT_ATTACKS, DEFAULT_BUDGET, parse_attack_list
+    from immunekit.experiments.evaluate import (
+        DEFAULT_ATTACKS,
+        DEFAULT_BUDGET,
+        LM_ATTACKS,
+        LM_BUDGET,
+        is_hf_folder,
+        parse_attack_list,
+    )
     from immunekit.metrics.conditions import Thresholds
 
-    base = dataclasses.asdict(DEFAULT_BUDGET)
+    language = is_hf_folder(args.model)  # a causal LM: --budget keys change Qi et al.'s recipe, not Adam's
+    base = dataclasses.asdict(LM_BUDGET if language else DEFAULT_BUDGET)
     budget = load_config(AttackBudget, {**base, **_flat_sets(args.budget_sets, "--budget")}, where="--budget")
     thresholds = load_config(Thresholds, _flat_sets(args.threshold_sets, "--threshold"), where="--threshold")
     search = None
@@ -222,7 +230,9 @@ def _shared_inputs(args: argparse.Namespace) -> dict[str, Any]:
     elif args.search_sets:
         raise ConfigError("--search-set needs --search-trials N to run the search")
     return {
-        "attacks": parse_attack_list(args.attacks) if args.attacks else DEFAULT_ATTACKS,
+        "attacks": parse_attack_list(args.attacks)
+        if args.attacks
+        else (LM_ATTACKS if language else DEFAULT_ATTACKS),
         "budget": budget,
         "seeds": _seeds(args.seeds),
         "search": search,
