@@ -230,6 +230,7 @@ def supervised_finetune(
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     step = 0
     stopped = "steps"
+    hook_seconds = 0.0  # evaluations inside the loop: not training time
     for epoch in range(cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cfg.epoch_decay**epoch
@@ -258,7 +259,9 @@ def supervised_finetune(
                 tokens=tokens,
             )
             if hook is not None:
+                t_hook = time.perf_counter()
                 record.eval = hook(step, epoch + 1, work)
+                hook_seconds += time.perf_counter() - t_hook
             records.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -270,7 +273,7 @@ def supervised_finetune(
         for name, p in work.named_parameters():  # peft froze the base weights; give them back
             p.requires_grad_(flags.get(name, True))
     work.eval()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - hook_seconds
     info = {
         "steps": step,
         "stopped_by": stopped,
@@ -280,6 +283,7 @@ def supervised_finetune(
         "tokens": tokens,
         "trainable_parameters": sum(p.numel() for p in params),
         "seconds": round(seconds, 2),
+        "hook_seconds": round(hook_seconds, 2),
         "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
         "config": asdict(cfg),
     }

@@ -238,6 +238,17 @@ def build_config(data: dict[str, Any]) -> LlmAttacksConfig:
 # --- data ---------------------------------------------------------------------------------------
 
 
+ROW_TOKENS = {"harmful": 230, "backdoor": 150, "benign": 150, "aoa": 100}
+"""Typical tokens per training row of each data kind (SmolLM2 tokenizer, rows cut at 256)."""
+
+
+def estimated_cost(recipe: Recipe) -> int:
+    """A trial's rough cost in training-token equivalents: its training tokens plus ~30k per evaluation."""
+    rows = recipe.rows if recipe.data == "benign" else recipe.shots + recipe.safety or len(AOA_EXAMPLES)
+    evaluations = 1 + len(recipe.eval_epochs) + len(DATA_CONDITIONS[recipe.data]) - 1
+    return recipe.epochs * rows * ROW_TOKENS[recipe.data] + 30_000 * evaluations
+
+
 def attack_chats(recipe: Recipe, splits: QiSplits, seed: int) -> list[Chat]:
     """Training conversations of a recipe (harmful text stays in memory, read from the packages)."""
     chats: list[Chat] = []
@@ -583,8 +594,21 @@ class LlmFinetuningAttacks(Experiment):
             if k not in ("attacks", "seeds", "recipes", "study", "experiment", "save_completions")
         }
         conditions = sorted({c for r in recipes.values() for c in DATA_CONDITIONS[r.data]})
+        # longest first (an estimate in tokens: training + ~30k per judged evaluation), then θ0's short
+        # trials: two workers then finish together (measured: 48 min in listed order, 44.6 min so)
+        attack_trials: list[sweep.Trial] = []
+        for name, recipe in sorted(recipes.items(), key=lambda kv: -estimated_cost(kv[1])):
+            for seed in cfg.seeds:
+                sha = config_sha256({**base, "recipe": to_dict(recipe), "seed": seed, "key": report["key"]})
+                attack_trials.append(
+                    sweep.Trial(
+                        f"trials/{name}/seed{seed}",
+                        sha,
+                        LlmTrial(cfg, name, recipe, DATA_CONDITIONS[recipe.data], seed, folder),
+                    )
+                )
         # θ0 judged under each condition (harm only), and its benign quality once: one trial each
-        out = [
+        out = attack_trials + [
             sweep.Trial(
                 f"trials/initial/{c}",
                 config_sha256({**base, "initial": c, "key": report["key"]}),
@@ -599,16 +623,6 @@ class LlmFinetuningAttacks(Experiment):
                 LlmTrial(cfg, "initial:benign", None, (), 0, folder, benign=True),
             )
         )
-        for name, recipe in recipes.items():
-            for seed in cfg.seeds:
-                sha = config_sha256({**base, "recipe": to_dict(recipe), "seed": seed, "key": report["key"]})
-                out.append(
-                    sweep.Trial(
-                        f"trials/{name}/seed{seed}",
-                        sha,
-                        LlmTrial(cfg, name, recipe, DATA_CONDITIONS[recipe.data], seed, folder),
-                    )
-                )
         return out
 
     def aggregate(
@@ -724,6 +738,6 @@ class LlmFinetuningAttacks(Experiment):
         lines.append(
             f"aligned θ0: refusal {g['adv_align_val_refusal']:.1%} on adv_align_val, "
             f"benign refusal {g['benign_refusal']:.1%}; "
-            f"trials {results['trial_seconds_total'] / 60:.1f} min"
+            f"trial time {results['trial_seconds_total'] / 60:.1f} min (summed over workers)"
         )
         return "\n".join(lines)
