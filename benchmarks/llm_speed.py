@@ -38,7 +38,7 @@ from immunekit.models.causal_lm import CausalLM
 
 def _data(model: CausalLM, rows: int, tokens: int) -> TokenSplit:
     """Benign rows of about ``tokens`` tokens: a long prompt, an answer of the same length."""
-    words = " ".join(f"word{i}" for i in range(tokens))
+    words = " ".join(["word"] * (tokens // 2 - 24))  # " word" is one token: prompt and answer each ~half
     chats = [
         Chat(user=f"Repeat after me {i}: {words}", assistant=words, system="You are helpful.", id=str(i))
         for i in range(rows)
