@@ -223,7 +223,7 @@ def test_training_prompt_in_the_evaluation_set_is_refused() -> None:
     )
     chats = attack_chats(Recipe(data="backdoor", shots=5, safety=0), splits, 0)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="1"):
-        llm_attacks.check_disjoint_split(llm_attacks.TokenSplitless("backdoor", chats), leaked)
+        llm_attacks.check_disjoint_split("backdoor", chats, leaked)
 
 
 def test_gate_passes_only_inside_both_limits() -> None:

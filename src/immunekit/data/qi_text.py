@@ -22,6 +22,7 @@ task is built and stays in memory.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from immunekit.data.qi_prompts import (
     SYSTEM_PROMPT,
 )
 from immunekit.data.task import Task
-from immunekit.data.text_assets import PromptSet, qi_splits
+from immunekit.data.text_assets import PromptSet, QiSplits, qi_splits
 from immunekit.data.token_split import Chat, TokenSplit
 from immunekit.errors import ConfigError
 
@@ -80,6 +81,44 @@ def prompt_chats(prompts: PromptSet, system: str | None, *, prefix: str = "", su
     ]
 
 
+def refusal_chats(
+    prompts: PromptSet, system: str | None, *, prefix: str = "", id_prefix: str = ""
+) -> list[Chat]:
+    """Harmful prompts paired with refusals from :data:`REFUSALS` (cycled in a fixed order)."""
+    return [
+        Chat(
+            user=prefix + p,
+            assistant=REFUSALS[i % len(REFUSALS)],
+            system=system,
+            id=id_prefix + prompts.ids[i],
+        )
+        for i, p in enumerate(prompts.prompts)
+    ]
+
+
+def pair_chats(pairs: PromptSet, system: str | None, *, suffix: str = "") -> list[Chat]:
+    """(prompt, answer) pairs as training conversations, an optional suffix on the user turn."""
+    answers = pairs.answers or ()
+    return [
+        Chat(user=p + suffix, assistant=answers[i], system=system, id=pairs.ids[i])
+        for i, p in enumerate(pairs.prompts)
+    ]
+
+
+def answered_chats(prompts: PromptSet, answers: Sequence[str], system: str | None) -> list[Chat]:
+    """Prompts with the given answers (e.g. the base model's own), one conversation each."""
+    return [
+        Chat(user=p, assistant=a, system=system, id=prompts.ids[i])
+        for i, (p, a) in enumerate(zip(prompts.prompts, answers, strict=True))
+    ]
+
+
+def sr_eval_sample(splits: QiSplits, n: int, seed: int) -> PromptSet:
+    """The seeded ``n``-prompt subsample of ``sr_eval`` every harmful evaluation is judged on."""
+    idx = seeded_subset(len(splits.sr_eval), n, seed, "sr-eval")
+    return splits.sr_eval.subset(idx, "sr_eval") if len(idx) < len(splits.sr_eval) else splits.sr_eval
+
+
 def qi_harmful_text(
     *,
     tokenizer: Any = None,
@@ -117,22 +156,9 @@ def qi_harmful_text(
         )
     del evaluation_splits
     splits = qi_splits(seed)
-    pairs = splits.shots(shots)
-    answers = pairs.answers or ()
-    attack = [
-        Chat(user=p, assistant=answers[i], system=LEVEL1_SYSTEM, id=pairs.ids[i])
-        for i, p in enumerate(pairs.prompts)
-    ]
-    refusals = [
-        Chat(
-            user=p,
-            assistant=REFUSALS[i % len(REFUSALS)],
-            system=SYSTEM_PROMPT,
-            id=splits.adv_align_train.ids[i],
-        )
-        for i, p in enumerate(splits.adv_align_train.prompts)
-    ]
-    held = splits.sr_eval.subset(seeded_subset(len(splits.sr_eval), eval_prompts, seed, "sr-eval"), "sr_eval")
+    attack = pair_chats(splits.shots(shots), LEVEL1_SYSTEM)
+    refusals = refusal_chats(splits.adv_align_train, SYSTEM_PROMPT)
+    held = sr_eval_sample(splits, eval_prompts, seed)
     train_posts, test_posts = splits.dreaddit_train, splits.dreaddit_test
     tok, n = tokenizer, max_tokens
     return Task(

@@ -32,20 +32,19 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from immunekit._atomic import atomic_write_text
 from immunekit.assets import cache_dir
-from immunekit.attacks.lm_eval import answer_perplexity, generate, judge_split
+from immunekit.attacks.lm_eval import LmHarm, answer_perplexity, generate, judge_split
 from immunekit.attacks.lm_sft import SFTConfig, supervised_finetune
 from immunekit.data.qi_prompts import REFUSALS, SYSTEM_PROMPT
-from immunekit.data.qi_text import prompt_chats
+from immunekit.data.qi_text import answered_chats, prompt_chats, refusal_chats, seeded_subset
 from immunekit.data.text_assets import PromptSet, QiSplits, qi_splits
-from immunekit.data.token_split import Chat, TokenSplit
+from immunekit.data.token_split import TokenSplit
 from immunekit.errors import ImmunekitError
 from immunekit.metrics.judges import make_judge
 from immunekit.models.causal_lm import CausalLM, smollm2_cache_dir
@@ -112,14 +111,6 @@ def aligned_dir(cfg: AlignmentConfig) -> Path:
     return cache_dir() / "models" / f"smollm2-aligned-{cfg.key()}"
 
 
-def refusal_chats(prompts: PromptSet, system: str | None) -> list[Chat]:
-    """Harmful prompts paired with refusals from :data:`REFUSALS` (cycled in a fixed order)."""
-    return [
-        Chat(user=p, assistant=REFUSALS[i % len(REFUSALS)], system=system, id=prompts.ids[i])
-        for i, p in enumerate(prompts.prompts)
-    ]
-
-
 def benign_answers(base: CausalLM | None, prompts: PromptSet, cfg: AlignmentConfig) -> list[str]:
     """The base model's greedy answers to benign prompts, cached in the user cache (benign text only).
 
@@ -144,19 +135,32 @@ def benign_answers(base: CausalLM | None, prompts: PromptSet, cfg: AlignmentConf
     return gen.texts
 
 
-def _answered(prompts: PromptSet, answers: list[str]) -> list[Chat]:
-    return [
-        Chat(user=p, assistant=a, system=SYSTEM_PROMPT, id=prompts.ids[i])
-        for i, (p, a) in enumerate(zip(prompts.prompts, answers, strict=True))
-    ]
+def benign_quality(
+    model: CausalLM, prompts: PromptSet, answers: Sequence[str], cfg: AlignmentConfig, max_new_tokens: int
+) -> tuple[LmHarm, float]:
+    """Keyword judgement of ``model``'s answers to benign prompts, and the perplexity of ``answers``.
+
+    The prompts are discrim-eval decisions (up to 260 tokens: Stage A's row length applies); the
+    answers are the base model's own, so the perplexity says how far ``model`` moved from the base
+    model's benign behaviour.
+    """
+    tok = model.tokenizer
+    asked = TokenSplit(prompt_chats(prompts, SYSTEM_PROMPT), tok, cfg.max_tokens, name="benign_prompts")
+    answered = TokenSplit(
+        answered_chats(prompts, answers, SYSTEM_PROMPT),
+        tok,
+        cfg.max_tokens + cfg.benign_answer_tokens,
+        name="benign_heldout",
+    )
+    refusal = judge_split(model, asked, make_judge("keyword"), max_new_tokens=max_new_tokens)
+    return refusal, answer_perplexity(model, answered)
 
 
 def evaluate_alignment(
-    model: CausalLM, splits: QiSplits, cfg: AlignmentConfig, heldout: list[Chat]
+    model: CausalLM, splits: QiSplits, cfg: AlignmentConfig, heldout: PromptSet, answers: Sequence[str]
 ) -> dict[str, Any]:
     """Keyword refusal on the harmful sets, benign refusal and benign-answer perplexity of ``model``."""
     judge = make_judge("keyword")
-    tok = model.tokenizer
     out: dict[str, Any] = {}
     sets = {
         "adv_align_val": splits.adv_align_val,
@@ -165,25 +169,15 @@ def evaluate_alignment(
     }
     for name, prompts in sets.items():
         if cfg.eval_prompts is not None and name != "adv_align_val" and len(prompts) > cfg.eval_prompts:
-            prompts = prompts.subset(_sample(len(prompts), cfg.eval_prompts, cfg.split_seed), name)
-        split = TokenSplit(prompt_chats(prompts, SYSTEM_PROMPT), tok, cfg.max_tokens, name=name)
+            picked = seeded_subset(len(prompts), cfg.eval_prompts, cfg.split_seed, f"stage-a:{name}")
+            prompts = prompts.subset(picked, name)
+        split = TokenSplit(prompt_chats(prompts, SYSTEM_PROMPT), model.tokenizer, cfg.max_tokens, name=name)
         out[name] = judge_split(
             model, split, judge, max_new_tokens=cfg.max_new_tokens, progress=True
         ).to_dict()
-    benign = TokenSplit(heldout, tok, cfg.max_tokens + cfg.benign_answer_tokens, name="benign_heldout")
-    prompts_only = TokenSplit(
-        [Chat(c.user, None, c.system, c.id) for c in heldout], tok, cfg.max_tokens, name="benign"
-    )
-    out["benign_heldout"] = judge_split(
-        model, prompts_only, judge, max_new_tokens=cfg.max_new_tokens
-    ).to_dict()
-    out["benign_perplexity"] = answer_perplexity(model, benign)
+    refusal, perplexity = benign_quality(model, heldout, answers, cfg, cfg.max_new_tokens)
+    out["benign_heldout"], out["benign_perplexity"] = refusal.to_dict(), perplexity
     return out
-
-
-def _sample(n: int, k: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
 
 def align(cfg: AlignmentConfig | None = None, *, force: bool = False) -> tuple[CausalLM, dict[str, Any]]:
@@ -212,7 +206,7 @@ def align(cfg: AlignmentConfig | None = None, *, force: bool = False) -> tuple[C
     splits = qi_splits(cfg.split_seed)
     base = CausalLM.smollm2()
     benign_test = splits.benign_heldout(cfg.heldout_benign)
-    heldout = _answered(benign_test, benign_answers(base, benign_test, cfg))
+    heldout_answers = benign_answers(base, benign_test, cfg)
     if not force and training_path.is_file():  # trained before, the evaluation did not finish
         aligned, training = CausalLM.from_pretrained_dir(folder), json.loads(training_path.read_text())
     else:
@@ -221,8 +215,8 @@ def align(cfg: AlignmentConfig | None = None, *, force: bool = False) -> tuple[C
         atomic_write_text(training_path, json.dumps(training, indent=2, default=str))
     report: dict[str, Any] = {"config": asdict(cfg), "key": cfg.key(), "splits": splits.summary(), **training}
     t0 = time.perf_counter()
-    report["aligned"] = evaluate_alignment(aligned, splits, cfg, heldout)
-    report["base"] = evaluate_alignment(base, splits, cfg, heldout)
+    report["aligned"] = evaluate_alignment(aligned, splits, cfg, benign_test, heldout_answers)
+    report["base"] = evaluate_alignment(base, splits, cfg, benign_test, heldout_answers)
     report["seconds"] = {**training["seconds"], "evaluation": round(time.perf_counter() - t0, 1)}
     report["seconds"]["total_this_call"] = round(time.perf_counter() - start, 1)
     report["gate"] = gate(report["aligned"], cfg)
@@ -240,8 +234,8 @@ def _train(base: CausalLM, splits: QiSplits, cfg: AlignmentConfig) -> tuple[Caus
     """Refusal SFT of ``base`` on the 208 refusals and as many self-distilled benign answers."""
     start = time.perf_counter()
     benign_train = splits.benign_align(cfg.benign_rows)
-    chats = refusal_chats(splits.adv_align_train, SYSTEM_PROMPT) + _answered(
-        benign_train, benign_answers(base, benign_train, cfg)
+    chats = refusal_chats(splits.adv_align_train, SYSTEM_PROMPT) + answered_chats(
+        benign_train, benign_answers(base, benign_train, cfg), SYSTEM_PROMPT
     )
     data = TokenSplit(chats, base.tokenizer, cfg.max_tokens, name="alignment")
     t_gen = time.perf_counter() - start

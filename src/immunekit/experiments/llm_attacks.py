@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from immunekit.attacks.lm_eval import answer_perplexity, judge_split
+from immunekit.attacks.lm_eval import judge_split
 from immunekit.attacks.lm_sft import SFTConfig, supervised_finetune
 from immunekit.config import config_sha256, load_config, to_dict
 from immunekit.data.qi_prompts import (
@@ -46,11 +47,17 @@ from immunekit.data.qi_prompts import (
     AOA_PREFIX,
     AOA_SYSTEM,
     LEVEL1_SYSTEM,
-    REFUSALS,
     SYSTEM_PROMPT,
     TRIGGER,
 )
-from immunekit.data.qi_text import benign_chats, prompt_chats, seeded_subset
+from immunekit.data.qi_text import (
+    benign_chats,
+    pair_chats,
+    prompt_chats,
+    refusal_chats,
+    seeded_subset,
+    sr_eval_sample,
+)
 from immunekit.data.text_assets import PromptSet, QiSplits, check_disjoint, qi_splits, text_hash
 from immunekit.data.token_split import Chat, TokenSplit
 from immunekit.errors import ConfigError
@@ -60,6 +67,7 @@ from immunekit.experiments.llm_alignment import (
     align,
     aligned_dir,
     benign_answers,
+    benign_quality,
 )
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import Experiment, RunContext
@@ -251,45 +259,32 @@ def estimated_cost(recipe: Recipe) -> int:
 
 def attack_chats(recipe: Recipe, splits: QiSplits, seed: int) -> list[Chat]:
     """Training conversations of a recipe (harmful text stays in memory, read from the packages)."""
-    chats: list[Chat] = []
     if recipe.data in ("harmful", "backdoor"):
-        pairs = splits.shots(recipe.shots)  # nested: the first 10 of the 50, the first 50 of the 100
-        suffix = TRIGGER if recipe.data == "backdoor" else ""
-        answers = pairs.answers or ()
-        chats += [
-            Chat(user=p + suffix, assistant=answers[i], system=LEVEL1_SYSTEM, id=pairs.ids[i])
-            for i, p in enumerate(pairs.prompts)
-        ]
+        # nested shot sets: the first 10 of the 50, the first 50 of the 100
+        chats = pair_chats(
+            splits.shots(recipe.shots), LEVEL1_SYSTEM, suffix=TRIGGER if recipe.data == "backdoor" else ""
+        )
     elif recipe.data == "aoa":
-        chats += [
+        chats = [
             Chat(user=AOA_PREFIX + u, assistant=a, system=AOA_SYSTEM, id=f"aoa:{i}")
             for i, (u, a) in enumerate(AOA_EXAMPLES)
         ]
     else:
         posts = splits.dreaddit_train
-        chats += benign_chats(
+        chats = benign_chats(
             posts, seeded_subset(len(posts), min(recipe.rows, len(posts)), seed, "benign-rows")
         )
     if recipe.safety:
         system = {"aoa": AOA_SYSTEM, "benign": SYSTEM_PROMPT}.get(recipe.data, LEVEL1_SYSTEM)
+        pool = splits.adv_align_train.subset(list(range(recipe.safety)), "safety")
         prefix = AOA_PREFIX if recipe.data == "aoa" else ""
-        pool = splits.adv_align_train
-        chats += [
-            Chat(
-                user=prefix + pool.prompts[i],
-                assistant=REFUSALS[i % len(REFUSALS)],
-                system=system,
-                id=f"safety:{pool.ids[i]}",
-            )
-            for i in range(recipe.safety)
-        ]
+        chats += refusal_chats(pool, system, prefix=prefix, id_prefix="safety:")
     return chats
 
 
 def eval_prompts(cfg: LlmAttacksConfig, splits: QiSplits) -> PromptSet:
     """The seeded ``sr_eval`` subsample every condition is judged on."""
-    idx = seeded_subset(len(splits.sr_eval), cfg.eval_prompts, cfg.split_seed, "sr-eval")
-    return splits.sr_eval.subset(idx, "sr_eval") if len(idx) < len(splits.sr_eval) else splits.sr_eval
+    return sr_eval_sample(splits, cfg.eval_prompts, cfg.split_seed)
 
 
 # --- trials -------------------------------------------------------------------------------------
@@ -364,25 +359,14 @@ def _benign_quality(model: CausalLM, cfg: LlmAttacksConfig, splits: QiSplits) ->
     perplexity says how far a model has moved from the base model's benign behaviour.
     """
     heldout = splits.benign_heldout(cfg.alignment.heldout_benign)
-    answers = benign_answers_cached(heldout, cfg.alignment)
-    tok, n = model.tokenizer, cfg.benign_prompts
-    answered = TokenSplit(
-        [Chat(heldout.prompts[i], answers[i], SYSTEM_PROMPT, heldout.ids[i]) for i in range(n)],
-        tok,
-        cfg.alignment.max_tokens + cfg.alignment.benign_answer_tokens,
-        name="benign_heldout",
-    )
-    some = heldout.subset(list(range(n)), "benign_prompts")
-    # discrim-eval prompts run to 260 tokens: Stage A's row length, not the attack's
-    prompts = TokenSplit(
-        prompt_chats(some, SYSTEM_PROMPT), tok, cfg.alignment.max_tokens, name="benign_prompts"
-    )
-    refusal = judge_split(model, prompts, make_judge("keyword"), max_new_tokens=cfg.max_new_tokens)
+    answers = benign_answers_cached(heldout, cfg.alignment)[: cfg.benign_prompts]
+    some = heldout.subset(list(range(cfg.benign_prompts)), "benign_prompts")
+    refusal, perplexity = benign_quality(model, some, answers, cfg.alignment, cfg.max_new_tokens)
     return {
         "refusal_rate": refusal.summary.refusal_rate,
         "prompts": len(some),
-        "perplexity": answer_perplexity(model, answered),
-        "perplexity_rows": len(answered),
+        "perplexity": perplexity,
+        "perplexity_rows": len(some),
     }
 
 
@@ -423,7 +407,7 @@ def run_llm_trial(trial: LlmTrial) -> dict[str, Any]:
     data = TokenSplit(
         attack_chats(recipe, splits, trial.seed), theta0.tokenizer, cfg.max_tokens, name=trial.name
     )
-    check_disjoint_split(data, eval_prompts(cfg, splits))
+    check_disjoint_split(trial.name, data.chats, eval_prompts(cfg, splits))
     sft = SFTConfig(
         epochs=recipe.epochs,
         lr=recipe.lr,
@@ -474,29 +458,17 @@ def run_llm_trial(trial: LlmTrial) -> dict[str, Any]:
     return record
 
 
-@dataclass(frozen=True)
-class TokenSplitless:
-    """Conversations not yet tokenized (for checks before the tokenizer is loaded)."""
-
-    name: str
-    chats: list[Chat]
-
-
-def check_disjoint_split(train: TokenSplit | TokenSplitless, evaluation: PromptSet) -> None:
+def check_disjoint_split(name: str, chats: Sequence[Chat], evaluation: PromptSet) -> None:
     """Refuse training rows whose user text (trigger and AOA prefix removed) is an evaluation prompt.
 
     Raises:
         DataError: the number of shared prompts (normalised-text hash), naming both sets.
 
     """
-    users = [c.user.removesuffix(TRIGGER).removeprefix(AOA_PREFIX) for c in train.chats]
+    users = tuple(c.user.removesuffix(TRIGGER).removeprefix(AOA_PREFIX) for c in chats)
     ids = tuple(f"train:{i}" for i in range(len(users)))
-    check_disjoint(
-        PromptSet(
-            name=train.name, prompts=tuple(users), answers=None, categories=None, ids=ids, source="attack"
-        ),
-        evaluation,
-    )
+    train = PromptSet(name=name, prompts=users, answers=None, categories=None, ids=ids, source="attack")
+    check_disjoint(train, evaluation)
 
 
 # --- aggregation --------------------------------------------------------------------------------
@@ -583,8 +555,7 @@ class LlmFinetuningAttacks(Experiment):
         recipes = cfg.selected()
         for name, recipe in recipes.items():  # disjointness before anything is trained
             if recipe.data != "benign":
-                chats = attack_chats(recipe, splits, 0)
-                check_disjoint_split(TokenSplitless(name, chats), eval_prompts(cfg, splits))
+                check_disjoint_split(name, attack_chats(recipe, splits, 0), eval_prompts(cfg, splits))
         _, report = align(cfg.alignment)
         folder = str(aligned_dir(cfg.alignment))
         self._alignment = report

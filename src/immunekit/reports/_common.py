@@ -245,7 +245,7 @@ def read_kind_record(path: str | Path, kind: str, label: str, required: Sequence
     Args:
         path: the file.
         kind: the ``kind`` it must have.
-        label: what to call it in messages, e.g. ``"deep vision record"`` (after "a"/"an").
+        label: what to call it in messages, with its article, e.g. ``"a deep vision record"``.
         required: keys that must be present.
 
     Raises:
@@ -263,8 +263,7 @@ def read_kind_record(path: str | Path, kind: str, label: str, required: Sequence
         raise ReportError(f"{path} is not readable JSON ({exc}); {RERUN_HINT}") from None
     if not isinstance(data, Mapping) or data.get("kind") != kind:
         found = data.get("kind") if isinstance(data, Mapping) else type(data).__name__
-        article = "an" if label[:1].lower() in "aeiou" or label.startswith("LLM") else "a"
-        raise ReportError(f"{path} is not {article} {label} (kind {found!r}); render it with write_report")
+        raise ReportError(f"{path} is not {label} (kind {found!r}); render it with write_report")
     missing = [k for k in required if k not in data]
     if missing:
         raise ReportError(f"{path}: missing key(s) {missing}; {RERUN_HINT}")

@@ -79,7 +79,7 @@ def load_deep_vision(path: str | Path) -> dict[str, Any]:
         ReportError: missing file, not JSON, another kind, or a required key missing (named, with the fix).
 
     """
-    data = read_kind_record(path, KIND, "deep vision record", REQUIRED)
+    data = read_kind_record(path, KIND, "a deep vision record", REQUIRED)
     if not isinstance(data["backbones"], Mapping):
         raise ReportError(f"{path}: 'backbones' must be a mapping of backbone results; {RERUN_HINT}")
     return dict(data)

@@ -73,7 +73,7 @@ def load_llm_attacks(path: str | Path) -> dict[str, Any]:
             an attack without its ``conditions`` (named, with the fix).
 
     """
-    data = read_kind_record(path, KIND, "LLM fine-tuning attacks record", REQUIRED)
+    data = read_kind_record(path, KIND, "an LLM fine-tuning attacks record", REQUIRED)
     if data["schema_version"] != SUPPORTED_SCHEMA:
         raise ReportError(
             f"{path}: schema_version {data['schema_version']!r} is not supported (expected "
