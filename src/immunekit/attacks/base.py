@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -282,12 +282,46 @@ class Attack(ABC):
     """Base class: ``__call__`` copies the model, trains what the attack chooses, records each step."""
 
     name: ClassVar[str]
+    supports_unroll: ClassVar[bool] = False
+    """Whether :meth:`unroll` runs this attack through ``torch.func`` (the torch-loop attacks do)."""
 
     @abstractmethod
     def __call__(
         self, model: ImmunizableModel, task: Task, budget: AttackBudget, *, seed: int
     ) -> AttackResult:
         """Attack a copy of ``model`` on ``task`` within ``budget``; never mutates ``model``."""
+
+    def unroll(
+        self,
+        model: ImmunizableModel,
+        task: Task[Split],
+        budget: AttackBudget,
+        *,
+        seed: int,
+        theta: Mapping[str, Tensor] | None = None,
+        create_graph: bool = False,
+    ) -> tuple[AttackResult, dict[str, Tensor]]:
+        """The attack as a differentiable function of the parameters it moves.
+
+        Same copy, data, batches, budget and update rule as :meth:`__call__`, but the moving
+        parameters are a ``{name: tensor}`` dict advanced through ``torch.func.functional_call``
+        (:mod:`immunekit.attacks.functional`). With ``create_graph=False`` the result equals
+        ``__call__``'s (parameters and records; the contract suite checks it); with ``True``, the
+        returned parameters are differentiable functions of ``theta``, so a meta-learned defense
+        differentiates through the code that later evaluates it. The batches are the attack's own
+        seeded stream rather than an argument, which is what makes the records comparable.
+
+        Returns:
+            ``(result, final parameters by name)``.
+
+        Raises:
+            ConfigError: the attack has no differentiable form (closed-form probes, LoRA, LMs).
+
+        """
+        raise ConfigError(
+            f"attack {self.name!r} cannot be unrolled differentiably; use one whose supports_unroll is "
+            "True (full_finetune, partial_finetune, head_reset_probe, relearn)"
+        )
 
 
 def split_of(task: Task[SplitT], name: str) -> SplitT:

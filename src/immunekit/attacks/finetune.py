@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from immunekit.attacks._loop import LoopOutput, Phase, check_optimizer, run_loop
 from immunekit.attacks.base import (
@@ -54,6 +54,7 @@ from immunekit.attacks.base import (
     rng_streams,
     split_of,
 )
+from immunekit.attacks.functional import Params
 from immunekit.config import load_config
 from immunekit.data.task import Split, Task, take
 from immunekit.errors import ConfigError
@@ -193,15 +194,85 @@ class _TorchAttack(Attack):
         base = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
         self.config = load_config(self.Config, {**base, **overrides}, where="attack")
 
+    supports_unroll: ClassVar[bool] = True
+
     def __call__(
         self, model: ImmunizableModel, task: Task[Split], budget: AttackBudget, *, seed: int
     ) -> AttackResult:
         """Attack a deep copy of ``model``; the input is never modified (any :class:`Split` type)."""
+        attacked, params, phases, extra = self._setup(model, task, budget, seed)
+        out = self._loop(attacked, params, task, budget, phases, seed)
+        return self.result(attacked, out, extra)
+
+    def unroll(
+        self,
+        model: ImmunizableModel,
+        task: Task[Split],
+        budget: AttackBudget,
+        *,
+        seed: int,
+        theta: Mapping[str, Tensor] | None = None,
+        create_graph: bool = False,
+    ) -> tuple[AttackResult, Params]:
+        """The same attack run through ``torch.func.functional_call`` (see :meth:`Attack.unroll`).
+
+        The copy, the fresh head, the batches, the budget meter and the update rule are those of
+        :meth:`__call__`; only the driver differs: the moving parameters are a ``{name: tensor}``
+        dict θ, so with ``create_graph=True`` the returned θ_K is a differentiable function of θ₀.
+
+        Args:
+            model: the model to attack (never modified).
+            task: as for :meth:`__call__`.
+            budget: as for :meth:`__call__`.
+            seed: as for :meth:`__call__`.
+            theta: start values for some of the moving parameters, by the names of
+                :meth:`~torch.nn.Module.named_parameters` (e.g. a defender's parameters, through
+                which gradients should flow); the others start from the prepared copy.
+            create_graph: keep the graph through every step (second order).
+
+        Returns:
+            ``(result, θ_K)``: the :class:`AttackResult` (its model holds a detached θ_K) and the
+            final parameters by name.
+
+        Raises:
+            ConfigError: a name in ``theta`` that is not a moving parameter of this attack.
+
+        """
+        if not self.supports_unroll:
+            return super().unroll(model, task, budget, seed=seed, theta=theta, create_graph=create_graph)
+        attacked, params, phases, extra = self._setup(model, task, budget, seed)
+        names = {id(p): n for n, p in attacked.named_parameters()}
+        start: dict[str, Tensor] = {names[id(p)]: p for p in params}
+        unknown = sorted(set(theta or {}) - set(start))
+        if unknown:
+            raise ConfigError(
+                f"theta names {unknown} are not parameters that {self.name!r} trains; use names from "
+                f"{sorted(start)[:8]}{' ...' if len(start) > 8 else ''}"
+            )
+        start.update(theta or {})
+        out = self._loop(attacked, params, task, budget, phases, seed, theta=start, create_graph=create_graph)
+        assert out.params is not None  # the functional driver always returns θ
+        return self.result(attacked, out, extra), out.params
+
+    def _setup(
+        self, model: ImmunizableModel, task: Task[Split], budget: AttackBudget, seed: int
+    ) -> tuple[ImmunizableModel, list[nn.Parameter], list[Phase], dict[str, Any]]:
         check_optimizer(budget, self.name)
         attacked = copy.deepcopy(model)
         rngs = dict(zip(PREPARE_STREAMS, rng_streams(seed, *PREPARE_STREAMS), strict=True))
-        attacked, params, phases, extra = self.prepare(attacked, task, budget, rngs)
-        out = run_loop(
+        return self.prepare(attacked, task, budget, rngs)
+
+    def _loop(
+        self,
+        attacked: ImmunizableModel,
+        params: list[nn.Parameter],
+        task: Task[Split],
+        budget: AttackBudget,
+        phases: list[Phase],
+        seed: int,
+        **driver: Any,
+    ) -> LoopOutput:
+        return run_loop(
             attacked,
             params,
             task,
@@ -211,8 +282,8 @@ class _TorchAttack(Attack):
             seed=seed,
             attack=self.name,
             loss_on=self.config.loss_on,
+            **driver,
         )
-        return self.result(attacked, out, extra)
 
     def result(self, attacked: ImmunizableModel, out: LoopOutput, extra: dict[str, Any]) -> AttackResult:
         info = {"split": self.config.split, "eval_split": self.config.eval_split_name(), **out.info, **extra}

@@ -79,6 +79,7 @@ class LoraFinetune(_TorchAttack):
     name = "lora"
     Config = LoraConfig
     config: LoraConfig  # what __init__ loads: the subclass's own Config
+    supports_unroll = False  # peft wraps the modules: the adapters are not a functional_call dict
 
     def __call__(
         self, model: ImmunizableModel, task: Task[Split], budget: AttackBudget, *, seed: int

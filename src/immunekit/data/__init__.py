@@ -12,5 +12,6 @@ TASKS.register_lazy("mnist_pair", "immunekit.data.mnist:mnist_pair")
 TASKS.register_lazy("csv", "immunekit.data.table:table_task")
 TASKS.register_lazy("image_folder", "immunekit.data.image_folder:image_folder_task")
 TASKS.register_lazy("qi_harmful_text", "immunekit.data.qi_text:qi_harmful_text")
+TASKS.register_lazy("discrim_gender", "immunekit.data.discrim_text:discrim_gender")
 
 __all__ = ["TASKS", "Dataset", "Task"]

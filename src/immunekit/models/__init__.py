@@ -13,6 +13,7 @@ from immunekit.models.checkpoint import (
 
 # Imported on first use (it needs transformers): load_checkpoint finds "causal_lm" through this.
 MODELS.register_lazy("causal_lm", "immunekit.models.causal_lm:CausalLM")
+MODELS.register_lazy("bert_text", "immunekit.models.text_encoder:BertTextClassifier")
 
 __all__ = [
     "MODELS",
