@@ -15,7 +15,7 @@ from torch import nn
 
 from immunekit.config import to_dict
 from immunekit.data.synthetic import gaussian_spectra
-from immunekit.data.task import Task
+from immunekit.data.task import Dataset, Task
 from immunekit.defenses import DEFENSES, Defense
 from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import ImmunizableModel, LinearModel, linear_model
@@ -26,16 +26,20 @@ NAMES = DEFENSES.names()
 ANY_MODEL = {"identity"}
 #: Defenses with a deep variant (defenses/deep.py): a non-linear model is trained, not refused.
 DEEP = {"condition_number", "rill_only", "opt_kappa", "imma"}
+#: Defenses that train any ImmunizableModel on a ``ce`` task whose desired (primary) and harmful labels
+#: describe the same inputs (MLAC, AC): they get :func:`_aligned_task` and a two-output head, and an
+#: ``mse`` task is a clear DataError for them.
+ALIGNED_CE = {"mlac", "ac"}
 
 
 class TinyMLP(ImmunizableModel):
     """A non-linear extractor: not a LinearModel."""
 
-    def __init__(self, d_in: int, d_hid: int = 6) -> None:
+    def __init__(self, d_in: int, d_hid: int = 6, d_out: int = 1) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.extractor = nn.Sequential(nn.Linear(d_in, d_hid, dtype=F64), nn.Tanh())
-        self.head = nn.Linear(d_hid, 1, dtype=F64)
+        self.head = nn.Linear(d_hid, d_out, dtype=F64)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
@@ -45,21 +49,41 @@ def _task(loss: str = "mse") -> Task:
     return gaussian_spectra(dim=6, n=64, cond_primary=20.0, cond_harmful=5.0, loss=loss, seed=3)
 
 
-def _model(d: int) -> LinearModel:
+def _aligned_task() -> Task:
+    """The ``ce`` task of :func:`_task` with harmful labels on the *primary* rows ([x_1 > 0]).
+
+    MLAC and AC need the desired and the harmful labels of the same inputs, in the same order.
+    """
+    task = _task("ce")
+    p = task.primary
+    return dataclasses.replace(task, harmful=Dataset(p.x, (p.x[:, 1] > 0).long(), p.ids))
+
+
+def _task_for(name: str, loss: str = "mse") -> Task:
+    """The contract's task for a defense: :func:`_aligned_task` for :data:`ALIGNED_CE`."""
+    return _aligned_task() if name in ALIGNED_CE else _task(loss)
+
+
+def _outputs(name: str) -> int:
+    return 2 if name in ALIGNED_CE else 1
+
+
+def _model(d: int, outputs: int = 1) -> LinearModel:
     """θ_0 = I + small random perturbation, a non-zero head: a non-trivial starting point."""
-    m = linear_model(d)
+    m = linear_model(d, d_out=outputs)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         m.extractor.weight.add_(0.1 * torch.randn(d, d, generator=g, dtype=F64))
-        m.head.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+        m.head.weight.copy_(torch.randn(outputs, d, generator=g, dtype=F64))
     return m
 
 
 def _defense(name: str, **overrides: object) -> Defense:
     cls = DEFENSES.get(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    if "steps" in fields and "steps" not in overrides:
-        overrides["steps"] = 5  # the contract does not depend on the number of steps
+    for key in ("steps", "outer_steps"):
+        if key in fields and key not in overrides:
+            overrides[key] = 5  # the contract does not depend on the number of steps
     return cls(**overrides)
 
 
@@ -81,8 +105,15 @@ def test_registry_is_not_empty() -> None:
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("name", NAMES)
 def test_fit_returns_new_model_and_leaves_input_bit_identical(name: str, loss: str) -> None:
-    task = _task(loss)
-    model = _model(task.input_dim)
+    if name in ALIGNED_CE and loss == "mse":  # classification only: a clear error, input untouched
+        model = _model(_task(loss).input_dim, _outputs(name))
+        before = _snapshot(model)
+        with pytest.raises(DataError, match="loss='mse'"):
+            _defense(name).fit(model, _task(loss), seed=0)
+        _assert_state_equal(_snapshot(model), before)
+        return
+    task = _task_for(name, loss)
+    model = _model(task.input_dim, _outputs(name))
     before = _snapshot(model)
     out = _defense(name).fit(model, task, seed=0)
     assert isinstance(out, ImmunizableModel)
@@ -97,8 +128,8 @@ def test_fit_returns_new_model_and_leaves_input_bit_identical(name: str, loss: s
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fit_is_deterministic_for_a_seed(name: str) -> None:
-    task = _task()
-    model = _model(task.input_dim)
+    task = _task_for(name)
+    model = _model(task.input_dim, _outputs(name))
     a = _defense(name).fit(model, task, seed=7)
     b = _defense(name).fit(model, task, seed=7)
     _assert_state_equal(_snapshot(a), _snapshot(b))
@@ -109,7 +140,7 @@ def test_fit_is_deterministic_for_a_seed(name: str) -> None:
 def test_fit_sets_trailing_underscore_diagnostics(name: str) -> None:
     d = _defense(name)
     assert not hasattr(d, "history_") and not hasattr(d, "info_")  # learned by fit, not before
-    d.fit(_model(6), _task(), seed=0)
+    d.fit(_model(6, _outputs(name)), _task_for(name), seed=0)
     assert isinstance(d.history_, list)
     assert isinstance(d.info_, dict) and d.info_
 
@@ -121,7 +152,7 @@ NO_CHANGE = {"identity"}
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_CHANGE])
 def test_fit_changes_the_extractor_where_it_must(name: str) -> None:
     """A defense that trained (or whitened) must return a different θ on an ill-conditioned task."""
-    task, model = _task(), _model(6)
+    task, model = _task_for(name), _model(6, _outputs(name))
     out = _defense(name).fit(model, task, seed=0)
     diff = (out.extractor.weight - model.extractor.weight).abs().max()
     assert diff > 1e-6, f"{name} returned θ_0 unchanged"
@@ -156,14 +187,14 @@ def test_unknown_config_key_raises_with_suggestion(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
-    task = _task()
-    mlp = TinyMLP(task.input_dim)
+    task = _task_for(name)
+    mlp = TinyMLP(task.input_dim, d_out=_outputs(name))
     before = _snapshot(mlp)
     if name in ANY_MODEL:
         out = _defense(name).fit(mlp, task, seed=0)
         assert out is not mlp
         _assert_state_equal(_snapshot(out), before)
-    elif name in DEEP:  # the deep variant trains the last block and the head of a copy
+    elif name in DEEP or name in ALIGNED_CE:  # a deep variant / any-model defense trains a copy
         out = _defense(name).fit(mlp, task, seed=0)
         assert out is not mlp
         changed = [k for k, v in _snapshot(out).items() if not torch.equal(v, before[k])]
@@ -176,6 +207,6 @@ def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "identity"])
 def test_wrong_input_dimension_is_a_clear_error(name: str) -> None:
-    task = _task()
+    task = _task_for(name)
     with pytest.raises(DataError, match=f"linear_model\\({task.input_dim}\\)"):
         _defense(name).fit(linear_model(task.input_dim + 1), task, seed=0)

@@ -16,6 +16,8 @@ DEFENSES.register_lazy("rill_only", "immunekit.defenses.condition_number:RillOnl
 DEFENSES.register_lazy("opt_kappa", "immunekit.defenses.opt_kappa:OptKappa")
 DEFENSES.register_lazy("imma", "immunekit.defenses.imma:Imma")
 DEFENSES.register_lazy("whiten_primary", "immunekit.defenses.whiten_primary:WhitenPrimary")
+DEFENSES.register_lazy("mlac", "immunekit.defenses.mlac:MLAC")
+DEFENSES.register_lazy("ac", "immunekit.defenses.mlac:AC")
 
 
 def immunize(
