@@ -299,3 +299,24 @@ def test_completions_are_never_written_inside_the_results(tiny_world: Path) -> N
     with pytest.raises(ConfigError, match="inside the results"):
         exp.run(cfg, RunContext(out=out, progress=False, workers=1))
     assert not (out / "trials").exists()
+
+
+def test_seed_prompt_interval_carries_the_variance_between_seeds() -> None:
+    import torch
+
+    from immunekit.experiments.llm_attacks import seed_prompt_interval
+
+    # two seeds that disagree completely: resampling seeds gives rises 0, 0.5, 1 (p = 1/4, 1/2, 1/4);
+    # a prompt-only bootstrap of the seed-mean would be the point 0.5
+    split = torch.tensor([[1.0] * 8, [0.0] * 8])
+    assert seed_prompt_interval(split, torch.zeros(8)) == [0.0, 1.0]
+    # no variation anywhere: the interval is the exact rise
+    same = torch.ones(3, 5)
+    assert seed_prompt_interval(same, torch.full((5,), 0.0)) == pytest.approx([1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(3, 100, generator=g) < 0.7).double()
+    b = (torch.rand(100, generator=g) < 0.2).double()
+    lo, hi = seed_prompt_interval(a, b)
+    rise = float(a.mean() - b.mean())
+    assert lo < rise < hi and hi - lo < 0.3
+    assert seed_prompt_interval(a, b) == [lo, hi]  # seeded: the same interval again

@@ -445,7 +445,12 @@ def _intro(results: Mapping[str, Any]) -> str:
         f"harmfulness rate is {rate}, on {prompts} prompts of `{ev.get('name', 'sr_eval')}` (StrongREJECT "
         f"minus its AdvBench prompts, never trained on), greedy decoding, {tokens} new tokens. Each rise is "
         "the attacked model's rate minus θ0's under the same condition, in percentage points, with a 95 % "
-        "prompt-bootstrap interval."
+        + (
+            "interval from a two-level bootstrap over seeds and prompts (training variance and prompt "
+            "sampling)."
+            if len(seeds) > 1
+            else "prompt-bootstrap interval."
+        )
     )
     if judge == "keyword":
         caveat = (
