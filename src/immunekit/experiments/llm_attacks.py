@@ -537,7 +537,7 @@ def _effect(after: list[dict[str, Any]], before: dict[str, Any], key: str, judge
         interval: list[float] | None = seed_prompt_interval(
             torch.tensor(a_scores, dtype=torch.float64), torch.tensor(b_scores, dtype=torch.float64)
         )
-        method = SEED_PROMPT_BOOTSTRAP
+        method: str | None = SEED_PROMPT_BOOTSTRAP
     else:
         ci = summarise(per_prompt, n_boot=2000, seed=0) if len(per_prompt) >= 2 else None
         interval, method = (None, None) if ci is None else ([ci.ci_low, ci.ci_high], PROMPT_BOOTSTRAP)
