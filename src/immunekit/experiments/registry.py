@@ -306,6 +306,34 @@ _register(
 )
 
 
+def _inner_steps(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"--inner-steps expects an integer K >= 0, got {text!r}; e.g. --inner-steps 4"
+        ) from None
+
+
+_register(
+    "mlac_text",
+    "immunekit.experiments.mlac_text:MlacText",
+    Option(
+        "--inner-steps",
+        "defense.inner_steps",
+        "MLAC's inner steps K (default: the profile's)",
+        _inner_steps,
+        "K",
+    ),
+    Option("--first-order", "defense.first_order", "first-order MLAC (detached inner steps)", const=True),
+    Option("--encoder", "encoder", "minilm (all-MiniLM-L6-v2, default) or tiny (a random tiny BERT, tests)"),
+    Option("--profile", "profile", "quick (default), faithful (mlac.md §8.3) or smoke (seconds, tests)"),
+    Option(
+        "--roles", "roles", "comma-separated roles: random, pretrained, desired_tuned, ac, mlac", _csv, "LIST"
+    ),
+)
+
+
 def experiment_names() -> list[str]:
     """Registered experiments (underscored names)."""
     return EXPERIMENTS.names()

@@ -44,6 +44,8 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
     ``probe_curves.png`` (:func:`immunekit.reports.deep_vision.write_deep_vision_report`). An LLM
     fine-tuning attacks record (``kind == "llm_finetuning_attacks"``) gets ``report.md``,
     ``harm_by_attack.png`` and ``per_category.png`` (:func:`immunekit.reports.llm.write_llm_attacks_report`).
+    An MLAC text record (``kind == "mlac_text"``, from ``immunekit run mlac-text``) gets ``report.md`` and
+    ``harmful_vs_n.png`` (:func:`immunekit.reports.mlac.write_mlac_report`).
 
     Returns:
         Path of the written ``report.md`` (``summary.md`` for a comparison folder).
@@ -70,6 +72,10 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
         from immunekit.reports.llm import write_llm_attacks_report
 
         return write_llm_attacks_report(results_file, out_dir)
+    if kind == "mlac_text":
+        from immunekit.reports.mlac import write_mlac_report
+
+        return write_mlac_report(results_file, out_dir)
     results = load_results(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
     out.mkdir(parents=True, exist_ok=True)
