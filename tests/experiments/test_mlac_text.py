@@ -116,7 +116,7 @@ def test_a_second_run_loads_every_record_without_recomputing(
     def recomputed(payload: Any) -> dict[str, Any]:
         raise AssertionError(f"trial recomputed: {payload}")
 
-    monkeypatch.setattr(mt, "run_trial", recomputed)
+    monkeypatch.setattr(mt.MlacText, "job", staticmethod(recomputed))
     again = run(out)
     assert again["cost"] == first["cost"] and again["desired"] == first["desired"]
 
@@ -327,3 +327,20 @@ def test_the_packaged_defaults_are_the_quick_protocol() -> None:
     assert search.batch_sizes == (12, 24, 48) and search.optimizers == ("adam",) and search.n_trials == 15
     assert search.attack_overrides == {"full_finetune": {"reset_head": True}}
     assert math.isclose(cfg.attack.lr_max, 1e-2)
+
+
+def test_a_model_changed_after_its_trial_is_refused(
+    smoke: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import shutil
+
+    src, _ = smoke
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    role, seed = mt.ROLES[0], SEEDS[0]
+    model = out / "models" / f"{role}--seed{seed}.safetensors"
+    other = out / "models" / f"{mt.ROLES[1]}--seed{seed}.safetensors"
+    shutil.copyfile(other, model)  # a valid checkpoint, but not the one this trial saved
+    (out / "trials" / "desired" / f"{role}--seed{seed}.json").unlink()  # a trial that must load it
+    with pytest.raises(ConfigError, match="differs from the one its trial saved"):
+        run(out)

@@ -110,7 +110,6 @@ import torch
 from torch import Tensor
 
 from immunekit import assets
-from immunekit._atomic import writable_dir_problem
 from immunekit._dist import launched_world_size
 from immunekit._versions import SCHEMA_VERSION
 from immunekit.attacks import ATTACKS, AttackBudget
@@ -122,7 +121,6 @@ from immunekit.defenses import DEFENSES
 from immunekit.defenses.mlac import PROFILES, MLACConfig
 from immunekit.errors import ConfigError, DataError
 from immunekit.experiments import sweep
-from immunekit.experiments.io import atomic_write_json
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import OPTIONS, Experiment, RunContext
 from immunekit.metrics.stats import RECOMMENDED_MIN_N, paired_difference
@@ -844,10 +842,14 @@ def run_model_trial(trial: ModelTrial) -> dict[str, Any]:
 
 
 def _load(path: str) -> ImmunizableModel:
-    if not Path(path).is_file():
+    """The model a model trial saved at ``out/models/<name>.safetensors``, checked against its record."""
+    file = Path(path)
+    record = sweep.trial_file(file.parents[1], f"trials/models/{file.name.removesuffix('.safetensors')}")
+    expected = json.loads(record.read_text()).get("model_sha256") if record.is_file() else None
+    if not file.is_file() or (expected is not None and assets.sha256_file(file) != expected):
         raise ConfigError(
-            f"the model {path} is missing (deleted, or written on another machine); delete the matching "
-            "record under trials/models to rebuild it, or rerun into a new --out"
+            f"the model {path} is missing or differs from the one its trial saved; delete {record} to "
+            "rebuild it, or rerun into a new --out"
         )
     return load_checkpoint(path).eval()
 
@@ -1320,6 +1322,15 @@ class MlacText(Experiment):
             DataError / AssetError: the data or the encoder cannot be had.
 
         """
+        if launched_world_size() > 1:
+            raise ConfigError(
+                "mlac-text does not run under torchrun / accelerate launch; start it as one process"
+            )
+        if ctx.executor == "ray" and (ctx.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise ConfigError(
+                "mlac-text passes the trained models between trials through files under --out, which the "
+                "nodes of a Ray cluster do not share; use --executor local (or a local Ray instance)"
+            )
         data = load_data(cfg)
         pool = len(data["attack_train"])
         big = [n for n in cfg.n_values if n > pool]
@@ -1347,64 +1358,10 @@ class MlacText(Experiment):
             minilm_folder()
         return data_summary(cfg, data)
 
-    def run(self, cfg: MlacTextConfig, ctx: RunContext) -> dict[str, Any]:
-        """Check everything, run the model trials, then the desired and attack trials, aggregate, write.
-
-        Raises:
-            ConfigError: as :meth:`Experiment.run`, a data-parallel launch, a remote Ray cluster (the
-                trials pass models through files in ``--out``), or a saved model that went missing.
-
-        """
-        device = self.resolve_device(ctx.device)
-        if launched_world_size() > 1:
-            raise ConfigError(
-                "mlac-text does not run under torchrun / accelerate launch; start it as one process"
-            )
-        sweep.resolve_options(ctx.executor, ctx.workers)
-        if ctx.executor == "ray" and (ctx.ray_address or os.environ.get("RAY_ADDRESS")):
-            raise ConfigError(
-                "mlac-text passes the trained models between trials through files under --out, which the "
-                "nodes of a Ray cluster do not share; use --executor local (or a local Ray instance)"
-            )
-        problem = writable_dir_problem(ctx.out)
-        if problem:
-            raise ConfigError(
-                f"cannot write the results to {str(ctx.out)!r}: {problem}; choose another --out"
-            )
-        trials = self.trials(cfg, ctx, device)
-        state = self.check(cfg, ctx, trials)
-        sweep.split_done(ctx.out, trials)  # refuses to mix configurations before any work
+    def stages(self, trials: list[sweep.Trial]) -> list[list[sweep.Trial]]:
+        """The model trials first: the desired-accuracy and attack trials load what they saved."""
         models = [t for t in trials if isinstance(t.payload, ModelTrial)]
-        rest = [t for t in trials if not isinstance(t.payload, ModelTrial)]
-        done = self._sweep(models, ctx, "models")
-        _, todo = sweep.split_done(ctx.out, rest)
-        needed = {t.payload.path for t in todo}
-        for t in models:
-            rec = done[t.key]
-            path = Path(t.payload.path)
-            if str(path) in needed and (
-                not path.is_file() or assets.sha256_file(path) != rec.get("model_sha256")
-            ):
-                raise ConfigError(
-                    f"the model {path} is missing or differs from the one trial {t.key!r} saved; delete "
-                    f"{sweep.trial_file(ctx.out, t.key)} to rebuild it, or rerun into a new --out"
-                )
-        done.update(self._sweep(rest, ctx, "desired accuracy and attacks"))
-        results = self.aggregate(cfg, {t.key: done[t.key] for t in trials}, ctx, device, state)
-        atomic_write_json(ctx.out / "results.json", results)
-        return results
-
-    def _sweep(self, trials: list[sweep.Trial], ctx: RunContext, what: str) -> dict[str, dict[str, Any]]:
-        return sweep.run_sweep(
-            trials,
-            run_trial,
-            ctx.out,
-            executor=ctx.executor,
-            workers=ctx.workers,
-            address=ctx.ray_address,
-            progress=ctx.progress,
-            desc=f"{self.name} {what}",
-        )
+        return [models, [t for t in trials if not isinstance(t.payload, ModelTrial)]]
 
     def aggregate(
         self,

@@ -141,8 +141,16 @@ class Experiment(ABC):
     def summary(self, results: dict[str, Any]) -> str:
         """A plain-text table of the headline numbers, printed by ``immunekit run``."""
 
+    def stages(self, trials: list[sweep.Trial]) -> list[list[sweep.Trial]]:
+        """The trials in the order they must run: one stage by default.
+
+        Each stage's sweep finishes before the next starts, so a later stage may read files an
+        earlier one wrote (e.g. trained models).
+        """
+        return [trials]
+
     def run(self, cfg: Any, ctx: RunContext) -> dict[str, Any]:
-        """Check everything, run the missing trials, aggregate and write ``results.json``.
+        """Check everything, run the missing trials (stage by stage), aggregate and write ``results.json``.
 
         Raises:
             ConfigError: an unusable device, executor, worker count or results folder, invalid
@@ -167,17 +175,20 @@ class Experiment(ABC):
         state = self.check(cfg, ctx, trials)
         sweep.split_done(ctx.out, trials)  # refuses to mix configurations before any work
         _barrier()  # every process has listed the same finished trials before any is written
-        done = sweep.run_sweep(
-            trials,
-            type(self).job,
-            ctx.out,
-            executor=ctx.executor,
-            workers=ctx.workers,
-            address=ctx.ray_address,
-            progress=ctx.progress and writer,
-            desc=f"{self.name} trials",
-            write=writer,
-        )
+        done: dict[str, dict[str, Any]] = {}
+        stages = [s for s in self.stages(trials) if s]
+        for i, stage in enumerate(stages):
+            done |= sweep.run_sweep(
+                stage,
+                type(self).job,
+                ctx.out,
+                executor=ctx.executor,
+                workers=ctx.workers,
+                address=ctx.ray_address,
+                progress=ctx.progress and writer,
+                desc=f"{self.name} trials" + (f" ({i + 1}/{len(stages)})" if len(stages) > 1 else ""),
+                write=writer,
+            )
         results = self.aggregate(cfg, {t.key: done[t.key] for t in trials}, ctx, device, state)
         results.setdefault("kind", self.kind)
         if writer:
