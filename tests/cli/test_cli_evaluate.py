@@ -218,3 +218,27 @@ def test_report_rebuilds_the_directory_summary(capsys, evaluated_dir) -> None:
     assert main(["report", str(out)]) == 0
     assert (out / "summary.md").read_text() == before and (out / "summary.html").is_file()
     assert "summary.html" in capsys.readouterr().out
+
+
+def test_a_reference_named_in_the_metadata_is_the_default(tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from immunekit.cli.evaluate import _model_inputs
+    from immunekit.errors import ConfigError
+
+    ref = linear_model(5)
+    save_checkpoint(ref, tmp_path / "before.safetensors", metadata=TASK_META)
+    model = save_checkpoint(
+        linear_model(5),
+        tmp_path / "after.safetensors",
+        metadata={**TASK_META, "reference_model": "before.safetensors"},
+    )
+    args = Namespace(device="cpu", task=None, task_sets=[], target=None, harmful_where=None, reference=None)
+    inputs, _ = _model_inputs(args, model)
+    assert inputs["reference_source"] == str(tmp_path / "before.safetensors")
+    assert torch.equal(inputs["reference"].extractor.weight, ref.extractor.weight)
+    explicit, _ = _model_inputs(Namespace(**{**vars(args), "reference": model}), model)  # --reference wins
+    assert explicit["reference_source"] == str(model)
+    (tmp_path / "before.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"names its reference model 'before\.safetensors'"):
+        _model_inputs(args, model)

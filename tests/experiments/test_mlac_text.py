@@ -209,7 +209,8 @@ def test_the_saved_mlac_model_loads_through_evaluate(smoke: tuple[Path, dict[str
     model, meta = load_model(out / "models" / "mlac--seed0.safetensors")
     assert isinstance(model, BertTextClassifier) and model.head.out_features == 7
     assert meta["role"] == "mlac" and meta["preset"] == "mlac" and meta["desired_columns"] == 4
-    assert meta["reference_model"] == "models/pretrained--seed0.safetensors"
+    assert meta["reference_model"] == "pretrained--seed0.safetensors"
+    assert (out / "models" / meta["reference_model"]).is_file()  # beside the model: evaluate's default
     assert "task" not in meta  # a test source: only discrim-eval names a registered task
 
 

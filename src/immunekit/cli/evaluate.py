@@ -159,8 +159,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--reference",
         type=Path,
         default=None,
-        help="reference model (before immunization), a checkpoint or a Hugging Face folder; default for "
-        "linear models: θ_0 = I with a zero head",
+        help="reference model (before immunization), a checkpoint or a Hugging Face folder; default: the "
+        "file the checkpoint's metadata names (reference_model, beside it; mlac-text writes it), else for "
+        "linear models θ_0 = I with a zero head",
     )
     p.add_argument(
         "--out",
@@ -275,15 +276,26 @@ def _model_inputs(args: argparse.Namespace, path: Path) -> tuple[dict[str, Any],
         task = builder(**task_kwargs)
     except TypeError as err:  # a keyword the builder does not take
         raise ConfigError(f"task {name!r}: {err}; check the --task-set keys") from None
-    reference = None
-    if args.reference is not None:
-        reference, _ = load_model(args.reference, device=device)
+    reference, reference_path = None, args.reference
+    hint = meta.get("reference_model")
+    if reference_path is None and isinstance(hint, str) and hint:
+        # a checkpoint that names its own reference (e.g. mlac-text's roles name the pretrained
+        # encoder saved beside them): the model before immunization, not a guess
+        reference_path = path.parent / hint
+        if not Path(reference_path).is_file():
+            raise ConfigError(
+                f"the checkpoint {path} names its reference model {hint!r}, which is not at "
+                f"{reference_path}; pass --reference PATH"
+            )
+        logger.info("reference model from the checkpoint's metadata: %s", reference_path)
+    if reference_path is not None:
+        reference, _ = load_model(reference_path, device=device)
     inputs = {
         "model": model,
         "task": task,
         "reference": reference,
         "model_source": str(path),
-        "reference_source": None if args.reference is None else str(args.reference),
+        "reference_source": None if reference_path is None else str(reference_path),
     }
     return inputs, meta
 

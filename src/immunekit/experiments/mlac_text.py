@@ -773,8 +773,8 @@ def _checkpoint_metadata(cfg: MlacTextConfig, role: str, seed: int, data: Discri
         "defense": TRAINED[role][0] if role in TRAINED else None,
         "preset": TRAINED[role][1] if role in TRAINED else None,
     }
-    if role != "pretrained" and "pretrained" in cfg.roles:  # `immunekit evaluate --reference` for it
-        meta["reference_model"] = f"models/pretrained--seed{seed}.safetensors"
+    if role != "pretrained" and "pretrained" in cfg.roles:  # `immunekit evaluate`'s default reference
+        meta["reference_model"] = f"pretrained--seed{seed}.safetensors"  # a file beside this one
     if cfg.data.source == "discrim":  # `immunekit evaluate --model` builds the task from these
         meta["task"] = "discrim_gender"
         meta["task_config"] = {
