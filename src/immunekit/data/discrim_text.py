@@ -51,7 +51,6 @@ kept in memory for the process (tokenising the 9,450 texts takes a few seconds).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -64,6 +63,7 @@ from torch import Tensor
 
 from immunekit import assets
 from immunekit.config import check_int
+from immunekit.data.qi_text import stream_generator
 from immunekit.data.task import Dataset, Task
 from immunekit.data.text_assets import _read_text, _source
 from immunekit.data.token_split import PAD_ID
@@ -410,11 +410,6 @@ def _minilm_encoding(scrub: str, max_length: int) -> tuple[Tensor, float]:
 # --- splits ---------------------------------------------------------------------------------------
 
 
-def _generator(seed: int, stream: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:6], "little"))
-
-
 def assign_cells(cells: Sequence[tuple[str, float]], seed: int) -> dict[str, tuple[tuple[str, float], ...]]:
     """Deal the (race, age) cells out to the splits of :data:`SPLIT_CELLS` after a seeded permutation.
 
@@ -442,7 +437,7 @@ def assign_cells(cells: Sequence[tuple[str, float]], seed: int) -> dict[str, tup
     need = sum(SPLIT_CELLS.values())
     if len(ordered) != len(cells) or len(ordered) != need:
         raise DataError(f"expected {need} distinct (race, age) cells, got {len(ordered)} of {len(cells)}")
-    order = torch.randperm(need, generator=_generator(seed, "discrim_gender:cells")).tolist()
+    order = torch.randperm(need, generator=stream_generator(seed, "discrim_gender:cells")).tolist()
     out: dict[str, tuple[tuple[str, float], ...]] = {}
     start = 0
     for name, k in SPLIT_CELLS.items():

