@@ -13,7 +13,7 @@ from immunekit.attacks import ATTACKS, AttackBudget, _loop, scheduled_lr
 from immunekit.data.synthetic import gaussian_spectra
 from immunekit.data.task import Dataset, Task
 from immunekit.errors import ConfigError, DataError
-from immunekit.models.base import linear_model
+from immunekit.models.base import ImmunizableModel, linear_model
 
 F64 = torch.float64
 
@@ -75,8 +75,9 @@ def test_cosine_schedule_values_equal_the_formula_and_are_recorded(warmup: int) 
 def test_flops_of_linear_layers_equal_the_closed_form_count(attack: str, formula: str) -> None:
     # LinearModel: forward 2Bd² (extractor) + 2Bd (head); backward: head weight grad 2Bd, and for the
     # full fine-tune also the head input grad 2Bd and the extractor weight grad 2Bd² (x needs no grad).
+    # The probe steps on cached frozen features: only the head's forward 2Bd and weight grad 2Bd.
     task, d, b = _task(), 6, 16
-    per_step = {"full": 4 * b * d * d + 6 * b * d, "head": 2 * b * d * d + 4 * b * d}[formula]
+    per_step = {"full": 4 * b * d * d + 6 * b * d, "head": 4 * b * d}[formula]
     budget = AttackBudget(steps=3, optimizer="sgd", lr=0.01, batch_size=b)
     res = ATTACKS.get(attack)()(_linear(d), task, budget, seed=0)
     assert res.curve("flops") == [0.0, per_step, 2 * per_step, 3 * per_step]
@@ -292,3 +293,84 @@ def test_head_that_does_not_fit_the_targets_is_a_data_error() -> None:
     wide = linear_model(6)
     with pytest.raises(DataError, match="cannot take the inputs"):
         ATTACKS.get("full_finetune")()(wide, _task(dim=4), AttackBudget(steps=2, optimizer="sgd"), seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# head_reset_probe: frozen eval-mode features, cached
+# ---------------------------------------------------------------------------------------------
+
+
+class _NormDropNet(ImmunizableModel):
+    """Linear → BatchNorm → ReLU → Dropout(p): a trunk whose train mode differs from its eval mode."""
+
+    def __init__(self, dim: int, p: float, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)  # test-only construction: the weights must be the same for every p
+        self.extractor = nn.Sequential(nn.Linear(dim, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(p))
+        self.head = nn.Linear(8, 1)
+        with torch.no_grad():  # running statistics away from (0, 1), so eval mode is not train mode
+            self.extractor[1].running_mean.fill_(0.3)
+            self.extractor[1].running_var.fill_(2.0)
+        self.double()
+
+
+def _probe_budget() -> AttackBudget:
+    return AttackBudget(steps=6, optimizer="adam", lr=0.05, batch_size=16, eval_every=3)
+
+
+def test_head_reset_probe_never_moves_the_trunk_not_even_batch_norm_statistics() -> None:
+    # In train mode a batch-norm layer updates its running statistics on every forward: the probe
+    # used to move 3 buffers here (147 on EfficientNet-Lite0) while claiming a frozen extractor.
+    task, model = _task(), _NormDropNet(6, p=0.5)
+    res = ATTACKS.get("head_reset_probe")()(model, task, _probe_budget(), seed=0)
+    before = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    after = {k: v for k, v in res.model.state_dict().items() if not k.startswith("head.")}
+    assert before.keys() == after.keys() and len(before) == 7
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(res.model.head.weight, model.head.weight)  # the head did train
+    assert res.info["features"] == {"mode": "eval", "dim": 8}
+
+
+def test_head_reset_probe_trains_on_eval_mode_features_so_trunk_dropout_changes_nothing() -> None:
+    # The same weights with dropout 0.5 and 0: eval mode ignores dropout, so the runs agree exactly;
+    # the harm curve is that of head(Φ_eval) at every evaluation.
+    task = _task()
+    runs = [
+        ATTACKS.get("head_reset_probe")()(_NormDropNet(6, p=p), task, _probe_budget(), seed=3)
+        for p in (0.5, 0.0)
+    ]
+    assert torch.equal(runs[0].model.head.weight, runs[1].model.head.weight)
+    assert runs[0].curve("loss") == runs[1].curve("loss")
+    assert runs[0].harm_curve() == runs[1].harm_curve()
+    model = runs[0].model.eval()
+    with torch.no_grad():
+        r2 = (
+            1
+            - ((model(task.eval_harmful.x)[:, 0] - task.eval_harmful.y) ** 2).sum()
+            / ((task.eval_harmful.y - task.eval_harmful.y.mean()) ** 2).sum()
+        )
+    assert runs[0].harm_curve()[-1][1] == pytest.approx(float(r2), rel=1e-12)
+
+
+def test_head_reset_probe_forwards_the_trunk_once_per_model_state_and_again_after_a_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from immunekit.attacks.finetune import HeadResetProbe
+    from immunekit.attacks.linear_probe import ProbeCache
+
+    monkeypatch.setattr(HeadResetProbe, "features_cache", ProbeCache(max_entries=2))
+    task, model = _task(), _NormDropNet(6, p=0.0)
+    calls: list[int] = []
+    model.extractor.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    first = ATTACKS.get("head_reset_probe")()(model, task, _probe_budget(), seed=1)
+    n_first = len(calls)
+    assert sum(calls) == len(task.attack) + len(task.eval_harmful) + len(task.eval_primary)
+    again = ATTACKS.get("head_reset_probe")()(model, task, _probe_budget(), seed=1)
+    assert len(calls) == n_first  # cached: no trunk forward at all, and the same run
+    assert torch.equal(again.model.head.weight, first.model.head.weight)
+    assert again.curve("loss") == first.curve("loss") and again.info == first.info
+    with torch.no_grad():
+        model.extractor[0].weight.mul_(2.0)  # a changed trunk must not reuse stale features
+    changed = ATTACKS.get("head_reset_probe")()(model, task, _probe_budget(), seed=1)
+    assert len(calls) > n_first
+    assert changed.curve("loss") != first.curve("loss")

@@ -94,6 +94,8 @@ class Phase:
         split: the task split the data came from.
         data: rows trained on (may be a subset of the split, e.g. :func:`immunekit.data.task.take`).
         steps: steps planned for this phase.
+        tokens: tokens per row for the budget when ``data`` no longer shows them (the probe's
+            cached features of token rows); ``None``: read from ``data`` (:func:`tokens_per_example`).
 
     """
 
@@ -101,6 +103,11 @@ class Phase:
     split: str
     data: Split
     steps: int
+    tokens: int | None = None
+
+    def tokens_per_example(self) -> int:
+        """Tokens in one row of this phase (``tokens``, else :func:`tokens_per_example` of ``data``)."""
+        return tokens_per_example(self.data) if self.tokens is None else self.tokens
 
 
 @dataclass
@@ -489,7 +496,7 @@ class _Run:
             sampler = _Sampler(n, per, None if full else self.gen)
             if full and n <= self.chunk and phase.steps > 0:  # one batch: read it once for every step
                 data.full = data.inputs(torch.arange(n))
-            tok = per * tokens_per_example(phase.data)
+            tok = per * phase.tokens_per_example()
             first = step + 1
             for _ in range(phase.steps):
                 idx = next(sampler)
@@ -602,7 +609,7 @@ def run_loop(
         raise ConfigError(f"loss_on must be 'split' or 'batch', got {loss_on!r}")
     rows = len(phases[-1].data)
     log.info("%s (%s, %s lr): %s", attack, budget.optimizer, budget.schedule, budget.describe(rows))
-    if budget.max_tokens is not None and not any(tokens_per_example(p.data) for p in phases):
+    if budget.max_tokens is not None and not any(p.tokens_per_example() for p in phases):
         log.warning("budget.max_tokens is set but the inputs are not token sequences: it cannot bind")
     chunk = eval_batch_size_of(eval_batch_size)
     (gen,) = rng_streams(seed, "batches")

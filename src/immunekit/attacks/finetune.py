@@ -1,7 +1,13 @@
 """Fine-tuning attacks on torch models: which parameters move, on which data (loop in ``_loop.py``).
 
 * ``head_reset_probe``: a fresh random linear head on frozen features, trained with a torch
-  optimizer (the stochastic twin of ``linear_probe``; the extractor is never touched).
+  optimizer (the stochastic twin of ``linear_probe``; the extractor is never touched). The features
+  are those of the frozen extractor in eval mode, computed once per (extractor state, task, split)
+  and shared between runs (:class:`~immunekit.attacks.linear_probe.ProbeCache`, bit-for-bit state
+  match): the loop then trains ``head(Φ)`` on them, so dropout draws no noise into a frozen trunk,
+  batch-norm statistics never move, and a search's probe trials forward the trunk once, not at
+  every step. FLOPs are counted for the head's steps (as ``linear_probe`` counts them), tokens for
+  the rows each step reads; the feature pass is described in ``info['features']``.
 * ``full_finetune``: every parameter moves (optionally from a fresh head, ``reset_head``).
 * ``partial_finetune``: the last ``blocks`` parameterised child modules of the extractor plus the
   head move; earlier blocks stay bit-identical.
@@ -39,7 +45,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -55,8 +61,9 @@ from immunekit.attacks.base import (
     split_of,
 )
 from immunekit.attacks.functional import Params
+from immunekit.attacks.linear_probe import ProbeCache
 from immunekit.config import load_config
-from immunekit.data.task import Split, Task, take
+from immunekit.data.task import OPTIONAL_SPLITS, SPLITS, Dataset, Split, Task, take
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel
 
@@ -308,12 +315,91 @@ class _TorchAttack(Attack):
         return model, list(model.parameters()), [phase], {}
 
 
+class _HeadOnFeatures(nn.Module):
+    """``head(Φ)``: the probe's trainable model on cached features ``Φ (N, D)`` -> ``(N, C)``.
+
+    ``head`` is the attacked copy's own head module (the same object), so training this module
+    trains the copy's head, and parameter names (``head.weight``) are those of the copy.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+
 class HeadResetProbe(_TorchAttack):
-    """Fresh random head on frozen features, trained by a torch optimizer; the extractor never moves."""
+    """Fresh random head on frozen features, trained by a torch optimizer; the extractor never moves.
+
+    The frozen features (eval mode) come from :attr:`features_cache`, shared by every run in the
+    process: a hit needs the same task object, split names, model class and training flag, and a
+    bit-for-bit equal state outside the head, so a changed extractor never reuses stale features.
+    """
 
     name = "head_reset_probe"
     Config = HeadResetProbeConfig
     config: HeadResetProbeConfig  # what __init__ loads: the subclass's own Config
+    features_cache: ClassVar[ProbeCache] = ProbeCache(max_entries=2)
+
+    def _loop(
+        self,
+        attacked: ImmunizableModel,
+        params: list[nn.Parameter],
+        task: Task[Split],
+        budget: AttackBudget,
+        phases: list[Phase],
+        seed: int,
+        **driver: Any,
+    ) -> LoopOutput:
+        """The loop on ``head(Φ)`` over the cached features of the train, eval and utility splits."""
+        split, eval_split = self.config.split, self.config.eval_split_name()
+        prob = self.features_cache.problem(attacked, task, split, eval_split)
+        dtype = next(attacked.head.parameters()).dtype
+
+        def on_features(name: str, feats: Tensor | None) -> Dataset:
+            raw = split_of(task, name)
+            assert feats is not None  # probe_problem always returns the utility features
+            # rows without ids are hashed by content; features of distinct rows may coincide, so
+            # such rows get positional ids (the task's own disjointness was checked on its inputs)
+            ids = tuple(raw.ids) or tuple(f"{name}:{i}" for i in range(len(raw)))
+            return Dataset(feats.to(dtype), raw.y, ids)
+
+        # the loop reads three splits; the others become empty feature splits, so the task keeps
+        # one input shape and no split's inputs are forwarded for nothing
+        dim = int(prob.a.shape[1])
+        unused: dict[str, Any] = {
+            name: None
+            if name in OPTIONAL_SPLITS
+            else Dataset(torch.zeros(0, dim, dtype=dtype), split_of(task, name).y[:0])
+            for name in SPLITS
+        }
+        on_task = replace(
+            task,
+            **{
+                **unused,
+                split: on_features(split, prob.a),
+                eval_split: on_features(eval_split, prob.eval_a),
+                "eval_primary": on_features("eval_primary", prob.util_a),
+            },
+        )
+        moved = [replace(p, data=split_of(on_task, p.split), tokens=p.tokens_per_example()) for p in phases]
+        out = run_loop(
+            _HeadOnFeatures(attacked.head),
+            params,
+            on_task,
+            budget,
+            phases=moved,
+            eval_split=eval_split,
+            seed=seed,
+            attack=self.name,
+            loss_on=self.config.loss_on,
+            **driver,
+        )
+        # a cache hit must not show in the results: a run is the same whether or not it was cached
+        out.info["features"] = {"mode": "eval", "dim": dim}
+        return out
 
     def prepare(
         self,

@@ -168,6 +168,8 @@ class Dataset:
         """sha256 of each row's identifier, or of its input bytes when no ids are given."""
         if self.ids:
             return {hashlib.sha256(i.encode()).hexdigest() for i in self.ids}
+        if len(self) == 0:  # reshape(0, -1) is ambiguous
+            return set()
         rows = self.x.detach().to(torch.float64).reshape(len(self), -1).cpu().numpy()
         return {hashlib.sha256(r.tobytes()).hexdigest() for r in rows}
 
