@@ -30,6 +30,10 @@ DEEP = {"condition_number", "rill_only", "opt_kappa", "imma"}
 #: describe the same inputs (MLAC, AC): they get :func:`_aligned_task` and a two-output head, and an
 #: ``mse`` task is a clear DataError for them.
 ALIGNED_CE = {"mlac", "ac"}
+#: Defenses of causal language models (defenses/lm_adversarial.py): they get their own contract below
+#: (a tiny Llama on an ``lm`` task of placeholder conversations); every other defense gets the tabular one.
+LM = {"adversarial_loss", "gradient_ascent"}
+TABULAR = [n for n in NAMES if n not in LM]
 
 
 class TinyMLP(ImmunizableModel):
@@ -103,7 +107,7 @@ def test_registry_is_not_empty() -> None:
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TABULAR)
 def test_fit_returns_new_model_and_leaves_input_bit_identical(name: str, loss: str) -> None:
     if name in ALIGNED_CE and loss == "mse":  # classification only: a clear error, input untouched
         model = _model(_task(loss).input_dim, _outputs(name))
@@ -126,7 +130,7 @@ def test_fit_returns_new_model_and_leaves_input_bit_identical(name: str, loss: s
     _assert_state_equal(_snapshot(model), before)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TABULAR)
 def test_fit_is_deterministic_for_a_seed(name: str) -> None:
     task = _task_for(name)
     model = _model(task.input_dim, _outputs(name))
@@ -136,7 +140,7 @@ def test_fit_is_deterministic_for_a_seed(name: str) -> None:
     assert torch.isfinite(a.extractor.weight).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TABULAR)
 def test_fit_sets_trailing_underscore_diagnostics(name: str) -> None:
     d = _defense(name)
     assert not hasattr(d, "history_") and not hasattr(d, "info_")  # learned by fit, not before
@@ -149,7 +153,7 @@ def test_fit_sets_trailing_underscore_diagnostics(name: str) -> None:
 NO_CHANGE = {"identity"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_CHANGE])
+@pytest.mark.parametrize("name", [n for n in TABULAR if n not in NO_CHANGE])
 def test_fit_changes_the_extractor_where_it_must(name: str) -> None:
     """A defense that trained (or whitened) must return a different θ on an ill-conditioned task."""
     task, model = _task_for(name), _model(6, _outputs(name))
@@ -185,7 +189,7 @@ def test_unknown_config_key_raises_with_suggestion(name: str) -> None:
         cls(**{typo: 1})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TABULAR)
 def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
     task = _task_for(name)
     mlp = TinyMLP(task.input_dim, d_out=_outputs(name))
@@ -205,8 +209,78 @@ def test_non_linear_model_is_rejected_by_linear_defenses(name: str) -> None:
     _assert_state_equal(_snapshot(mlp), before)
 
 
-@pytest.mark.parametrize("name", [n for n in DEFENSES.names() if n != "identity"])
+@pytest.mark.parametrize("name", [n for n in TABULAR if n != "identity"])
 def test_wrong_input_dimension_is_a_clear_error(name: str) -> None:
     task = _task_for(name)
     with pytest.raises(DataError, match=f"linear_model\\({task.input_dim}\\)"):
         _defense(name).fit(linear_model(task.input_dim + 1), task, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model defenses
+# ---------------------------------------------------------------------------------------------
+
+
+def _lm_model(seed: int = 0) -> ImmunizableModel:
+    from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+
+    m = CausalLM.tiny(
+        seed, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
+    )
+    m.tokenizer = toy_chat_tokenizer()
+    return m
+
+
+def _lm_task() -> Task:
+    """Placeholder conversations (no dataset text): 'harmful' rows carry answers to pair with refusals."""
+    from immunekit.data.token_split import Chat, TokenSplit
+    from immunekit.models.causal_lm import toy_chat_tokenizer
+
+    tok = toy_chat_tokenizer()
+
+    def split(name: str, n: int, answers: bool = True) -> TokenSplit:
+        chats = [
+            Chat(f"question {name} {i}", f"reply {i}" if answers else None, id=f"{name}{i}") for i in range(n)
+        ]
+        return TokenSplit(chats, tok, 96, name=name)
+
+    return Task(
+        name="toy_lm",
+        version="0",
+        loss="lm",
+        primary=split("p", 4),
+        harmful=split("h", 4),
+        attack=split("a", 4),
+        eval_primary=split("ep", 2),
+        eval_harmful=split("eh", 2, answers=False),
+    )
+
+
+def test_every_lm_defense_is_registered() -> None:
+    assert set(NAMES) >= LM
+
+
+@pytest.mark.parametrize("name", sorted(LM))
+def test_lm_defense_fit_returns_a_new_trained_model_deterministically(name: str) -> None:
+    pytest.importorskip("transformers")
+    task, model = _lm_task(), _lm_model()
+    before = _snapshot(model)
+    d = _defense(name, epochs=1, batch_size=2, lr=1e-3)
+    out = d.fit(model, task, seed=3)
+    assert out is not model and isinstance(out, ImmunizableModel)
+    _assert_state_equal(_snapshot(model), before)
+    changed = [k for k, v in _snapshot(out).items() if not torch.equal(v, before[k])]
+    assert changed, f"{name} returned the model unchanged"
+    assert isinstance(d.history_, list) and len(d.history_) == 2 and d.info_["steps"] == 2
+    again = _defense(name, epochs=1, batch_size=2, lr=1e-3).fit(model, task, seed=3)
+    _assert_state_equal(_snapshot(out), _snapshot(again))
+
+
+@pytest.mark.parametrize("name", sorted(LM))
+def test_lm_defenses_refuse_other_models_and_tasks(name: str) -> None:
+    pytest.importorskip("transformers")
+    task = _task()
+    with pytest.raises(ConfigError, match="causal language models"):
+        _defense(name).fit(_model(task.input_dim), task, seed=0)
+    with pytest.raises(DataError, match="language-model task"):
+        _defense(name).fit(_lm_model(), task, seed=0)

