@@ -351,3 +351,38 @@ def test_budget_caps_stop_before_the_step_that_would_pass_them(model64: CausalLM
     assert exact.info["steps"] == 2  # a cap met exactly still allows the step
     by_rows = supervised_finetune(model64, data, cfg, seed=0, progress=False, max_examples=3)
     assert by_rows.info["stopped_by"] == "examples" and by_rows.records[-1].examples == 2
+
+
+# --- safety-data mixing (Qi et al. Table 4, a fine-tuning-time mitigation) ----------------------
+
+
+def test_safety_mix_appends_refusals_of_the_harmful_questions_in_the_attack_format(tok) -> None:
+    from immunekit.attacks.lm_sft import safety_mixed
+    from immunekit.data.qi_prompts import REFUSALS
+
+    task = _lm_task(tok)
+    attack = TokenSplit(
+        [Chat(c.user, c.assistant, system="attack system", id=c.id) for c in task.attack.chats], tok, 96
+    )
+    mixed = safety_mixed(attack, task, 2, tok)
+    assert len(mixed) == len(attack) + 2 and mixed.chats[:3] == attack.chats
+    added = mixed.chats[3:]
+    assert [c.user for c in added] == [c.user for c in task.harmful.chats]
+    assert [c.assistant for c in added] == list(REFUSALS[:2])
+    assert {c.system for c in added} == {"attack system"}
+    assert [c.id for c in added] == [f"safety:{c.id}" for c in task.harmful.chats]
+    with pytest.raises(ConfigError, match=r"larger than the refusal pool \(2 questions"):
+        safety_mixed(attack, task, 3, tok)
+    with pytest.raises(ConfigError, match="safety_mix"):
+        LmFinetune(safety_mix=-1)
+
+
+def test_the_attack_trains_on_the_mixed_data(model64: CausalLM, tok) -> None:
+    task = _lm_task(tok)
+    budget = AttackBudget(steps=3, batch_size=5, lr=1e-3, optimizer="adamw", eval_every=10)
+    plain = LmFinetune(max_new_tokens=2)(model64, task, budget, seed=0)
+    mixed = LmFinetune(max_new_tokens=2, safety_mix=2)(model64, task, budget, seed=0)
+    # 3 attack rows (one step per epoch) against 3 + 2 mixed rows: the steps read different rows
+    assert plain.info["safety_mix"] == 0 and mixed.info["safety_mix"] == 2
+    assert plain.records[-1].examples == 9 and mixed.records[-1].examples == 15
+    assert mixed.records[0].loss != plain.records[0].loss

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -40,6 +40,7 @@ from immunekit.attacks.base import (
 from immunekit.attacks.lm_eval import answer_loss, real_tokens
 from immunekit.attacks.lora import seeded_lora_init
 from immunekit.config import check_int, load_config
+from immunekit.data.qi_text import refused
 from immunekit.data.task import Task
 from immunekit.data.token_split import TokenSplit
 from immunekit.errors import ConfigError, DataError
@@ -336,10 +337,19 @@ class LmAttackConfig:
         micro_batch: rows per forward pass.
         precision: ``fp32`` or ``bf16`` autocast.
         epoch_decay: lr factor after each epoch (Qi et al.: 0.85).
+        safety_mix: refusal conversations mixed into the fine-tuning data, Qi et al.'s user-side
+            mitigation (arXiv 2310.03693, Table 4): the first N questions of the task's ``harmful``
+            split (for ``qi_harmful_text`` the defense half, disjoint from the attack's pairs), each
+            answered with a toolkit refusal under the training data's system prompt. A
+            fine-tuning-time mitigation, not a release-time defense: report it apart.
 
     """
 
     split: str = field(default="attack", metadata={"help": "training split: " + ", ".join(TRAIN_SPLITS)})
+    safety_mix: int = field(
+        default=0,
+        metadata={"help": "refusals of the harmful split's questions mixed into the data (Qi Tab. 4)"},
+    )
     judge: str = field(default="keyword", metadata={"help": "judge of the harm curve"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per judged prompt"})
     micro_batch: int = field(default=5, metadata={"help": "rows per forward pass"})
@@ -349,6 +359,7 @@ class LmAttackConfig:
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens)
         check_int("micro_batch", self.micro_batch)
+        check_int("safety_mix", self.safety_mix, minimum=0)
         if self.split not in TRAIN_SPLITS:
             raise ConfigError(
                 f"lm attack split {self.split!r} is unknown; choose one of {list(TRAIN_SPLITS)}"
@@ -400,9 +411,10 @@ class LmFinetune(Attack):
             and isinstance(held_out, TokenSplit)
             and isinstance(benign, TokenSplit)
         )
+        train = safety_mixed(data, task, cfg.safety_mix, model.tokenizer) if cfg.safety_mix else data
         judge = make_judge(cfg.judge)
         sft = SFTConfig(
-            epochs=math.ceil(budget.steps / math.ceil(len(data) / budget.batch_size)),
+            epochs=math.ceil(budget.steps / math.ceil(len(train) / budget.batch_size)),
             lr=budget.lr if budget.lr is not None else 5e-5,
             batch_size=budget.batch_size,
             micro_batch=min(cfg.micro_batch, budget.batch_size),
@@ -431,7 +443,7 @@ class LmFinetune(Attack):
         initial_eval = measure(model)
         out = supervised_finetune(
             model,
-            data,
+            train,
             sft,
             seed=seed,
             hook=hook,
@@ -460,10 +472,38 @@ class LmFinetune(Attack):
         info = {
             **out.info,
             "split": cfg.split,
+            "safety_mix": cfg.safety_mix,
             "judge": judge.describe(),
             "max_new_tokens": cfg.max_new_tokens,
         }
         return AttackResult(out.model, initial, out.records, out.info["stopped_by"], info)
+
+
+def safety_mixed(data: TokenSplit, task: Task, n: int, tokenizer: Any) -> TokenSplit:
+    """``data`` plus ``n`` refusals of the task's ``harmful`` questions (:attr:`LmAttackConfig.safety_mix`).
+
+    The refusals take the system prompt of ``data``'s first conversation (the attacker's format; Qi
+    et al. do not state theirs) and ids prefixed ``safety:``.
+
+    Raises:
+        ConfigError: ``n`` larger than the harmful split (the refusal pool), or that split is not a
+            token split.
+
+    """
+    pool = task.harmful
+    if not isinstance(pool, TokenSplit):
+        raise ConfigError(
+            f"safety_mix needs the task's 'harmful' split as a TokenSplit, got {type(pool).__name__}"
+        )
+    if n > len(pool):
+        raise ConfigError(
+            f"safety_mix={n} is larger than the refusal pool ({len(pool)} questions of the task's 'harmful' "
+            f"split); use at most {len(pool)}"
+        )
+    system = data.chats[0].system
+    questions = [replace(c, system=system) for c in pool.chats[:n]]
+    chats = [*data.chats, *refused(questions, id_prefix="safety:")]
+    return TokenSplit(chats, tokenizer, data.max_tokens, name=f"{data.name}+safety{n}")
 
 
 class LmLora(LmFinetune):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -107,6 +108,18 @@ def refusal_chats(
             id=id_prefix + prompts.ids[i],
         )
         for i, p in enumerate(prompts.prompts)
+    ]
+
+
+def refused(chats: Sequence[Chat], *, id_prefix: str = "") -> list[Chat]:
+    """The conversations with each answer replaced by a refusal from :data:`REFUSALS` (fixed cycle).
+
+    The system prompt and the question of every conversation are kept; ``id_prefix`` is prepended to
+    every id (e.g. ``"safety:"``, so rows mixed into other data keep distinct ids).
+    """
+    return [
+        replace(c, assistant=REFUSALS[i % len(REFUSALS)], id=f"{id_prefix}{c.id}" if c.id else c.id)
+        for i, c in enumerate(chats)
     ]
 
 

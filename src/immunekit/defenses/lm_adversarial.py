@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -51,7 +51,7 @@ from torch import Tensor
 from immunekit.attacks.base import AttackBudget, rng_streams, scheduled_lr
 from immunekit.attacks.lm_eval import answer_loss, real_tokens
 from immunekit.config import check_int
-from immunekit.data.qi_prompts import REFUSALS
+from immunekit.data.qi_text import refused
 from immunekit.data.task import Task
 from immunekit.data.token_split import IGNORE_INDEX, PAD_ID, TokenSplit
 from immunekit.defenses.base import Defense, DefenseConfig
@@ -136,8 +136,7 @@ def refusal_twins(split: TokenSplit, tokenizer: Any) -> TokenSplit:
             f"split {split.name!r} has {len(missing)} conversations without an answer (e.g. {missing[0]!r}); "
             "the paired defenses need prompt → harmful answer conversations (qi_harmful_text's 'harmful')"
         )
-    chats = [replace(c, assistant=REFUSALS[i % len(REFUSALS)]) for i, c in enumerate(split.chats)]
-    return TokenSplit(chats, tokenizer, split.max_tokens, name=f"{split.name}:refusals")
+    return TokenSplit(refused(split.chats), tokenizer, split.max_tokens, name=f"{split.name}:refusals")
 
 
 def pair_labels(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
