@@ -161,6 +161,17 @@ def test_the_schedule_warms_up_then_decays_by_cosine() -> None:
     assert all(a >= b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] < 1e-5
 
 
+def test_max_steps_stops_early_and_never_adds_epochs() -> None:
+    task = _task(n=6)
+    short = DEFENSES.get("gradient_ascent")(max_steps=2, epochs=3, batch_size=2)
+    short.fit(_model(), task, seed=0)
+    long = DEFENSES.get("gradient_ascent")(max_steps=100, epochs=1, batch_size=2)
+    long.fit(_model(), task, seed=0)
+    assert [h["step"] for h in short.history_] == [1, 2] and short.info_["steps"] == 2
+    assert long.info_["steps"] == 3  # one epoch of 6 rows at batch 2
+    assert long.info_["tokens"] == sum(h["tokens"] for h in long.history_) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Behaviour
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +218,23 @@ def test_the_harmful_cap_drops_the_unbounded_term_once_it_is_exceeded() -> None:
     capped.fit(model, task, seed=0)
     assert [h["capped"] for h in capped.history_] == [True, True]
     assert all(h["loss"] == pytest.approx(h["ce_harmless"], rel=1e-6) for h in capped.history_)
+
+
+def test_lora_trains_adapters_on_the_decoder_linears_and_returns_merged_weights() -> None:
+    pytest.importorskip("peft")
+    from immunekit.attacks.lm_sft import LORA_TARGETS
+
+    task, model = _task(), _model()
+    d = DEFENSES.get("adversarial_loss")(lora=True, lora_rank=2, epochs=1, batch_size=3, lr=1e-2)
+    out = d.fit(model, task, seed=0)
+    before, after = dict(model.named_parameters()), dict(out.named_parameters())
+    assert before.keys() == after.keys()  # merged: no adapter parameters left
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(
+        k.split(".")[-2] in LORA_TARGETS for k in moved
+    )  # embeddings, norms, head: untouched
+    assert all(p.requires_grad for p in out.parameters())
+    assert d.info_["trainable_parameters"] < sum(p.numel() for p in model.parameters()) / 10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,19 +315,17 @@ class _TorchAttack(Attack):
         return model, list(model.parameters()), [phase], {}
 
 
-class _HeadOnFeatures(nn.Module):
+class _HeadOnFeatures(ImmunizableModel):
     """``head(Φ)``: the probe's trainable model on cached features ``Φ (N, D)`` -> ``(N, C)``.
 
-    ``head`` is the attacked copy's own head module (the same object), so training this module
-    trains the copy's head, and parameter names (``head.weight``) are those of the copy.
+    The extractor is the identity; ``head`` is the attacked copy's own head module (the same object),
+    so training this model trains the copy's head, under the copy's parameter names (``head.weight``).
     """
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
+        self.extractor = nn.Identity()
         self.head = head
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.head(features)
 
 
 class HeadResetProbe(_TorchAttack):
@@ -385,18 +383,7 @@ class HeadResetProbe(_TorchAttack):
             },
         )
         moved = [replace(p, data=split_of(on_task, p.split), tokens=p.tokens_per_example()) for p in phases]
-        out = run_loop(
-            _HeadOnFeatures(attacked.head),
-            params,
-            on_task,
-            budget,
-            phases=moved,
-            eval_split=eval_split,
-            seed=seed,
-            attack=self.name,
-            loss_on=self.config.loss_on,
-            **driver,
-        )
+        out = super()._loop(_HeadOnFeatures(attacked.head), params, on_task, budget, moved, seed, **driver)
         # a cache hit must not show in the results: a run is the same whether or not it was cached
         out.info["features"] = {"mode": "eval", "dim": dim}
         return out

@@ -142,11 +142,24 @@ StepHook = Callable[[int, int, CausalLM], dict[str, float] | None]
 """``hook(step, epoch, model)`` after a step; a returned dict is stored as that step's ``eval``."""
 
 
-def _lora(model: CausalLM, cfg: SFTConfig, seed: int) -> Any:
+def lora_wrap(model: CausalLM, *, rank: int, alpha: float, seed: int) -> tuple[Any, dict[str, bool]]:
+    """Put rank-``rank`` LoRA adapters on every :data:`LORA_TARGETS` layer of ``model`` (in place).
+
+    The adapters' A matrices are drawn from the run's ``init`` stream (peft would draw them from the
+    global RNG); only the adapters then require grad. Undo with :func:`lora_merge`.
+
+    Returns:
+        ``(peft model, the requires_grad flag of every parameter before wrapping)``.
+
+    Raises:
+        ConfigError: peft is missing, or the model has no layer to adapt.
+
+    """
     try:
         import peft
     except ImportError as err:  # pragma: no cover - peft is part of the [llm] extra
         raise ConfigError("LoRA fine-tuning needs peft: pip install 'immunekit[llm]'") from err
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     targets = [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in LORA_TARGETS
     ]
@@ -155,15 +168,23 @@ def _lora(model: CausalLM, cfg: SFTConfig, seed: int) -> Any:
     wrapped = peft.get_peft_model(
         model,
         peft.LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float works
             lora_dropout=0.0,
             target_modules=targets,
         ),
     )
     (init,) = rng_streams(seed, "init")
     seeded_lora_init(model, init)  # peft draws A from the global RNG; use the run's seed
-    return wrapped
+    return wrapped, flags
+
+
+def lora_merge(wrapped: Any, flags: dict[str, bool]) -> CausalLM:
+    """Merge the adapters of :func:`lora_wrap` into the weights; restore every requires_grad flag."""
+    merged = wrapped.merge_and_unload()
+    for name, p in merged.named_parameters():  # peft froze the base weights; give them back
+        p.requires_grad_(flags.get(name, True))
+    return merged
 
 
 def supervised_finetune(
@@ -208,8 +229,9 @@ def supervised_finetune(
         )
     work = copy.deepcopy(model)
     work.train()
-    flags = {name: p.requires_grad for name, p in work.named_parameters()}
-    wrapped = _lora(work, cfg, seed) if cfg.lora else None
+    wrapped, flags = (
+        lora_wrap(work, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=seed) if cfg.lora else (None, {})
+    )
     params = [p for p in work.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     (order_gen,) = rng_streams(seed, "batches")
@@ -270,9 +292,7 @@ def supervised_finetune(
             break
     bar.close()
     if wrapped is not None:
-        work = wrapped.merge_and_unload()
-        for name, p in work.named_parameters():  # peft froze the base weights; give them back
-            p.requires_grad_(flags.get(name, True))
+        work = lora_merge(wrapped, flags)
     work.eval()
     seconds = time.perf_counter() - start - hook_seconds
     info = {

@@ -28,9 +28,10 @@ catch it)::
 Optimisation (both): Adam without weight decay, ``epochs`` passes over the harmful rows in a
 seeded order (stream ``batches``), ``batch_size`` rows per step, cosine schedule after a linear
 warm-up over ``warmup_ratio`` of the steps (:func:`~immunekit.attacks.base.scheduled_lr`),
-optional bf16 autocast and gradient clipping. Retain rows are visited in their own seeded order
-(stream ``retain``), ``batch_size`` per step, cycling. Defaults are the immunization-era scripts'
-124M-model setting: lr 8e-5, 2 epochs, batch 2.
+optional bf16 autocast and gradient clipping; ``lora=True`` trains rank-r adapters on every
+decoder linear layer instead of every weight and merges them into the returned model. Retain rows
+are visited in their own seeded order (stream ``retain``), ``batch_size`` per step, cycling.
+Defaults are the immunization-era scripts' 124M-model setting: lr 8e-5, 2 epochs, batch 2.
 
 ``history_`` holds one record per step (lr, both terms, the loss, the gradient norm before
 clipping, whether the cap fired); ``info_`` the rows, steps, tokens and seconds.
@@ -47,9 +48,11 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from immunekit.attacks.base import AttackBudget, rng_streams, scheduled_lr
 from immunekit.attacks.lm_eval import answer_loss, real_tokens
+from immunekit.attacks.lm_sft import lora_merge, lora_wrap
 from immunekit.config import check_int
 from immunekit.data.qi_text import refused
 from immunekit.data.task import Task
@@ -73,9 +76,14 @@ class LmDefenseConfig(DefenseConfig):
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     grad_clip: float | None = field(default=None, metadata={"help": "max global gradient norm (None: off)"})
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "fp32 or bf16 autocast"})
+    lora: bool = field(
+        default=False, metadata={"help": "train LoRA adapters (merged afterwards), not every weight"}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (update scaled by alpha / rank)"})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "lora_rank"):
             check_int(name, getattr(self, name))
         if self.max_steps is not None:
             check_int("max_steps", self.max_steps)
@@ -195,25 +203,51 @@ class _LmDefense(Defense):
         work = copy.deepcopy(lm)
         work.train()
         cfg = self.config
-        steps_per_epoch = math.ceil(len(harmful) / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+        wrapped, flags = (
+            lora_wrap(work, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=seed) if cfg.lora else (None, {})
+        )
+        planned = math.ceil(len(harmful) / cfg.batch_size) * cfg.epochs
+        total = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
+        params = [p for p in work.parameters() if p.requires_grad]
+        context = self.prepare(work, task, seed)
+        start = time.perf_counter()
+        history = self._steps(work, params, context, len(harmful), total, seed)
+        if wrapped is not None:
+            work = lora_merge(wrapped, flags)
+        self.history_ = history
+        self.info_ = {
+            "defense": self.name,
+            "rows": len(harmful),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "steps": len(history),
+            "tokens": sum(h["tokens"] for h in history),
+            "seconds": time.perf_counter() - start,
+        }
+        log.info(
+            "%s: %d steps, %d tokens in %.1f s", self.name, total, self.info_["tokens"], self.info_["seconds"]
+        )
+        work.eval()
+        return work
+
+    def _steps(
+        self, work: CausalLM, params: list[torch.nn.Parameter], context: Any, rows: int, total: int, seed: int
+    ) -> list[dict[str, Any]]:
+        """``total`` optimizer steps over seeded epochs of the ``rows`` harmful rows; one record each."""
+        cfg = self.config
         schedule = AttackBudget(
             steps=total, optimizer="adam", schedule="cosine", warmup_steps=int(cfg.warmup_ratio * total)
         )
-        params = [p for p in work.parameters() if p.requires_grad]
-        device = params[0].device.type
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=0.0)
         (order_gen,) = rng_streams(seed, "batches")
-        context = self.prepare(work, task, seed)
+        device = params[0].device.type
         history: list[dict[str, Any]] = []
-        tokens, start = 0, time.perf_counter()
-        step = 0
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(harmful), generator=order_gen)
-            for lo in range(0, len(order), cfg.batch_size):
-                if step == total:
+        bar = tqdm(total=total, desc=self.name, disable=None, leave=False)  # None: off without a terminal
+        while len(history) < total:  # epochs: a fresh seeded order each
+            order = torch.randperm(rows, generator=order_gen)
+            for lo in range(0, rows, cfg.batch_size):
+                if len(history) == total:
                     break
-                step += 1
+                step = len(history) + 1
                 lr = scheduled_lr(cfg.lr, step, schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -223,21 +257,19 @@ class _LmDefense(Defense):
                 loss.backward()
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
                 opt.step()
-                tokens += used
                 history.append(
-                    {"step": step, "lr": lr, "loss": float(loss.detach()), "grad_norm": gnorm, **terms}
+                    {
+                        "step": step,
+                        "lr": lr,
+                        "loss": float(loss.detach()),
+                        "grad_norm": gnorm,
+                        "tokens": used,
+                        **terms,
+                    }
                 )
-        self.history_ = history
-        self.info_ = {
-            "defense": self.name,
-            "rows": len(harmful),
-            "steps": step,
-            "tokens": tokens,
-            "seconds": time.perf_counter() - start,
-        }
-        log.info("%s: %d steps, %d tokens in %.1f s", self.name, step, tokens, self.info_["seconds"])
-        work.eval()
-        return work
+                bar.update(1)
+        bar.close()
+        return history
 
     def prepare(self, model: CausalLM, task: Task, seed: int) -> Any:
         """Data the loss needs beyond the harmful rows (built once per fit)."""
