@@ -35,14 +35,17 @@ SETTINGS = {
     "full bf16": {"precision": "bf16"},
     "LoRA r8 bf16": {"precision": "bf16", "lora": True},
 }
-DEFAULT_STEPS = 137  # 2 epochs x ceil(137 / 2) steps at the packaged defaults
+DEFAULT_STEPS = 138  # 2 epochs x ceil(137 / 2) steps at the packaged defaults
 
 
 def _split(model: CausalLM, name: str, rows: int, tokens: int) -> TokenSplit:
     words = " ".join(["word"] * (tokens // 2 - 24))
     chats = [
         Chat(
-            user=f"Repeat after me {i}: {words}", assistant=words, system="You are helpful.", id=f"{name}{i}"
+            user=f"Repeat after me ({name} {i}): {words}",
+            assistant=words,
+            system="You are helpful.",
+            id=f"{name}{i}",
         )
         for i in range(rows)
     ]
