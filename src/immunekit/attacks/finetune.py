@@ -65,7 +65,7 @@ from immunekit.attacks.linear_probe import ProbeCache
 from immunekit.config import load_config
 from immunekit.data.task import OPTIONAL_SPLITS, SPLITS, Dataset, Split, Task, take
 from immunekit.errors import ConfigError
-from immunekit.models.base import ImmunizableModel
+from immunekit.models.base import FeatureHead, ImmunizableModel
 
 log = logging.getLogger(__name__)
 
@@ -315,19 +315,6 @@ class _TorchAttack(Attack):
         return model, list(model.parameters()), [phase], {}
 
 
-class _HeadOnFeatures(ImmunizableModel):
-    """``head(Φ)``: the probe's trainable model on cached features ``Φ (N, D)`` -> ``(N, C)``.
-
-    The extractor is the identity; ``head`` is the attacked copy's own head module (the same object),
-    so training this model trains the copy's head, under the copy's parameter names (``head.weight``).
-    """
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.extractor = nn.Identity()
-        self.head = head
-
-
 class HeadResetProbe(_TorchAttack):
     """Fresh random head on frozen features, trained by a torch optimizer; the extractor never moves.
 
@@ -383,7 +370,7 @@ class HeadResetProbe(_TorchAttack):
             },
         )
         moved = [replace(p, data=split_of(on_task, p.split), tokens=p.tokens_per_example()) for p in phases]
-        out = super()._loop(_HeadOnFeatures(attacked.head), params, on_task, budget, moved, seed, **driver)
+        out = super()._loop(FeatureHead(attacked.head), params, on_task, budget, moved, seed, **driver)
         # a cache hit must not show in the results: a run is the same whether or not it was cached
         out.info["features"] = {"mode": "eval", "dim": dim}
         return out

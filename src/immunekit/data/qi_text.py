@@ -99,16 +99,11 @@ def prompt_chats(prompts: PromptSet, system: str | None, *, prefix: str = "", su
 def refusal_chats(
     prompts: PromptSet, system: str | None, *, prefix: str = "", id_prefix: str = ""
 ) -> list[Chat]:
-    """Harmful prompts paired with refusals from :data:`REFUSALS` (cycled in a fixed order)."""
-    return [
-        Chat(
-            user=prefix + p,
-            assistant=REFUSALS[i % len(REFUSALS)],
-            system=system,
-            id=id_prefix + prompts.ids[i],
-        )
-        for i, p in enumerate(prompts.prompts)
+    """Harmful prompts paired with refusals from :data:`REFUSALS` (a fixed cycle: :func:`refused`)."""
+    questions = [
+        Chat(user=prefix + p, system=system, id=i) for i, p in zip(prompts.ids, prompts.prompts, strict=True)
     ]
+    return refused(questions, id_prefix=id_prefix)
 
 
 def refused(chats: Sequence[Chat], *, id_prefix: str = "") -> list[Chat]:

@@ -131,6 +131,21 @@ class GradientAscentConfig(LmDefenseConfig):
             raise ConfigError(f"retain_weight must be >= 0, got {self.retain_weight}")
 
 
+def require_answers(split: TokenSplit) -> None:
+    """Every conversation of ``split`` has an answer (the harmful answer the defenses train against).
+
+    Raises:
+        DataError: a conversation without an answer.
+
+    """
+    missing = [c.id for c in split.chats if not c.assistant]
+    if missing:
+        raise DataError(
+            f"split {split.name!r} has {len(missing)} conversations without an answer (e.g. {missing[0]!r}); "
+            "the LM defenses need prompt → harmful answer conversations (qi_harmful_text's 'harmful')"
+        )
+
+
 def refusal_twins(split: TokenSplit, tokenizer: Any) -> TokenSplit:
     """The conversations of ``split`` with each answer replaced by a toolkit refusal (fixed cycle).
 
@@ -138,12 +153,7 @@ def refusal_twins(split: TokenSplit, tokenizer: Any) -> TokenSplit:
         DataError: a conversation without an answer (the pair needs a harmful answer).
 
     """
-    missing = [c.id for c in split.chats if not c.assistant]
-    if missing:
-        raise DataError(
-            f"split {split.name!r} has {len(missing)} conversations without an answer (e.g. {missing[0]!r}); "
-            "the paired defenses need prompt → harmful answer conversations (qi_harmful_text's 'harmful')"
-        )
+    require_answers(split)
     return TokenSplit(refused(split.chats), tokenizer, split.max_tokens, name=f"{split.name}:refusals")
 
 
@@ -200,6 +210,7 @@ class _LmDefense(Defense):
         lm = _check_lm(model, task, self.name)
         harmful = task.harmful
         assert isinstance(harmful, TokenSplit)  # _check_lm
+        require_answers(harmful)
         work = copy.deepcopy(lm)
         work.train()
         cfg = self.config
@@ -367,7 +378,6 @@ class GradientAscent(_LmDefense):
     def prepare(self, model: CausalLM, task: Task, seed: int) -> _Retain:
         harmful = task.harmful
         assert isinstance(harmful, TokenSplit)
-        refusal_twins(harmful, model.tokenizer)  # the same check: every harmful row has its answer
         retain = task.primary if self.config.retain_weight > 0 else None
         if retain is not None and not isinstance(retain, TokenSplit):
             raise DataError(f"the retain split 'primary' of task {task.name!r} is not a token split")

@@ -117,7 +117,7 @@ from immunekit.experiments.registry import OPTIONS, Experiment, RunContext, is_w
 from immunekit.metrics.rir_groups import rir_by_groups
 from immunekit.metrics.stats import RECOMMENDED_MIN_N
 from immunekit.metrics.stats import summarise as bootstrap_summary
-from immunekit.models.base import ImmunizableModel, linear_model
+from immunekit.models.base import FeatureHead, ImmunizableModel, linear_model
 from immunekit.models.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from immunekit.registry import Registry, did_you_mean
 from immunekit.spectral.rank import (
@@ -1030,11 +1030,11 @@ def steps_per_epoch(rows: int, batch_size: int) -> int:
     return max(1, rows // batch_size)
 
 
-class FeatureProbeModel(ImmunizableModel):
-    """Identity extractor on precomputed features and a linear head: the model a feature probe attacks.
+class FeatureProbeModel(FeatureHead):
+    """:class:`~immunekit.models.base.FeatureHead` with a new bias-free linear head of width ``outputs``.
 
     A probe of this model on a :func:`features_task` is the probe of the frozen features of the
-    model they came from (its ``features`` are the inputs, ``(N, D) -> (N, D)``).
+    model they came from.
 
     Args:
         dim: D.
@@ -1043,13 +1043,7 @@ class FeatureProbeModel(ImmunizableModel):
     """
 
     def __init__(self, dim: int, outputs: int) -> None:
-        super().__init__()
-        self.extractor = nn.Identity()
-        self.head = nn.Linear(dim, outputs, bias=False)
-
-    def features(self, x: Tensor) -> Tensor:
-        """The inputs themselves, ``(N, D)``."""
-        return x.reshape(len(x), -1)
+        super().__init__(nn.Linear(dim, outputs, bias=False))
 
 
 def run_probe(

@@ -87,6 +87,20 @@ class ImmunizableModel(nn.Module):
         return {name: p for name, p in self.named_parameters() if id(p) in chosen}
 
 
+class FeatureHead(ImmunizableModel):
+    """An identity extractor and ``head``: the model of a probe on precomputed features.
+
+    Its ``features`` are its inputs, ``(N, D) -> (N, D)``, so attacking it on features Φ(x) of
+    another model is the probe of that model's frozen features without a second forward pass.
+    ``head`` is used as given (the same module object: training this model trains it).
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.extractor = nn.Identity()
+        self.head = head
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
