@@ -21,12 +21,14 @@ from immunekit.attacks.lm_eval import answer_loss
 from immunekit.attacks.lm_sft import (
     LORA_TARGETS,
     LmFinetune,
+    LmHeadProbe,
     LmLora,
     SFTConfig,
     supervised_finetune,
+    untie_head,
 )
 from immunekit.data.task import Task
-from immunekit.data.token_split import IGNORE_INDEX, PAD_ID, Chat, TokenSplit
+from immunekit.data.token_split import IGNORE_INDEX, PAD_ID, Chat, TokenSplit, lm_inputs
 from immunekit.errors import ConfigError, DataError
 from immunekit.models import linear_model
 from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
@@ -235,6 +237,71 @@ def test_lora_output_can_be_fine_tuned_again(model64: CausalLM, data: TokenSplit
     assert again.info["trainable_parameters"] == model64.num_parameters()
 
 
+def _tied(tok) -> CausalLM:
+    m = CausalLM(
+        {
+            "model_type": "llama",
+            "vocab_size": V,
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 32,
+            "tie_word_embeddings": True,
+        },
+        dtype=torch.float64,
+    )
+    m.tokenizer = tok
+    return m
+
+
+def test_head_probe_trains_only_an_untied_head(tok, data: TokenSplit) -> None:
+    model = _tied(tok)
+    assert model.head.weight is model.extractor.embed_tokens.weight  # SmolLM2's layout
+    before = _state(model)
+    cfg = SFTConfig(epochs=2, lr=1e-2, batch_size=3, micro_batch=3, head_only=True)
+    out = supervised_finetune(model, data, cfg, seed=0, progress=False)
+    m = out.model
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())  # input untouched, still tied
+    assert model.head.weight is model.extractor.embed_tokens.weight
+    assert m.head.weight is not m.extractor.embed_tokens.weight
+    assert out.info["trainable_parameters"] == V * 16
+    # the body (embeddings included) is the released one; only the read-out moved
+    for name, p in m.extractor.named_parameters():
+        assert torch.equal(p, model.extractor.get_parameter(name)), name
+    assert not torch.equal(m.head.weight, model.head.weight)
+    assert out.records[-1].loss < out.records[0].loss
+    # generate() reads the same (new) head; the config no longer ties the two on save
+    ids = torch.tensor([[257, 1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(m.hf_model(input_ids=ids).logits, m(ids), rtol=1e-12, atol=1e-12)
+    assert m.hf_config.tie_word_embeddings is False
+
+
+def test_head_probe_gradient_is_the_linear_read_out_gradient(tok, data: TokenSplit) -> None:
+    """One SGD-free check: the head's gradient is Σ_t (softmax(W h_t) − e_y) h_tᵀ / n on frozen h_t."""
+    model = untie_head(_tied(tok))
+    idx = torch.tensor([0, 1])
+    x, y = data.rows(idx)
+    total, count = answer_loss(model, x, y)
+    (total / count).backward()
+    with torch.no_grad():
+        h = model.hidden_states(*lm_inputs(x))[:, :-1]  # (B, T-1, D) predicts positions 1..T-1
+        target = y[:, 1:]
+        keep = target != IGNORE_INDEX
+        hk = h[keep]  # (n, D)
+        p = torch.softmax(hk @ model.head.weight.T, dim=-1)  # (n, V)
+        p[torch.arange(len(hk)), target[keep]] -= 1.0
+        want = p.T @ hk / keep.sum()
+    torch.testing.assert_close(model.head.weight.grad, want, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.extractor.parameters())
+
+
+def test_head_only_and_lora_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="head_only"):
+        SFTConfig(lora=True, head_only=True)
+
+
 def test_bf16_autocast_trains(tok) -> None:
     model = CausalLM.tiny(1, vocab_size=V)  # bf16 autocast over fp32 weights
     data = TokenSplit(_chats(2), tok, max_tokens=96)
@@ -322,7 +389,7 @@ def test_lm_finetune_refuses_other_models_tasks_and_optimizers(model64: CausalLM
         LmLora(micro_batch=0)
 
 
-@pytest.mark.parametrize("attack", [LmFinetune, LmLora])
+@pytest.mark.parametrize("attack", [LmFinetune, LmLora, LmHeadProbe])
 def test_lm_attack_runs_the_budget(model64: CausalLM, tok, attack: type[LmFinetune]) -> None:
     task = _lm_task(tok)
     budget = AttackBudget(steps=3, batch_size=2, lr=1e-3, optimizer="adamw", eval_every=2)

@@ -30,7 +30,7 @@ MATH_PROBES = {"linear_probe", "closed_form_probe"}  # closed-form maths: norm_r
 PROBES = MATH_PROBES | {"head_reset_probe"}  # attacks that never move the extractor
 META = {"worst_case", "attacker_search"}  # run other attacks; their own contract is below
 # causal LMs on token splits only: their contract is tests/attacks/test_lm_sft.py (copy, steps, harm curve)
-LANGUAGE = {"lm_finetune", "lm_lora"}
+LANGUAGE = {"lm_finetune", "lm_lora", "lm_head_probe"}
 NAMES = [n for n in ATTACKS.names() if n not in META | LANGUAGE]
 LOOP = [n for n in NAMES if n not in MATH_PROBES]  # torch training loop (_loop.py)
 STOCHASTIC = {"sgd", "sgd_momentum", "adam", "adamw"}

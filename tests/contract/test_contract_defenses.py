@@ -32,7 +32,7 @@ DEEP = {"condition_number", "rill_only", "opt_kappa", "imma"}
 ALIGNED_CE = {"mlac", "ac"}
 #: Defenses of causal language models (defenses/lm_adversarial.py): they get their own contract below
 #: (a tiny Llama on an ``lm`` task of placeholder conversations); every other defense gets the tabular one.
-LM = {"adversarial_loss", "gradient_ascent"}
+LM = {"adversarial_loss", "gradient_ascent", "lm_condition_number"}
 TABULAR = [n for n in NAMES if n not in LM]
 
 

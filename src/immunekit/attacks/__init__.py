@@ -31,6 +31,7 @@ ATTACKS.register_lazy("relearn", "immunekit.attacks.finetune:Relearn")
 ATTACKS.register_lazy("lora", "immunekit.attacks.lora:LoraFinetune")
 ATTACKS.register_lazy("lm_finetune", "immunekit.attacks.lm_sft:LmFinetune")
 ATTACKS.register_lazy("lm_lora", "immunekit.attacks.lm_sft:LmLora")
+ATTACKS.register_lazy("lm_head_probe", "immunekit.attacks.lm_sft:LmHeadProbe")
 ATTACKS.register_lazy("worst_case", "immunekit.attacks.worst_case:WorstCase")
 ATTACKS.register_lazy("attacker_search", "immunekit.attacks.worst_case:AttackerSearch")
 

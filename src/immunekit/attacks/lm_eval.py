@@ -228,14 +228,32 @@ def answer_loss(model: CausalLM, x: Tensor, y: Tensor) -> tuple[Tensor, int]:
         global batch for the token-mean loss.
 
     """
+    phi, target = answer_features(model, x, y)
+    logits = model.head(phi)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32; float64 stays
+    return functional.cross_entropy(wide, target, reduction="sum"), len(target)
+
+
+def answer_features(model: CausalLM, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Final hidden states at the answer-predicting positions of one batch, and the labels they predict.
+
+    Args:
+        model: the language model.
+        x: ``(B, T)`` ids padded with :data:`~immunekit.data.token_split.PAD_ID`.
+        y: ``(B, T)`` labels, :data:`~immunekit.data.token_split.IGNORE_INDEX` off the answer.
+
+    Returns:
+        ``(Φ (n, D), targets (n,))``: the hidden state (after the final norm) of every position t
+        whose next label y_{t+1} is an answer token, row-major, and those labels. Φ is what the
+        ``lm_head`` reads when the answers are scored or trained on.
+
+    """
     ids, mask = lm_inputs(x, _pad_id(model))
     device = next(model.parameters()).device
     hidden = model.hidden_states(ids.to(device), mask.to(device))
     target = y[:, 1:].to(device)
     keep = target != IGNORE_INDEX
-    logits = model.head(hidden[:, :-1][keep])
-    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → fp32; float64 stays
-    return functional.cross_entropy(wide, target[keep], reduction="sum"), int(keep.sum())
+    return hidden[:, :-1][keep], target[keep]
 
 
 @torch.no_grad()

@@ -66,6 +66,9 @@ class SFTConfig:
         weight_decay: AdamW decoupled weight decay (Qi et al.: 0).
         max_steps: stop after this many steps (``None``: all epochs).
         lora: train rank-``lora_rank`` adapters on :data:`LORA_TARGETS` instead of every weight.
+        head_only: train only the output layer, untied from the token embeddings, with the decoder
+            body frozen: the linear-probe attacker on the LM's final hidden features
+            (:func:`untie_head`). Exclusive with ``lora``.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA scale α (update scaled by α / r).
         grad_clip: clip the global gradient norm to this (``None``: no clipping, as Qi et al.).
@@ -87,6 +90,10 @@ class SFTConfig:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    head_only: bool = field(
+        default=False,
+        metadata={"help": "train only an untied copy of lm_head on the frozen body (a linear probe)"},
+    )
     grad_clip: float | None = field(default=None, metadata={"help": "max global gradient norm (None: off)"})
     precision: Literal["fp32", "bf16"] = field(
         default="fp32",
@@ -110,6 +117,10 @@ class SFTConfig:
             raise ConfigError(f"sft.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"sft.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.lora and self.head_only:
+            raise ConfigError(
+                "sft.lora and sft.head_only exclude each other: adapt the body or probe the head"
+            )
 
     def steps_per_epoch(self, rows: int) -> int:
         """Optimizer steps in one epoch over ``rows`` rows: ``ceil(rows / batch_size)``."""
@@ -187,6 +198,31 @@ def lora_merge(wrapped: Any, flags: dict[str, bool]) -> CausalLM:
     return merged
 
 
+def untie_head(model: CausalLM) -> CausalLM:
+    """Give ``model`` (in place) its own trainable copy of ``lm_head`` and freeze everything else.
+
+    The linear probe of a causal LM: logits = W h_t with h_t the frozen final hidden state (after
+    the final norm) of every position; only W (V × D) trains, so the Hessian of the answer loss in
+    W is a function of the hidden features' second moments, the quantity the condition-number
+    defense shapes. With tied embeddings (SmolLM2) the head *is* the embedding matrix: it is copied
+    so that training it leaves the inputs' embeddings alone; ``tie_word_embeddings`` is cleared so
+    a saved copy keeps both matrices.
+    """
+    old = model.head
+    new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.head = new
+    model.hf_model.lm_head = new  # type: ignore[assignment]  # generate() reads the HF module
+    model.hf_config.tie_word_embeddings = False
+    return model
+
+
 def supervised_finetune(
     model: CausalLM,
     data: TokenSplit,
@@ -229,6 +265,8 @@ def supervised_finetune(
         )
     work = copy.deepcopy(model)
     work.train()
+    if cfg.head_only:
+        untie_head(work)
     wrapped, flags = (
         lora_wrap(work, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=seed) if cfg.lora else (None, {})
     )
@@ -400,6 +438,7 @@ class LmFinetune(Attack):
 
     name: ClassVar[str] = "lm_finetune"
     lora: ClassVar[bool] = False
+    head_only: ClassVar[bool] = False
     Config: ClassVar[type[LmAttackConfig]] = LmAttackConfig
 
     def __init__(self, config: LmAttackConfig | None = None, **overrides: Any) -> None:
@@ -442,6 +481,7 @@ class LmFinetune(Attack):
             weight_decay=budget.weight_decay,
             max_steps=budget.steps,
             lora=self.lora,
+            head_only=self.head_only,
             precision=cfg.precision,
         )
 
@@ -531,3 +571,15 @@ class LmLora(LmFinetune):
 
     name: ClassVar[str] = "lm_lora"
     lora: ClassVar[bool] = True
+
+
+class LmHeadProbe(LmFinetune):
+    """:class:`LmFinetune` training only an untied ``lm_head`` on the frozen body (:func:`untie_head`).
+
+    The linear-probe attacker of a causal LM: the model's features stay as released and the
+    attacker learns a new read-out of them. A linear read-out tolerates a larger lr than full
+    fine-tuning: search the budget's lr (the harness's worst case) rather than trust one value.
+    """
+
+    name: ClassVar[str] = "lm_head_probe"
+    head_only: ClassVar[bool] = True
