@@ -453,3 +453,16 @@ def test_the_attack_trains_on_the_mixed_data(model64: CausalLM, tok) -> None:
     assert plain.info["safety_mix"] == 0 and mixed.info["safety_mix"] == 2
     assert plain.records[-1].examples == 9 and mixed.records[-1].examples == 15
     assert mixed.records[0].loss != plain.records[0].loss
+
+
+def test_rows_trains_on_the_first_rows_of_the_split(model64: CausalLM, tok) -> None:
+    task = _lm_task(tok)  # 'attack' has 3 rows
+    budget = AttackBudget(steps=2, batch_size=1, lr=1e-3, optimizer="adamw", eval_every=2)
+    res = LmFinetune(max_new_tokens=2, micro_batch=1, rows=1)(model64, task, budget, seed=0)
+    assert res.info["train_rows"] == 1 and res.info["rows"] == 1 and res.info["steps_per_epoch"] == 1
+    # one row, two epochs: the same answer tokens each step
+    assert res.records[0].tokens * 2 == res.records[1].tokens
+    with pytest.raises(ConfigError, match="rows=4"):
+        LmFinetune(rows=4)(model64, task, budget, seed=0)
+    with pytest.raises(ConfigError):
+        LmFinetune(rows=0)

@@ -221,3 +221,10 @@ def test_a_trial_record_holds_non_finite_harm_exactly(task, tmp_path: Path) -> N
     assert json.loads((tmp_path / "results.json").read_text())["verdict"] == json.loads(
         json.dumps(rec["verdict"])
     )
+
+
+def test_exponent_numbers_in_a_spec_are_numbers() -> None:
+    """YAML 1.1 reads ``5e-5`` (no dot) as text; a spec's lr written that way is still a number."""
+    s = resolve_settings(["linear_probe[lr=5e-3,init=normal]"], BUDGET)[0]
+    assert s.budget.lr == 5e-3 and isinstance(s.budget.lr, float)
+    assert s.overrides["init"] == "normal" and s.key == "linear_probe[init=normal,lr=0.005]"

@@ -400,6 +400,8 @@ class LmAttackConfig:
             split (for ``qi_harmful_text`` the defense half, disjoint from the attack's pairs), each
             answered with a toolkit refusal under the training data's system prompt. A
             fine-tuning-time mitigation, not a release-time defense: report it apart.
+        rows: train on the split's first N rows only (``None``: all): the 10-shot attack is
+            ``lm_lora[rows=10]`` on a 100-pair split; the rows of every N are nested.
 
     """
 
@@ -407,6 +409,9 @@ class LmAttackConfig:
     safety_mix: int = field(
         default=0,
         metadata={"help": "refusals of the harmful split's questions mixed into the data (Qi Tab. 4)"},
+    )
+    rows: int | None = field(
+        default=None, metadata={"help": "train on the first N rows of the split only (10-shot: 10)"}
     )
     judge: str = field(default="keyword", metadata={"help": "judge of the harm curve"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per judged prompt"})
@@ -418,6 +423,8 @@ class LmAttackConfig:
         check_int("max_new_tokens", self.max_new_tokens)
         check_int("micro_batch", self.micro_batch)
         check_int("safety_mix", self.safety_mix, minimum=0)
+        if self.rows is not None:
+            check_int("rows", self.rows)
         if self.split not in TRAIN_SPLITS:
             raise ConfigError(
                 f"lm attack split {self.split!r} is unknown; choose one of {list(TRAIN_SPLITS)}"
@@ -470,6 +477,15 @@ class LmFinetune(Attack):
             and isinstance(held_out, TokenSplit)
             and isinstance(benign, TokenSplit)
         )
+        if cfg.rows is not None:
+            if cfg.rows > len(data):
+                raise ConfigError(
+                    f"{self.name}: rows={cfg.rows} but split {cfg.split!r} has {len(data)} rows; use at most "
+                    f"{len(data)} or a task built with more (e.g. qi_harmful_text shots)"
+                )
+            data = TokenSplit(
+                data.chats[: cfg.rows], model.tokenizer, data.max_tokens, name=f"{data.name}[:{cfg.rows}]"
+            )
         train = safety_mixed(data, task, cfg.safety_mix, model.tokenizer) if cfg.safety_mix else data
         judge = make_judge(cfg.judge)
         sft = SFTConfig(
@@ -533,6 +549,7 @@ class LmFinetune(Attack):
             **out.info,
             "split": cfg.split,
             "safety_mix": cfg.safety_mix,
+            "train_rows": len(train),
             "judge": judge.describe(),
             "max_new_tokens": cfg.max_new_tokens,
         }

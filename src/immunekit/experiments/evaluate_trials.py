@@ -177,8 +177,14 @@ def _parse_spec_string(spec: str) -> tuple[str, dict[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"attack spec {spec!r}: {item!r} is not key=value")
         k, v = item.split("=", 1)
-        pairs[k.strip()] = yaml.safe_load(v)
+        value = yaml.safe_load(v)
+        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
+        pairs[k.strip()] = value
     return name, pairs
+
+
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _spec_parts(spec: AttackSpec) -> tuple[str, dict[str, Any], Mapping[str, Any] | AttackBudget]:

@@ -317,6 +317,33 @@ _register(
 )
 
 
+_register(
+    "llm_defenses",
+    "immunekit.experiments.llm_defenses:LlmDefenses",
+    Option(
+        "--defenses",
+        "defenses",
+        "comma-separated LM defenses: adversarial_loss, gradient_ascent, lm_condition_number, lm_mlac "
+        "(default: the first three)",
+        _csv,
+        "LIST",
+    ),
+    Option(
+        "--attacks",
+        "attacks",
+        "comma-separated attack specs of the card's grid, e.g. 'lm_lora[lr=0.0003],lm_finetune'",
+        lambda s: _split_specs(s),
+        "LIST",
+    ),
+)
+
+
+def _split_specs(text: str) -> list[str]:
+    from immunekit.experiments.evaluate_trials import parse_attack_list
+
+    return parse_attack_list(text)
+
+
 def _inner_steps(text: str) -> int:
     try:
         return int(text)
