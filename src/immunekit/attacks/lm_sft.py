@@ -483,10 +483,14 @@ class LmFinetune(Attack):
                     f"{self.name}: rows={cfg.rows} but split {cfg.split!r} has {len(data)} rows; use at most "
                     f"{len(data)} or a task built with more (e.g. qi_harmful_text shots)"
                 )
-            data = TokenSplit(
+        first: TokenSplit = (
+            data
+            if cfg.rows is None
+            else TokenSplit(
                 data.chats[: cfg.rows], model.tokenizer, data.max_tokens, name=f"{data.name}[:{cfg.rows}]"
             )
-        train = safety_mixed(data, task, cfg.safety_mix, model.tokenizer) if cfg.safety_mix else data
+        )
+        train = safety_mixed(first, task, cfg.safety_mix, model.tokenizer) if cfg.safety_mix else first
         judge = make_judge(cfg.judge)
         sft = SFTConfig(
             epochs=math.ceil(budget.steps / math.ceil(len(train) / budget.batch_size)),
