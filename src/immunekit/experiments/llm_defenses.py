@@ -50,7 +50,7 @@ from immunekit.attacks import ATTACKS
 from immunekit.attacks.base import AttackBudget
 from immunekit.attacks.lm_sft import SFTConfig
 from immunekit.config import check_int, config_sha256, load_config, to_dict
-from immunekit.data.qi_text import qi_harmful_text
+from immunekit.data.qi_text import check_category_groups, qi_harmful_text
 from immunekit.data.text_assets import qi_splits
 from immunekit.defenses import DEFENSES
 from immunekit.errors import ConfigError
@@ -139,6 +139,11 @@ class LlmDefensesConfig:
         default=0.30, metadata={"help": "the question: worst-case harm this far below θ0's, conditions held"}
     )
     thresholds: dict = field(default_factory=dict, metadata={"help": "Thresholds fields (phi, slowdown, …)"})
+    shots: int = field(default=100, metadata={"help": "harmful pairs of the attack split (≤ 137)"})
+    category_groups: list | None = field(
+        default=None,
+        metadata={"help": "two disjoint groups of HarmBench categories: defend on A, attack_cross on B"},
+    )
     eval_prompts: int = field(default=50, metadata={"help": "sr_eval prompts judged per evaluation (≤ 288)"})
     benign_rows: int = field(default=32, metadata={"help": "benign rows of 'primary' and 'eval_primary'"})
     benign_prompts: int = field(default=50, metadata={"help": "held-out benign prompts (refusal rate)"})
@@ -223,6 +228,8 @@ def build_config(data: dict[str, Any]) -> LlmDefensesConfig:
     cfg = load_config(LlmDefensesConfig, data, where=KIND)
     from immunekit.experiments.evaluate_trials import resolve_settings
 
+    if cfg.category_groups is not None:
+        check_category_groups(cfg.category_groups)
     cfg.thresholds_obj()
     resolve_settings(cfg.specs(), cfg.budget())  # names, keys, values, budgets
     resolve_settings([cfg.spec(cfg.benign)], cfg.budget())
@@ -240,11 +247,12 @@ def build_task(cfg: LlmDefensesConfig, tokenizer: Any) -> Any:
     """The ``qi_harmful_text`` task at this run's sizes."""
     return qi_harmful_text(
         tokenizer=tokenizer,
-        shots=100,
+        shots=cfg.shots,
         eval_prompts=cfg.eval_prompts,
         benign_rows=cfg.benign_rows,
         max_tokens=cfg.max_tokens,
         seed=cfg.split_seed,
+        category_groups=cfg.category_groups,
     )
 
 
@@ -662,6 +670,7 @@ class LlmDefenses(Experiment):
 
 def _task_key(cfg: LlmDefensesConfig) -> str:
     return (
-        f"qi_harmful_text (shots 100, eval_prompts {cfg.eval_prompts}, benign_rows {cfg.benign_rows}, "
-        f"max_tokens {cfg.max_tokens}, seed {cfg.split_seed})"
+        f"qi_harmful_text (shots {cfg.shots}, eval_prompts {cfg.eval_prompts}, "
+        f"benign_rows {cfg.benign_rows}, max_tokens {cfg.max_tokens}, seed {cfg.split_seed}, "
+        f"category_groups {cfg.category_groups})"
     )
