@@ -142,6 +142,13 @@ def test_run_end_to_end_writes_cards_resumes_and_stores_no_text(tiny_world: Path
     assert {f: f.stat().st_mtime_ns for f in files} == stamp
     assert again["defenses"]["gradient_ascent"]["gap"] == results["defenses"]["gradient_ascent"]["gap"]
     assert "gradient_ascent" in exp.summary(again)
+    from immunekit.reports import write_report
+
+    report = write_report(tiny_world / "out")
+    md = report.read_text()
+    assert "| gradient_ascent |" in md and "Calibration" in md and "safety-data mixing" in md
+    assert (tiny_world / "out" / "harm_curves.png").stat().st_size > 1000
+    assert "placeholder" not in md
 
 
 def _card(
@@ -212,3 +219,19 @@ def test_a_safety_mix_larger_than_the_pool_is_refused_before_training(tiny_world
 def test_overlapping_category_groups_are_refused() -> None:
     with pytest.raises(ConfigError, match="overlap"):
         build_config({"category_groups": [["illegal", "harmful"], ["harmful"]]})
+
+
+def test_the_command_line_flags_reach_the_config() -> None:
+    from immunekit.cli.main import build_parser
+    from immunekit.cli.run import resolve
+
+    argv = ["run", "llm-defenses", "--attacks", "lm_lora[lr=1e-4,rows=10],lm_finetune"]
+    argv += ["--defenses", "gradient_ascent,lm_condition_number", "--seeds", "0,1,2"]
+    cfg = build_config(resolve(build_parser().parse_args(argv)))
+    assert cfg.attacks == ("lm_lora[lr=1e-4,rows=10]", "lm_finetune")  # brackets kept together
+    assert cfg.defenses == ("gradient_ascent", "lm_condition_number") and cfg.seeds == (0, 1, 2)
+    assert cfg.specs()[0] == (
+        "lm_lora",
+        {"precision": "bf16", "max_new_tokens": 32, "micro_batch": 10, "rows": 10},
+        {"lr": 1e-4},
+    )

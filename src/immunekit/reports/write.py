@@ -72,6 +72,10 @@ def write_report(results_path_or_dir: str | Path, out_dir: str | Path | None = N
         from immunekit.reports.llm import write_llm_attacks_report
 
         return write_llm_attacks_report(results_file, out_dir)
+    if kind == "llm_defenses":
+        from immunekit.reports.llm_defenses import write_llm_defenses_report
+
+        return write_llm_defenses_report(results_file, out_dir)
     if kind == "mlac_text":
         from immunekit.reports.mlac import write_mlac_report
 
