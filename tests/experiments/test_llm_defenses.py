@@ -130,6 +130,18 @@ def test_run_end_to_end_writes_cards_resumes_and_stores_no_text(tiny_world: Path
         assert row["gap"]["ci95"] is None  # one seed: no interval, said so
         assert set(row["conditions"]) >= {"resistance_strong", "stability", "trainability"}
         assert 0.0 <= row["benign_refusal"]["mean"] <= 1.0 and row["perplexity"]["mean"] > 1.0
+    # θ0 is attacked once per (setting, seed) and every card reuses those runs (same keys and shas)
+    refs = sorted((tiny_world / "out" / "trials" / "reference").glob("*.json"))
+    assert len(refs) == 3 + 1  # the grid and the benign recipe
+    for name in results["defenses"]:
+        card_rec = json.loads((tiny_world / "out" / "trials" / "card" / f"{name}--seed0.json").read_text())
+        assert card_rec["reference_runs_shared"] == 4
+        for ref in refs:
+            stored = json.loads(ref.read_text())
+            copy = json.loads(
+                (tiny_world / "out" / "cards" / name / "seed0" / f"{stored['key']}.json").read_text()
+            )
+            assert copy["harm_curve"] == stored["record"]["harm_curve"]
     assert results["mitigation"]["2"]["train_rows"] == 4 + 2
     assert results["answer"]["text"]
     assert results["calibration"]["rows"]["RepNoise"][0] == 0.05

@@ -285,6 +285,22 @@ class CardTrial:
     aligned: str
     folder: str
     card: str
+    shared: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReferenceTrial:
+    """Stage 1: one attack run of θ0 (the reference role of every card), shared by all the cards.
+
+    Its record is the harness's own (same key and sha as inside a card), so each card finds it
+    on disk and does not run θ0's attacks again: θ0 is attacked once per (setting, seed), not once
+    per defense.
+    """
+
+    cfg: LlmDefensesConfig
+    setting: dict[str, Any]
+    seed: int
+    aligned: str
 
 
 @dataclass(frozen=True)
@@ -297,13 +313,57 @@ class MitigationTrial:
     aligned: str
 
 
-def run_trial(trial: FitTrial | CardTrial | MitigationTrial) -> dict[str, Any]:
+def run_trial(trial: FitTrial | ReferenceTrial | CardTrial | MitigationTrial) -> dict[str, Any]:
     """The sweep job of every stage."""
     if isinstance(trial, FitTrial):
         return _fit(trial)
+    if isinstance(trial, ReferenceTrial):
+        return _reference(trial)
     if isinstance(trial, CardTrial):
         return _card(trial)
     return _mitigation(trial)
+
+
+def reference_settings(cfg: LlmDefensesConfig, task: Any) -> list[Any]:
+    """The settings a card attacks θ0 with before any retry: the grid, the benign recipe, variants.
+
+    Built as :func:`~immunekit.experiments.evaluate.evaluate` builds them, so the keys and shas match.
+    """
+    from immunekit.experiments.evaluate_trials import accepts_split, benign_setting, resolve_settings
+
+    grid = resolve_settings(cfg.specs(), cfg.budget())
+    out = [*grid, benign_setting(cfg.spec(cfg.benign), cfg.budget())]
+    for group, split in (("in_domain", "attack_disjoint"), ("cross_domain", "attack_cross")):
+        if getattr(task, split, None) is not None:
+            out += [s.with_split(split, group) for s in grid if accepts_split(s)]
+    return out
+
+
+def _reference(trial: ReferenceTrial) -> dict[str, Any]:
+    from immunekit.experiments.evaluate_trials import Inputs, Setting
+    from immunekit.experiments.evaluate_trials import run_trial as run_attack
+
+    theta0 = _load(trial.aligned)
+    task = build_task(trial.cfg, theta0.tokenizer)
+    inputs = Inputs.of({"reference": theta0}, task, "cpu")
+    attack = inputs.attack_trial(Setting.from_dict(trial.setting), "reference", trial.seed)
+    return {"key": attack.key, "sha": attack.config_sha, "record": run_attack(attack.payload)}
+
+
+def _seed_card(card: str, shared: list[str]) -> int:
+    """Copy θ0's finished runs (``shared``: record files of reference trials) into the card's folder."""
+    from immunekit.experiments.io import atomic_write_json, read_json
+
+    copied = 0
+    for path in shared:
+        if not Path(path).is_file():
+            continue
+        stored = read_json(path)
+        target = sweep.trial_file(card, stored["key"])
+        if not target.exists():
+            atomic_write_json(target, {**stored["record"], sweep.SHA_FIELD: stored["sha"]})
+            copied += 1
+    return copied
 
 
 def _load(folder: str) -> CausalLM:
@@ -355,6 +415,7 @@ def _card(trial: CardTrial) -> dict[str, Any]:
     cfg = trial.cfg
     theta0, model = _load(trial.aligned), _load(trial.folder)
     task = build_task(cfg, theta0.tokenizer)
+    shared = _seed_card(trial.card, list(trial.shared))
     record = evaluate(
         model,
         task,
@@ -375,6 +436,7 @@ def _card(trial: CardTrial) -> dict[str, Any]:
         "seed": trial.seed,
         "card": trial.card,
         "summary": card_summary(record),
+        "reference_runs_shared": shared,
         "benign": {"immunized": _benign_refusal(model, cfg), "reference": _benign_refusal(theta0, cfg)},
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -529,6 +591,20 @@ class LlmDefenses(Experiment):
         }
         base["aligned_key"] = report["key"]
         out: list[sweep.Trial] = []
+        theta0 = CausalLM.from_pretrained_dir(aligned)
+        task = build_task(cfg, theta0.tokenizer)
+        shared: dict[int, list[str]] = {}
+        for seed in cfg.seeds:
+            for setting in reference_settings(cfg, task):
+                key = f"trials/reference/{_slug(setting.key)}--seed{seed}"
+                out.append(
+                    sweep.Trial(
+                        key,
+                        config_sha256({**base, "setting": setting.to_dict(), "seed": seed}),
+                        ReferenceTrial(cfg, setting.to_dict(), seed, aligned),
+                    )
+                )
+                shared.setdefault(seed, []).append(str(sweep.trial_file(ctx.out, key)))
         for defense in cfg.defenses:
             fit_cfg = {"defense": defense, "config": defense_overrides(cfg, defense), "key": report["key"]}
             for seed in cfg.seeds:
@@ -546,7 +622,7 @@ class LlmDefenses(Experiment):
                     sweep.Trial(
                         f"trials/card/{defense}--seed{seed}",
                         config_sha256({**base, "fit": fit_sha}),
-                        CardTrial(cfg, defense, seed, aligned, folder, card),
+                        CardTrial(cfg, defense, seed, aligned, folder, card, tuple(shared[seed])),
                     )
                 )
         for n in cfg.safety_mix:
@@ -575,9 +651,9 @@ class LlmDefenses(Experiment):
         }
 
     def stages(self, trials: list[sweep.Trial]) -> list[list[sweep.Trial]]:
-        """The fits first: the cards load the models they saved."""
-        fits = [t for t in trials if isinstance(t.payload, FitTrial)]
-        return [fits, [t for t in trials if not isinstance(t.payload, FitTrial)]]
+        """The fits and θ0's attack runs first: the cards load those models and reuse those runs."""
+        first = [t for t in trials if isinstance(t.payload, FitTrial | ReferenceTrial)]
+        return [first, [t for t in trials if not isinstance(t.payload, FitTrial | ReferenceTrial)]]
 
     def aggregate(
         self,
@@ -666,6 +742,10 @@ class LlmDefenses(Experiment):
             )
         lines.append(results["answer"]["text"])
         return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._=,+-" else "_" for c in text)
 
 
 def _task_key(cfg: LlmDefensesConfig) -> str:
