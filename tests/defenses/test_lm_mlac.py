@@ -275,6 +275,19 @@ def test_the_harmful_cap_drops_the_harmful_term_once_exceeded() -> None:
     assert not any(h["capped"] for h in free.history_)
 
 
+def test_under_bf16_the_attacker_sees_its_own_updates() -> None:
+    # autocast caches bf16 weights until the outer step ends; a cached φ_0 would hide the inner steps
+    # (measured: stale cache 5.39 / 5.36 against fp32 4.98 / 4.07; fresh casts 5.01 / 4.12)
+    task, model = _task(), _model()
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        d = DEFENSES.get("lm_mlac")(precision=precision, inner_lr=1e-1, max_steps=2)
+        d.fit(model, task, seed=0)
+        runs[precision] = [ce for h in d.history_ for ce in h["ce_harmful"]]
+    assert runs["fp32"][2] < runs["fp32"][0] - 1.0  # the attack moves the loss a lot
+    assert runs["bf16"] == pytest.approx(runs["fp32"], abs=0.15)
+
+
 def test_bf16_and_lora_run_and_lora_moves_only_the_adapted_layers() -> None:
     pytest.importorskip("peft")
     from immunekit.attacks.lm_sft import LORA_TARGETS

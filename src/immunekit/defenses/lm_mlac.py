@@ -55,7 +55,9 @@ equal in both copies); the adapters are merged into the returned model.
 
 Optimisation otherwise as the other LM defenses (:mod:`immunekit.defenses.lm_adversarial`): Adam,
 ``epochs`` passes over the harmful rows in a seeded order, cosine schedule after a linear warm-up,
-optional bf16 autocast (the attacker's forward passes too) and gradient clipping.
+optional bf16 autocast and gradient clipping. Under bf16 the attacker's forward passes run in their
+own autocast region without the weight-cast cache: the shared loop's region caches each weight's
+bf16 copy until the outer step ends, which would hide the attacker's in-place updates.
 
 ``history_`` holds one record per outer step: lr, the loss L, the gradient norm before clipping,
 ``ce_retain``, ``ce_harmful`` (the K+1 values CE(φ_k, x)), ``ce_harmful_mean``, ``ce_harmful_last``
@@ -242,26 +244,34 @@ class LmMLAC(_LmDefense):
         norms: list[float] = []
         rows: list[list[int]] = []
         used = 0
+        # The shared loop's autocast caches the bf16 copy of every weight until the step ends; φ
+        # changes in place between forward passes here, so the attacker's passes must not use it.
+        bf16 = cfg.precision == "bf16"
+        fresh = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
         for _ in range(cfg.inner_steps):
             pick = context.inner_rows(idx, cfg.inner_batch)
             xi, yi = harmful.rows(pick)
-            ce_in, _ = _token_mean(context.scratch, xi, yi)
+            with fresh:
+                ce_in, _ = _token_mean(context.scratch, xi, yi)
             with torch.autocast(device, enabled=False):  # backward outside autocast, as the shared loop
                 step = torch.autograd.grad(ce_in, phi)
-            for p, g in zip(phi, step, strict=True):
-                p.grad = g
             norms.append(
                 float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in step])))
             )
+            for p, g in zip(phi, step, strict=True):
+                p.grad = g
             opt.step()
-            ce_k, _ = _token_mean(context.scratch, x, y)
+            for p in phi:
+                p.grad = None
+            del step
+            with fresh:
+                ce_k, _ = _token_mean(context.scratch, x, y)
             with torch.autocast(device, enabled=False):
                 at_k = torch.autograd.grad(ce_k, phi)
             for acc, g in zip(grads, at_k, strict=True):
                 acc.add_(g)
+            del at_k
             values.append(float(ce_k.detach()))
             rows.append(pick.tolist())
             used += real_tokens(xi) + real_tokens(x)
-        for p in phi:
-            p.grad = None
         return values, grads, norms, rows, used
