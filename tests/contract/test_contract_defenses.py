@@ -30,9 +30,10 @@ DEEP = {"condition_number", "rill_only", "opt_kappa", "imma"}
 #: describe the same inputs (MLAC, AC): they get :func:`_aligned_task` and a two-output head, and an
 #: ``mse`` task is a clear DataError for them.
 ALIGNED_CE = {"mlac", "ac"}
-#: Defenses of causal language models (defenses/lm_adversarial.py): they get their own contract below
-#: (a tiny Llama on an ``lm`` task of placeholder conversations); every other defense gets the tabular one.
-LM = {"adversarial_loss", "gradient_ascent", "lm_condition_number"}
+#: Defenses of causal language models (defenses/lm_adversarial.py, lm_spectral.py, lm_mlac.py): they get
+#: their own contract below (a tiny Llama on an ``lm`` task of placeholder conversations); every other
+#: defense gets the tabular one.
+LM = {"adversarial_loss", "gradient_ascent", "lm_condition_number", "lm_mlac"}
 TABULAR = [n for n in NAMES if n not in LM]
 
 

@@ -21,6 +21,7 @@ DEFENSES.register_lazy("ac", "immunekit.defenses.mlac:AC")
 DEFENSES.register_lazy("adversarial_loss", "immunekit.defenses.lm_adversarial:AdversarialLoss")
 DEFENSES.register_lazy("gradient_ascent", "immunekit.defenses.lm_adversarial:GradientAscent")
 DEFENSES.register_lazy("lm_condition_number", "immunekit.defenses.lm_spectral:LmConditionNumber")
+DEFENSES.register_lazy("lm_mlac", "immunekit.defenses.lm_mlac:LmMLAC")
 
 
 def immunize(
