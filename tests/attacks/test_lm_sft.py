@@ -259,8 +259,8 @@ def test_head_probe_trains_only_an_untied_head(tok, data: TokenSplit) -> None:
     model = _tied(tok)
     assert model.head.weight is model.extractor.embed_tokens.weight  # SmolLM2's layout
     before = _state(model)
-    cfg = SFTConfig(epochs=2, lr=1e-2, batch_size=3, micro_batch=3, head_only=True)
-    out = supervised_finetune(model, data, cfg, seed=0, progress=False)
+    cfg = SFTConfig(epochs=2, lr=1e-2, batch_size=3, micro_batch=3)
+    out = supervised_finetune(model, data, cfg, seed=0, progress=False, head_only=True)
     m = out.model
     assert all(torch.equal(v, before[k]) for k, v in _state(model).items())  # input untouched, still tied
     assert model.head.weight is model.extractor.embed_tokens.weight
@@ -297,9 +297,17 @@ def test_head_probe_gradient_is_the_linear_read_out_gradient(tok, data: TokenSpl
     assert all(p.grad is None for p in model.extractor.parameters())
 
 
-def test_head_only_and_lora_exclude_each_other() -> None:
+def test_head_only_and_lora_exclude_each_other(model64: CausalLM, data: TokenSplit) -> None:
     with pytest.raises(ConfigError, match="head_only"):
-        SFTConfig(lora=True, head_only=True)
+        supervised_finetune(model64, data, SFTConfig(lora=True), seed=0, progress=False, head_only=True)
+
+
+def test_the_aligned_model_cache_key_is_unchanged_by_the_head_probe() -> None:
+    """The key of Stage A's cached model hashes its SFTConfig: the probe must not add a field to it."""
+    from immunekit.experiments.llm_alignment import AlignmentConfig
+
+    assert "head_only" not in SFTConfig.__dataclass_fields__
+    assert AlignmentConfig().key() == "86dc3e6823b4"  # the published cards were measured on this model
 
 
 def test_bf16_autocast_trains(tok) -> None:

@@ -66,9 +66,6 @@ class SFTConfig:
         weight_decay: AdamW decoupled weight decay (Qi et al.: 0).
         max_steps: stop after this many steps (``None``: all epochs).
         lora: train rank-``lora_rank`` adapters on :data:`LORA_TARGETS` instead of every weight.
-        head_only: train only the output layer, untied from the token embeddings, with the decoder
-            body frozen: the linear-probe attacker on the LM's final hidden features
-            (:func:`untie_head`). Exclusive with ``lora``.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA scale α (update scaled by α / r).
         grad_clip: clip the global gradient norm to this (``None``: no clipping, as Qi et al.).
@@ -90,10 +87,6 @@ class SFTConfig:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
-    head_only: bool = field(
-        default=False,
-        metadata={"help": "train only an untied copy of lm_head on the frozen body (a linear probe)"},
-    )
     grad_clip: float | None = field(default=None, metadata={"help": "max global gradient norm (None: off)"})
     precision: Literal["fp32", "bf16"] = field(
         default="fp32",
@@ -117,10 +110,6 @@ class SFTConfig:
             raise ConfigError(f"sft.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"sft.grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.lora and self.head_only:
-            raise ConfigError(
-                "sft.lora and sft.head_only exclude each other: adapt the body or probe the head"
-            )
 
     def steps_per_epoch(self, rows: int) -> int:
         """Optimizer steps in one epoch over ``rows`` rows: ``ceil(rows / batch_size)``."""
@@ -234,6 +223,7 @@ def supervised_finetune(
     desc: str = "sft",
     max_tokens: int | None = None,
     max_examples: int | None = None,
+    head_only: bool = False,
 ) -> SFTOutput:
     """Fine-tune a copy of ``model`` on the answers of ``data`` (see the module docstring).
 
@@ -249,14 +239,21 @@ def supervised_finetune(
         max_tokens: stop before a step whose real tokens would take the total past this (the
             attack budget's exact token cap; ``info["stopped_by"] == "tokens"``).
         max_examples: the same for rows (``"examples"``).
+        head_only: train only the output layer, untied from the token embeddings, on the frozen
+            decoder body: the linear-probe attacker on the LM's final hidden features
+            (:func:`untie_head`). Exclusive with ``cfg.lora``. A keyword, not an :class:`SFTConfig`
+            field, so that the recipes cached by key (the aligned model's) keep their keys.
 
     Returns:
         :class:`SFTOutput`.
 
     Raises:
         DataError: a row without answer tokens (nothing to learn from it).
+        ConfigError: ``head_only`` with ``cfg.lora``.
 
     """
+    if head_only and cfg.lora:
+        raise ConfigError("head_only and LoRA exclude each other: adapt the body or probe the head")
     empty = [data.ids[i] for i in range(len(data)) if data.token_counts(torch.tensor([i]))[1] == 0]
     if empty:
         raise DataError(
@@ -265,7 +262,7 @@ def supervised_finetune(
         )
     work = copy.deepcopy(model)
     work.train()
-    if cfg.head_only:
+    if head_only:
         untie_head(work)
     wrapped, flags = (
         lora_wrap(work, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=seed) if cfg.lora else (None, {})
@@ -345,6 +342,7 @@ def supervised_finetune(
         "hook_seconds": round(hook_seconds, 2),
         "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
         "config": asdict(cfg),
+        "head_only": head_only,
     }
     return SFTOutput(work, records, info)
 
@@ -500,7 +498,6 @@ class LmFinetune(Attack):
             weight_decay=budget.weight_decay,
             max_steps=budget.steps,
             lora=self.lora,
-            head_only=self.head_only,
             precision=cfg.precision,
         )
 
@@ -530,6 +527,7 @@ class LmFinetune(Attack):
             desc=self.name,
             max_tokens=budget.max_tokens,
             max_examples=budget.max_examples,
+            head_only=self.head_only,
         )
         out.model.tokenizer = model.tokenizer
         # L_0 = the first batch's loss at θ0 (each record's loss is its batch's, before the update):
