@@ -46,6 +46,7 @@ def toy_task(cfg: Any, tokenizer: Any) -> Task:
         attack=_split("a", 4),
         eval_primary=_split("ep", 3),
         eval_harmful=_split("eh", 3, answers=False),
+        val_harmful=_split("vh", 3, answers=False),
     )
 
 
@@ -247,3 +248,35 @@ def test_the_command_line_flags_reach_the_config() -> None:
         {"precision": "bf16", "max_new_tokens": 32, "micro_batch": 10, "rows": 10},
         {"lr": 1e-4},
     )
+
+
+def test_the_attacker_search_runs_in_each_card_and_its_cumulative_best_is_reported(tiny_world: Path) -> None:
+    from immunekit.reports import write_report
+
+    exp = get_experiment("llm-defenses")
+    small = {**SMALL, "defenses": ["gradient_ascent"], "search_trials": 4, "safety_mix": []}
+    small["defense_config"] = {"gradient_ascent": SMALL["defense_config"]["gradient_ascent"]}
+    cfg = build_config(small)
+    results = exp.run(cfg, RunContext(out=tiny_world / "out", progress=False, workers=1))
+    search = results["defenses"]["gradient_ascent"]["search"]["0"]
+    best = search["cumulative_best"]
+    assert len(best) == 4  # the 3 grid settings first, then TPE
+    finite = [b for b in best if b is not None and b > float("-inf")]
+    assert finite == sorted(finite) and search["best_value"] == finite[-1]
+    write_report(tiny_world / "out")
+    assert (tiny_world / "out" / "search_cumulative_best.png").is_file()
+
+
+def test_the_search_scores_a_language_model_as_the_lm_attacks_do() -> None:
+    from immunekit.attacks.lm_eval import answer_perplexity, judge_split
+    from immunekit.attacks.worst_case import LM_SCORE_TOKENS, score
+    from immunekit.metrics.judges import make_judge
+
+    model = CausalLM.tiny(
+        1, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
+    )
+    model.tokenizer = TOK
+    prompts, answered = _split("vh", 3, answers=False), _split("ep", 3)
+    judged = judge_split(model, prompts, make_judge("keyword"), max_new_tokens=LM_SCORE_TOKENS)
+    assert score(model, prompts, "lm") == judged.summary.harmfulness_rate
+    assert score(model, answered, "lm") == pytest.approx(1.0 / answer_perplexity(model, answered), rel=1e-12)

@@ -92,12 +92,32 @@ def score(model: ImmunizableModel, data: Dataset, loss: str) -> float:
         loss: the task's loss (``"mse"`` or ``"ce"``).
 
     Returns:
-        :func:`~immunekit.metrics.task_scores.task_score` of ``model(x)`` against ``y``; a
-        non-finite value (a diverged attack) is returned as −inf.
+        :func:`~immunekit.metrics.task_scores.task_score` of ``model(x)`` against ``y`` (for an
+        ``lm`` task: the judged harmfulness rate of a prompt split, 1 / perplexity of an answered
+        one, :func:`_lm_score`); a non-finite value (a diverged attack) is returned as −inf.
 
     """
-    value = split_score(model, data, data.y, loss)
+    value = _lm_score(model, data) if loss == "lm" else split_score(model, data, data.y, loss)
     return value if math.isfinite(value) else float("-inf")
+
+
+LM_SCORE_TOKENS = 64
+"""Tokens generated per prompt when the search judges a language model (``lm_finetune``'s default)."""
+
+
+def _lm_score(model: ImmunizableModel, data: Any) -> float:
+    """A language model's score on a token split, as the LM attacks measure it.
+
+    Harmful prompts (no answers): the keyword judge's harmfulness rate of greedy completions of
+    :data:`LM_SCORE_TOKENS` tokens. Answered conversations (``eval_primary``): 1 / perplexity.
+    """
+    from immunekit.attacks.lm_eval import answer_perplexity, judge_split
+    from immunekit.metrics.judges import make_judge
+
+    if all(c.assistant for c in data.chats):
+        return 1.0 / answer_perplexity(model, data)  # type: ignore[arg-type]
+    judged = judge_split(model, data, make_judge("keyword"), max_new_tokens=LM_SCORE_TOKENS)  # type: ignore[arg-type]
+    return float(judged.summary.harmfulness_rate)
 
 
 def _require(task: Task, split: str) -> Dataset:

@@ -18,6 +18,7 @@ from immunekit.reports.plots import new_figure, save_figure
 
 KIND = "llm_defenses"
 CURVES_FIGURE = "harm_curves.png"
+SEARCH_FIGURE = "search_cumulative_best.png"
 REQUIRED = ("defenses", "mitigation", "calibration", "answer", "config")
 CONDITIONS = (
     ("resistance_strong", "strong res."),
@@ -87,6 +88,14 @@ def render(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
         )
     if figures.get("curves"):
         lines += ["", f"![harm against attack steps]({figures['curves']})"]
+    if figures.get("search"):
+        lines += [
+            "",
+            "Attacker search (Optuna; the grid first, then TPE over LoRA/full and the learning rate), "
+            "scored on val_harmful:",
+            "",
+            f"![cumulative best of the attacker search]({figures['search']})",
+        ]
     lines += ["", "## Fine-tuning-time mitigation (not a release-time defense)", ""]
     lines.append(
         "Qi et al.'s safety-data mixing (arXiv 2310.03693, Table 4): θ0 attacked by full fine-tuning on the "
@@ -146,6 +155,34 @@ def curves_figure(results: Mapping[str, Any]) -> Any:
     return fig
 
 
+def search_figure(results: Mapping[str, Any]) -> Any:
+    """The attacker search's best validation harm after each trial, one line per (defense, seed)."""
+    lines = [
+        (f"{name} s{seed}", s["cumulative_best"])
+        for name, r in results["defenses"].items()
+        for seed, s in (r.get("search") or {}).items()
+        if s and s.get("cumulative_best")
+    ]
+    if not lines:
+        return None
+    fig = new_figure((5.0, 3.2))
+    ax = fig.subplots()
+    for label, best in lines:
+        shown = [b if b is not None and b > float("-inf") else float("nan") for b in best]
+        ax.step(range(1, len(shown) + 1), shown, where="post", label=label)
+    ax.set_xlabel("search trial")
+    ax.set_ylabel("best harm so far (val_harmful)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6)
+    return fig
+
+
+def plot_search(results: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Write :func:`search_figure` (PNG, atomically); ``None`` without a search."""
+    fig = search_figure(results)
+    return None if fig is None else save_figure(fig, Path(path))
+
+
 def plot_curves(results: Mapping[str, Any], path: str | Path) -> Path | None:
     """Write :func:`curves_figure` (PNG, atomically); ``None`` when there is nothing to draw."""
     fig = curves_figure(results)
@@ -153,10 +190,9 @@ def plot_curves(results: Mapping[str, Any], path: str | Path) -> Path | None:
 
 
 def write_llm_defenses_report(results_file: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write ``report.md`` and ``harm_curves.png`` next to (or into ``out_dir`` from) ``results.json``."""
+    """Write ``report.md``, ``harm_curves.png`` and (with a search) ``search_cumulative_best.png``."""
     results_file = Path(results_file)
     results = load_llm_defenses(results_file)
     out = Path(out_dir) if out_dir is not None else results_file.parent
-    return write_figures_and_report(
-        results, out, {"curves": (CURVES_FIGURE, plot_curves)}, render, results_file
-    )
+    plots = {"curves": (CURVES_FIGURE, plot_curves), "search": (SEARCH_FIGURE, plot_search)}
+    return write_figures_and_report(results, out, plots, render, results_file)
