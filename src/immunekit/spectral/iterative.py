@@ -6,8 +6,8 @@ once per task). The non-zero eigenvalues of H are those of the ``r × r`` Gram A
 eigenvector u of A gives the eigenvector v = Mᵀu/√λ of H. Here:
 
 * λ_max (and λ_2) with their eigenvectors: Lanczos on A (full re-orthogonalisation);
-* λ_min (the smallest *retained* eigenvalue, λ_r): Lanczos on A⁻¹ = L⁻ᵀL⁻¹ from a Cholesky
-  factor A = LLᵀ; its largest eigenvalue is μ = 1/λ_min.
+* λ_min (the smallest *retained* eigenvalue, λ_r): Lanczos on A⁻¹ = R⁻¹R⁻ᵀ with R the triangular
+  factor of a QR of Mᵀ (RᵀR = A, without squaring the conditioning); its top eigenvalue is 1/λ_min.
 
 **Certificate.** For a symmetric operator B and a unit Ritz vector y with Rayleigh quotient ρ and
 residual r = By − ρy, some eigenvalue of B lies within ‖r‖ of ρ (the certified bound), and within
@@ -16,19 +16,18 @@ with the gap estimated from the other Ritz values, less their residuals: an esti
 unresolved cluster hides its members). The residual is recomputed explicitly for every value
 returned. That the certified eigenvalue is the *extreme* one rests on Lanczos' convergence from a
 start with a component along it (a fixed pseudo-random part is added to every warm start). The
-inverse operator is the computed L⁻ᵀL⁻¹, not A⁻¹: its distance to A is bounded *relatively* on
-the diagonally scaled matrix Â = D⁻¹AD⁻¹ (D = diag(A)^½) — the Gram of M has entries graded like
-its row norms, and scaling does not change Cholesky —
+inverse operator is the computed R⁻¹R⁻ᵀ, not A⁻¹: its distance to A is bounded *relatively*, on
+M̂ = D⁻¹M (D = row norms of M; F·θ has rows graded like s_i, and Householder QR does not see the
+scaling), by :func:`graded_error_bound`:
 
-    |λ_i(A) − λ_i(Ã)| / λ_i(A) ≤ ε_A = (r·(γ_D + 3γ_{r+1}) + 2c·γ_r·√r·‖L̂⁻¹‖_F) · ‖L̂⁻¹‖_F²,
+    |λ_i(A) − λ_i(Ã)| / λ_i(A) ≤ ε_A ≈ 2c·√r·‖R̂⁻¹‖₂ + 8γ_r·‖R̂⁻¹‖₂‖R̂‖₂,   c = 8·max(r, D)·eps
 
-with L̂ = D⁻¹L, γ_n = n·eps/(1 − n·eps) (forming A, Cholesky's backward error, the explicit
-triangular inverse; Demmel & Veselić 1992, Higham 2002 §8, §10). λ_min is certified only when
-ε_A plus the Ritz bound is below ``rel_tol``. Small eigenvalues of an ill-conditioned A are
+(Demmel & Veselić 1992; Higham 2002 §8, §19). λ_min is certified only when ε_A plus the Ritz
+bound is below ``min_tol``. Small eigenvalues of an ill-conditioned A are
 therefore certified *relative to themselves* (an absolute residual bound on A would be
 eps·λ_max, useless for κ ≈ 10¹³), as ``svdvals`` of M resolves them on the dense path.
 
-**Fall-back.** When Cholesky fails, ε_A is too large, or a Lanczos run does not meet its bound
+**Fall-back.** When R is singular, ε_A is too large, or a Lanczos run does not meet its bound
 within ``max_iters``, the dense path (``svd`` of M) gives the values and vectors, a ``logging``
 warning says why, and :class:`SolverStats` counts it. An uncertified value is never returned.
 
@@ -405,18 +404,16 @@ def gram_extremes(
         bound = max(bound, (top.pairs[1].bound + err_a * lam_max) / max(lam_second, 1e-300))
     lam_min, u_min = math.nan, None
     if smallest:
-        chol, info = torch.linalg.cholesky_ex(a)
-        if int(info) != 0 or not bool(torch.isfinite(chol).all()):
-            return _dense(
-                m, a, frob_sq, second, smallest, stats, "Cholesky of MMᵀ failed (not positive definite)"
-            )
-        dscale = a.diagonal().sqrt()
-        linv = torch.linalg.solve_triangular(chol, torch.eye(r, dtype=F64), upper=False)
-        eps_a = graded_error_bound(m / dscale[:, None], chol / dscale[:, None], linv * dscale)
+        rq = torch.linalg.qr(m.T, mode="r").R  # (r, r) upper triangular, RᵀR = MMᵀ
+        if not bool(torch.isfinite(rq).all()) or not float(rq.diagonal().abs().min()) > 0.0:
+            return _dense(m, a, frob_sq, second, smallest, stats, "QR of Mᵀ is singular (MMᵀ not definite)")
+        dscale = a.diagonal().sqrt()  # row norms of M
+        rinv = torch.linalg.solve_triangular(rq, torch.eye(r, dtype=F64), upper=True)
+        eps_a = graded_error_bound(rq / dscale, rinv * dscale[:, None], d)
         if not eps_a < 0.5 * min_tol:  # also catches NaN
             return _dense(m, a, frob_sq, second, smallest, stats, f"graded error bound {eps_a:.2e} too large")
         low = lanczos_top(
-            lambda x: linv.T @ (linv @ x),
+            lambda x: rinv @ (rinv.T @ x),
             _unit_start(r, start_min, 2),
             count=1,
             rel_tol=rel_tol,
@@ -444,30 +441,31 @@ def _abs_norm2(x: Tensor) -> float:
     return min(float(x.norm()), math.sqrt(float(ax.sum(0).max()) * float(ax.sum(1).max())))
 
 
-def graded_error_bound(m_hat: Tensor, l_hat: Tensor, l_hat_inv: Tensor) -> float:
-    """ε_A: relative distance of every eigenvalue of the computed L⁻ᵀL⁻¹ to that of A = MMᵀ, inverted.
+def graded_error_bound(r_hat: Tensor, r_hat_inv: Tensor, cols: int) -> float:
+    """ε_A: relative distance of every eigenvalue of the computed R⁻¹R⁻ᵀ, inverted, to that of A = MMᵀ.
 
-    With D = diag(A)^½ and hats for D⁻¹-scaled rows (M̂ = D⁻¹M, L̂ = D⁻¹L), the perturbations
-    E of the scaled Â = D⁻¹AD⁻¹ satisfy: forming A, |E| ≤ γ_D|M̂||M̂|ᵀ; Cholesky (and the
-    triangular solves it stands for), |E| ≤ 3γ_{r+1}|L̂||L̂|ᵀ; the explicit inverse X of L,
-    |XL − I| ≤ 4γ_r|X||L| (relative, so it perturbs the eigenvalues of L⁻ᵀL⁻¹ by ≤ twice that).
-    Demmel–Veselić: |δλ_i|/λ_i ≤ ‖Â⁻¹‖₂‖E‖₂, and ‖Â⁻¹‖₂ = ‖L̂⁻¹‖₂².
+    With D the row norms of M, M = DM̂, the QR of Mᵀ gives R = R̂D with R̂ the R of M̂ᵀ
+    (Householder QR is column-scaling invariant). Its backward error is columnwise on Mᵀ, i.e. a
+    perturbation Dδ̂ of M with ‖δ̂‖₂ ≤ c·√r (c = 8·max(r, D)·eps, the backward-error model of
+    :data:`immunekit.spectral.fast.BACKWARD_CONSTANT`), which moves every singular value of M by a
+    relative ≤ ‖M̂⁺‖₂‖δ̂‖₂ = ‖R̂⁻¹‖₂‖δ̂‖₂ (squared for λ: twice that). The explicit inverse X of R
+    satisfies |XR − I| ≤ 4γ_r|X||R| (scale invariant): a relative perturbation of the eigenvalues
+    of R⁻¹R⁻ᵀ by at most twice its norm. Norms are bounded by min(‖·‖_F, √(‖·‖_1‖·‖_∞)).
 
     Args:
-        m_hat: ``(r, D)`` scaled factor M̂.
-        l_hat: ``(r, r)`` scaled Cholesky factor L̂.
-        l_hat_inv: its computed inverse L̂⁻¹.
+        r_hat: ``(r, r)`` R̂ = R·D⁻¹.
+        r_hat_inv: R̂⁻¹ = D·R⁻¹ from the computed inverse.
+        cols: D, the number of columns of M.
 
     Returns:
         The bound (``inf`` if anything is not finite).
 
     """
-    r, d = m_hat.shape
-    n_inv = _abs_norm2(l_hat_inv)
-    n_l = _abs_norm2(l_hat)
-    n_m = _abs_norm2(m_hat)
-    e = _gamma(d) * n_m**2 + 3.0 * _gamma(r + 1) * n_l**2
-    out = e * n_inv**2 + 2.0 * 4.0 * _gamma(r) * n_inv * n_l
+    r = r_hat.shape[0]
+    n_inv = _abs_norm2(r_hat_inv)
+    n_r = _abs_norm2(r_hat)
+    eps_sigma = 8.0 * max(r, cols) * EPS64 * math.sqrt(r) * n_inv
+    out = 2.0 * eps_sigma + eps_sigma**2 + 2.0 * 4.0 * _gamma(r) * n_inv * n_r
     return out if math.isfinite(out) else math.inf
 
 
