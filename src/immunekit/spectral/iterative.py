@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,7 @@ class SolverStats:
         iterations: Lanczos iterations over all solves.
         fallbacks: solves that fell back to the dense path.
         reasons: why, per fall-back (first few kept).
+        seconds: wall time spent in the solves (Gram, QR, Lanczos, fall-backs).
 
     """
 
@@ -110,6 +112,7 @@ class SolverStats:
     iterations: int = 0
     fallbacks: int = 0
     reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     def fell_back(self, reason: str) -> None:
         """Count a fall-back, keep its reason and warn."""
@@ -125,6 +128,7 @@ class SolverStats:
             "iterations": self.iterations,
             "fallbacks": self.fallbacks,
             "fallback_reasons": list(self.reasons),
+            "seconds": self.seconds,
         }
 
 
@@ -335,7 +339,27 @@ def _unit_start(n: int, start: Tensor | None, salt: int) -> Tensor:
     return s + 1e-3 * noise
 
 
-def gram_extremes(
+def gram_extremes(*args: Any, stats: SolverStats | None = None, **kwargs: Any) -> GramExtremes:
+    """Certified λ_1 (and λ_2), λ_r and their eigenvectors of A = MMᵀ (see :func:`_gram_extremes`).
+
+    Same arguments as :func:`_gram_extremes`; ``stats`` also accumulates the wall time.
+
+    Example:
+        >>> m = torch.diag(torch.tensor([3.0, 2.0, 1e-4], dtype=torch.float64))
+        >>> e = gram_extremes(m, second=True)
+        >>> round(e.lam_max, 10), round(e.lam_second, 10), round(e.lam_min / 1e-8, 10), e.dense
+        (9.0, 4.0, 1.0, False)
+
+    """
+    start = time.perf_counter()
+    try:
+        return _gram_extremes(*args, stats=stats, **kwargs)
+    finally:
+        if stats is not None:
+            stats.seconds += time.perf_counter() - start
+
+
+def _gram_extremes(
     m: Tensor,
     *,
     second: bool = False,
