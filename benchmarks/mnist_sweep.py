@@ -8,7 +8,11 @@ into ``--out`` and prints:
   closed-form probes) and attack (GD exact line search and Adam on both tasks);
 * the projected wall time of the whole 90-pair × 5-method sweep on ``--workers`` cores from
   those means (the projection assumes perfect packing of trials onto workers);
-* the ratio of that projection to the 15-minute target.
+* the ratio of that projection to the 15-minute target (and this run's wall time against it);
+* the defense's split into covariance (factor SVDs: the rank rule), spectra (certified iterative
+  solves, incl. fall-backs) and update (directions, projections, steps) — recorded by the
+  ``lanczos`` path only; the solver's counters (solves, iterations, fall-backs); the peak RSS
+  of the worker processes.
 
 A cold start means an empty ``--out`` (trials already on disk are reused, not re-timed, and only
 their recorded seconds enter the means). For the split of one Algorithm-1 fit into covariance,
@@ -16,7 +20,7 @@ eigendecompositions, κ, safeguard and update, run ``benchmarks/mnist_speed.py -
 
 Usage:
     python benchmarks/mnist_sweep.py [--pairs all] [--methods condition_number] [--workers 2]
-        [--protocol reference] [--out /tmp/immunekit-mnist-sweep]
+        [--protocol reference] [--out /tmp/immunekit-mnist-sweep] [--solver dense|lanczos]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from immunekit.experiments import linear
 CONFIG = Path(linear.__file__).parent / "configs" / "mnist_pairs.yaml"
 TARGET_SECONDS = 15 * 60
 PARTS = ("defense_seconds", "measure_seconds", "attack_seconds")
+SPLIT = ("covariance", "spectra", "update")
 
 
 def main() -> None:
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--protocol", default="reference", choices=("reference", "one_vs_rest"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="/tmp/immunekit-mnist-sweep")
+    parser.add_argument("--solver", default=None, choices=("dense", "lanczos"), help="default: the config's")
     args = parser.parse_args()
 
     data = read_yaml(CONFIG)
@@ -51,6 +57,8 @@ def main() -> None:
     if args.methods != "all":
         keep = set(args.methods.split(","))
         data["methods"] = [m for m in data["methods"] if (m if isinstance(m, str) else m["key"]) in keep]
+    if args.solver:
+        data["spectral"] = {"solver": args.solver}
     cfg = linear.build_config(data)
     n_methods_all = len(read_yaml(CONFIG)["methods"])
 
@@ -59,24 +67,50 @@ def main() -> None:
     wall = time.perf_counter() - start
 
     per_method: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    peaks: list[float] = []
+    solver_calls = solver_iters = solver_fallbacks = 0
     for path in Path(args.out, "trials").rglob("*.json"):
         record = json.loads(path.read_text())
         for part in PARTS:
             value = record["metrics"].get(part)
             if value is not None:
                 per_method[record["method"]][part].append(float(value))
+        timing = record.get("defense_info", {}).get("timing", {})
+        for part in SPLIT:
+            per_method[record["method"]][part].append(float(timing.get(part, 0.0)))
+        stats = record.get("defense_info", {}).get("spectral_stats")
+        if stats:
+            solver_calls += stats["calls"]
+            solver_iters += stats["iterations"]
+            solver_fallbacks += stats["fallbacks"]
+        peak = record.get("resources", {}).get("peak_rss_mb")
+        if peak is not None:
+            peaks.append(float(peak))
     n_trials = sum(len(v["defense_seconds"]) for v in per_method.values())
     print(f"this run: {wall:.1f} s wall for {n_trials} trials on disk ({args.workers} workers)")
-    print(f"{'method':18s} {'trials':>6s} {'defense':>9s} {'measure':>9s} {'attack':>9s} {'total':>9s}")
+    print(f"spectral solver: {cfg.spectral.solver}; cores may be shared with other jobs (see uptime)")
+    print(
+        f"{'method':18s} {'trials':>6s} {'defense':>9s} {'(cov':>9s} {'spectra':>9s} {'update)':>9s} "
+        f"{'measure':>9s} {'attack':>9s} {'total':>9s}"
+    )
     per_trial = {}
     for method, parts in sorted(per_method.items()):
-        means = {p: mean(parts[p]) if parts[p] else 0.0 for p in PARTS}
-        per_trial[method] = sum(means.values())
+        means = {p: mean(parts[p]) if parts[p] else 0.0 for p in (*PARTS, *SPLIT)}
+        per_trial[method] = sum(means[p] for p in PARTS)
+        cols = ("defense_seconds", *SPLIT, "measure_seconds", "attack_seconds")
         print(
             f"{method:18s} {len(parts['defense_seconds']):6d} "
-            + " ".join(f"{means[p]:8.2f}s" for p in PARTS)
+            + " ".join(f"{means[p]:8.2f}s" for p in cols)
             + f" {per_trial[method]:8.2f}s"
         )
+    if solver_calls:
+        print(
+            f"iterative spectra: {solver_calls} certified solves, {solver_iters} Lanczos iterations, "
+            f"{solver_fallbacks} dense fall-backs"
+        )
+    if peaks:
+        print(f"peak memory per worker: {max(peaks):.0f} MB (max over trials of the worker's RSS peak)")
+    print(f"wall time of this run vs the 15-min target: {wall / TARGET_SECONDS:.2f}×")
     if per_trial:
         cpu_per_pair = sum(per_trial.values())
         measured = len(per_trial)

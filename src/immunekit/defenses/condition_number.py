@@ -81,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -93,6 +94,13 @@ from immunekit.data.task import Task
 from immunekit.defenses.base import Defense, DefenseConfig, require_linear
 from immunekit.defenses.deep import PRIMARY_GRAD_RATIO, DeepTrainingConfig, check_training_settings, fit_deep
 from immunekit.defenses.linear_common import task_grads, task_head_width
+from immunekit.defenses.spectral_iterative import (
+    IterPoint,
+    LowRankTerm,
+    Side,
+    ill_term,
+    well_term,
+)
 from immunekit.errors import ConfigError
 from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.condition import (
@@ -109,7 +117,8 @@ from immunekit.spectral.fast import (
     gram_kappa_bound,
 )
 from immunekit.spectral.hessians import covariance, linear_l2_hessian, symmetrize
-from immunekit.spectral.rank import FactorSpectrum
+from immunekit.spectral.iterative import SolverStats, check_solver
+from immunekit.spectral.rank import FactorSpectrum, factor_spectrum_cached
 from immunekit.spectral.regularizers import (
     Preconditioner,
     SpectralGrad,
@@ -194,8 +203,16 @@ class SpectralDefenseConfig(DefenseConfig):
         metadata={"help": "update θ only inside range(K_P) (θ stays the identity on inputs D_P never spans)"},
     )
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
+    spectral_solver: str = field(
+        default="dense",
+        metadata={
+            "help": "extreme spectra of H = θᵀKθ: 'dense' (SVD of the factor Fθ, the reference) or 'lanczos' "
+            "(certified warm-started Lanczos on MMᵀ, dense fall-back recorded; pinv preconditioner only)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_solver(self.spectral_solver, where="spectral_solver")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
@@ -225,6 +242,7 @@ class SpectralLinearDefense(Defense):
     uses_primary_term: ClassVar[bool] = True
     use_fast_paths: ClassVar[bool] = True
     _prev_halvings: int = 0  # the warm safeguard search starts here (reset by fit)
+    _ref_holder: _RefHolder | None = None  # the dense reference κ(H_P) for safeguard ties (iterative path)
     safeguard_evaluations_: int = 0  # κ(H_P) candidates the last safeguard search evaluated
     """Run the cached / thin / certified computations (see "Fast paths" below); ``False`` runs the
     original dense ones (for benchmarks and equality tests; an instance attribute overrides it)."""
@@ -253,6 +271,8 @@ class SpectralLinearDefense(Defense):
         omega = torch.zeros(theta.shape[1], task_head_width(task, task.primary), dtype=torch.float64)
         self._prev_halvings = 0
         self.safeguard_evaluations_ = 0
+        if self.use_fast_paths and self._iterative_supported():
+            return lin.with_weights(*self._iter_fit(theta, omega, task))
         if self.use_fast_paths:
             return lin.with_weights(*self._fast_fit(theta, omega, task))
         su = self._setup(theta, task)
@@ -644,6 +664,227 @@ class SpectralLinearDefense(Defense):
             return 0.0, cfg.safeguard_halvings + 1, None
         return tau_h * 0.5**j, j, accepted[j]
 
+    # -----------------------------------------------------------------------------------------
+    # Iterative spectra (spectral_solver='lanczos'): the same iteration, certified extreme pairs
+    # -----------------------------------------------------------------------------------------
+
+    def _iterative_supported(self) -> bool:
+        """Whether ``spectral_solver='lanczos'`` applies: the pinv preconditioner and the built-in terms."""
+        cfg = self.config
+        if cfg.spectral_solver != "lanczos":
+            return False
+        if cfg.preconditioner != "pinv":
+            log.warning(
+                "%s: spectral_solver='lanczos' needs preconditioner='pinv'; using the dense path", self.name
+            )
+            return False
+        return self._iter_terms_builtin()
+
+    def _iter_terms_builtin(self) -> bool:
+        """True when primary_term / harmful_term are R_well / R_ill (subclasses with other terms override)."""
+        cls = type(self)
+        return (
+            cls.primary_term is SpectralLinearDefense.primary_term
+            and cls.harmful_term is SpectralLinearDefense.harmful_term
+        )
+
+    def _iter_primary_term(self, pt: IterPoint) -> LowRankTerm:
+        """R_well(H_P) from the certified pairs (see :mod:`immunekit.defenses.spectral_iterative`)."""
+        return well_term(pt, pt.theta.shape[1])
+
+    def _iter_harmful_term(self, pt: IterPoint) -> LowRankTerm:
+        """R_ill(H_H) from the certified pairs."""
+        return ill_term(pt, pt.theta.shape[1], self.config.delta_min)
+
+    def _iter_fit(self, theta: Tensor, omega: Tensor, task: Task) -> tuple[Tensor, Tensor]:
+        """Algorithm 1 with certified iterative extreme spectra (module docs, "Fast paths")."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        spec_p, spec_h = task_spectra(task, cfg.rank_rtol)
+        t_cov = time.perf_counter() - t_start
+        stats = SolverStats()
+        skip_primary = self._iter_skip_primary()
+        # λ_2(H_P) only enters R_well's step bound
+        second = (
+            not skip_primary and cfg.guard and type(self).primary_bound is SpectralLinearDefense.primary_bound
+        )
+        side_p = Side(spec_p, stats, second=second)
+        side_h = Side(spec_h, stats)
+        self._ref_holder = _RefHolder(spec_p)
+        subspace = spec_p.projector() if cfg.primary_subspace else None
+        k_p_max = float(spec_p.singular_values[0]) ** 2
+        pp = side_p.point(theta)
+        start_theta, log_kappa_p0 = theta, pp.log_kappa
+        lam_p, lam_h = self._iter_lambdas(theta, pp, side_p, side_h, subspace, skip_primary)
+        self.history_ = []
+        self.info_ = {
+            "rank_rule": {"primary": spec_p.describe(), "harmful": spec_h.describe()},
+            "preconditioner_primary": spec_p.preconditioner("pinv", dense=False).describe(),
+            "preconditioner_harmful": spec_h.preconditioner("pinv", dense=False).describe(),
+            "balance": cfg.balance,
+            "lambda_primary": lam_p,
+            "lambda_harmful": lam_h,
+            "primary_subspace": cfg.primary_subspace,
+            "delta_floor_hits": 0,
+            "spectral_solver": "lanczos",
+        }
+
+        def project(u: Tensor) -> Tensor:
+            return u if subspace is None else subspace.sandwich(u)
+
+        for t in tqdm(range(cfg.steps), desc=self.name, disable=not cfg.progress, leave=False):
+            if cfg.task_loss:
+                loss, g_theta, g_omega = task_grads(task.primary, theta, omega, task.loss)
+            else:
+                loss, g_theta, g_omega = float("nan"), None, torch.zeros_like(omega)
+            ph = side_h.point(theta)
+            sh = self._iter_harmful_term(ph)
+            d_h = project(side_h.direction(ph, sh))
+            if skip_primary:
+                sp, d_p = well_term(pp, theta.shape[1]), None
+                tau_p, clip_p = 0.0, False
+            else:
+                sp = self._iter_primary_term(pp)
+                d_p = project(side_p.direction(pp, sp))
+                tau_p, clip_p = self._tau(
+                    lam_p, cfg.step_norm_primary, d_p, self.primary_bound(sp.spectral_grad())
+                )
+            tau_h, clip_h = self._tau(
+                lam_h, cfg.step_norm_harmful, d_h, self.harmful_bound(sh.spectral_grad())
+            )
+            self.info_["delta_floor_hits"] += int(sh.floored)
+            eta, capped = self._iter_task_lr(pp, omega, k_p_max, task)
+            base = theta
+            if g_theta is not None:
+                base = base - eta * project(g_theta)
+            if d_p is not None:
+                base = base - tau_p * d_p
+            limit = log_kappa_p0 if cfg.safeguard_against == "initial" else pp.log_kappa
+            limit_theta = start_theta if cfg.safeguard_against == "initial" else theta
+            tau_h, halvings, nxt = self._iter_safe_harmful_step(base, d_h, tau_h, side_p, limit, limit_theta)
+            self.history_.append(
+                {
+                    "step": t,
+                    "task_loss": loss,
+                    "reg_primary": sp.value,
+                    "reg_harmful": sh.value,
+                    "log_kappa_primary": pp.log_kappa,
+                    "log_kappa_harmful": ph.log_kappa,
+                    "tau_primary": tau_p,
+                    "tau_harmful": tau_h,
+                    "lambda_primary": tau_p / cfg.lr,
+                    "lambda_harmful": tau_h / cfg.lr,
+                    "clipped_primary": float(clip_p),
+                    "clipped_harmful": float(clip_h),
+                    "task_lr": eta,
+                    "task_lr_capped": float(capped),
+                    "safeguard_halvings": float(halvings),
+                    "safeguard_evaluations": float(self.safeguard_evaluations_),
+                }
+            )
+            theta = nxt.theta if nxt is not None else base - tau_h * d_h
+            omega = omega - eta * g_omega
+            pp = nxt if nxt is not None else side_p.point(theta)
+        self.info_.update(
+            final_log_kappa_primary=pp.log_kappa,
+            final_log_kappa_harmful=side_h.point(theta).log_kappa,
+            spectral_stats=stats.to_dict(),
+        )
+        total = time.perf_counter() - t_start
+        self.info_["timing"] = {
+            "covariance": t_cov,
+            "spectra": stats.seconds,
+            "update": total - t_cov - stats.seconds,
+        }
+        return theta, omega
+
+    def _iter_skip_primary(self) -> bool:
+        """R_well's direction is not needed when τ_P is always 0 (rill_only); its value is still recorded."""
+        cfg = self.config
+        if not self.uses_primary_term:
+            return True
+        if cfg.balance == "fixed":
+            return cfg.lambda_primary == 0.0
+        return cfg.balance == "per_step" and cfg.step_norm_primary == 0
+
+    def _iter_lambdas(
+        self,
+        theta: Tensor,
+        pp: IterPoint,
+        side_p: Side,
+        side_h: Side,
+        subspace: RangeProjector | None,
+        skip_primary: bool,
+    ) -> tuple[float | None, float | None]:
+        cfg = self.config
+        if cfg.balance == "fixed":
+            return (cfg.lambda_primary if self.uses_primary_term else 0.0), cfg.lambda_harmful
+        if cfg.balance == "per_step":
+            return None, None
+
+        def project(u: Tensor) -> Tensor:
+            return u if subspace is None else subspace.sandwich(u)
+
+        ph = side_h.point(theta)
+        d_p = project(side_p.direction(pp, self._iter_primary_term(pp)))
+        d_h = project(side_h.direction(ph, self._iter_harmful_term(ph)))
+        lam_p = 1.0 if cfg.lambda_primary is None else cfg.lambda_primary
+        lam_h = lam_p * float(d_p.norm()) / max(float(d_h.norm()), 1e-300)
+        log.info("%s: λ_P=%.3g, λ_H=%.3g balanced at θ_0", self.name, lam_p, lam_h)
+        return (lam_p if self.uses_primary_term else 0.0), lam_h
+
+    def _iter_task_lr(self, pp: IterPoint, omega: Tensor, k_p_max: float, task: Task) -> tuple[float, bool]:
+        """:meth:`_task_lr` with λ_max(θᵀK_Pθ) certified and λ_max(K_P) = s_1² of X_P."""
+        cfg = self.config
+        if not (cfg.task_loss and cfg.task_step_guard):
+            return cfg.lr, False
+        n_out = task.primary.x.shape[0] * omega.shape[1]
+        l_omega = 2.0 * pp.ext.lam_max / n_out
+        l_theta = 2.0 * k_p_max * float((omega**2).sum()) / n_out
+        limit = 1.0 / max(l_omega, l_theta, 1e-300)
+        return (limit, True) if cfg.lr > limit else (cfg.lr, False)
+
+    def _iter_safe_harmful_step(
+        self, base: Tensor, d_h: Tensor, tau_h: float, side_p: Side, limit: float, limit_theta: Tensor
+    ) -> tuple[float, int, IterPoint | None]:
+        """The safeguard's halving search on certified κ(H_P) of θ(τ) = base − τ d_H.
+
+        F_Pθ(τ) = M_0 − τM_1 (two factor products per step, none per candidate). A candidate whose
+        certified interval for log κ lies on one side of ``limit`` is decided by it; within the
+        bound plus ``TIE_MARGIN`` of the limit both sides are re-decided with the reference's dense
+        full-factor κ (as the dense fast path does).
+        """
+        cfg = self.config
+        self.safeguard_evaluations_ = 0
+        if not cfg.primary_safeguard or tau_h == 0.0 or not self.uses_primary_term:
+            return tau_h, 0, None
+        m0, m1 = side_p.f @ base, side_p.f @ d_h
+        accepted: dict[int, IterPoint] = {}
+        reference_limit: list[float] = []
+        ref = _FastSetup.reference_log_kappa_p
+
+        def accept(j: int) -> bool:
+            tau = tau_h * 0.5**j
+            cand = base - tau * d_h
+            pt = side_p.point(cand, m0 - tau * m1)
+            lk = pt.log_kappa
+            margin = 2.0 * pt.ext.rel_bound + TIE_MARGIN * max(1.0, abs(limit))
+            if abs(lk - limit) <= margin:
+                holder = self._ref_holder
+                if not reference_limit:
+                    reference_limit.append(ref(holder, limit_theta))  # type: ignore[arg-type]
+                ok = ref(holder, cand) <= reference_limit[0]  # type: ignore[arg-type]
+            else:
+                ok = lk <= limit
+            if ok:
+                accepted[j] = pt
+            return ok
+
+        j = self._search_halvings(accept)
+        if j is None:
+            return 0.0, cfg.safeguard_halvings + 1, None
+        return tau_h * 0.5**j, j, accepted[j]
+
     def _fast_task_lr(self, pp: _Point, omega: Tensor, fs: _FastSetup, task: Task) -> tuple[float, bool]:
         """:meth:`_task_lr` with λ_max(θᵀK_Pθ) = s_1² of F_Pθ and λ_max(K_P) from the setup's eigh."""
         cfg = self.config
@@ -662,7 +903,9 @@ def task_spectra(task: Task, rtol: float | None = None) -> tuple[FactorSpectrum,
     The same function of the same data everywhere (defenses and the metric), so null(K) is decided
     once per task.
     """
-    return FactorSpectrum.of(task.primary.x, rtol=rtol), FactorSpectrum.of(task.harmful.x, rtol=rtol)
+    return factor_spectrum_cached(task.primary.x, rtol=rtol), factor_spectrum_cached(
+        task.harmful.x, rtol=rtol
+    )
 
 
 def _gallop(ok: Callable[[int], bool], start: int, last: int) -> int | None:
@@ -822,6 +1065,14 @@ class _FastSetup:
     @staticmethod
     def n_out(task: Task, omega: Tensor) -> int:
         return task.primary.x.shape[0] * omega.shape[1]
+
+
+@dataclass
+class _RefHolder:
+    """Just what :meth:`_FastSetup.reference_log_kappa_p` reads (the dense reference κ of H_P)."""
+
+    spec_p: FactorSpectrum
+    f_p_full: Tensor | None = None
 
 
 class _Screen:

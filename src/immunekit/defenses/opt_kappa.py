@@ -25,6 +25,7 @@ from torch import Tensor
 from immunekit.data.task import Task
 from immunekit.defenses.condition_number import ConditionNumberConfig, SpectralLinearDefense, _Point
 from immunekit.defenses.deep_baselines import fit_opt_kappa_deep
+from immunekit.defenses.spectral_iterative import IterPoint, LowRankTerm, inverse_log_term, log_kappa_term
 from immunekit.models.base import ImmunizableModel, LinearModel
 from immunekit.spectral.fast import g_log_kappa_fast
 from immunekit.spectral.regularizers import SpectralGrad, g_log_kappa
@@ -69,6 +70,19 @@ class OptKappa(SpectralLinearDefense):
                 g_log_kappa_fast(ph.hessian(), rank=ph.info.rank, factor=ph.m, values=ph.values)
             )
         return super()._fast_harmful_term(ph)
+
+    def _iter_terms_builtin(self) -> bool:
+        """The iterative path knows the log κ terms (and R_well / R_ill for other subclasses)."""
+        cls = type(self)
+        return cls.primary_term is OptKappa.primary_term and cls.harmful_term is OptKappa.harmful_term
+
+    def _iter_primary_term(self, pt: IterPoint) -> LowRankTerm:
+        """Log κ(H_P) from the certified pairs: G = v_1v_1ᵀ/λ_1 − v_kv_kᵀ/λ_k."""
+        return log_kappa_term(pt, pt.theta.shape[1])
+
+    def _iter_harmful_term(self, pt: IterPoint) -> LowRankTerm:
+        """1/log κ(H_H) from the certified pairs."""
+        return inverse_log_term(log_kappa_term(pt, pt.theta.shape[1]))
 
     def primary_bound(self, sg: SpectralGrad) -> float:
         """No monotone step bound is known for log κ."""

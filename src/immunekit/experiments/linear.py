@@ -44,6 +44,7 @@ from immunekit.models.base import LinearModel, linear_model
 from immunekit.models.checkpoint import save_checkpoint
 from immunekit.registry import did_you_mean
 from immunekit.spectral.condition import check_rtol
+from immunekit.spectral.iterative import check_solver
 from immunekit.spectral.rank import (
     DEFAULT_BAND,
     RANK_RULE,
@@ -51,6 +52,7 @@ from immunekit.spectral.rank import (
     FactorSpectrum,
     band_multipliers,
     check_band,
+    factor_spectrum_cached,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,22 @@ class VerdictConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SpectralConfig:
+    """How the Algorithm-1 defenses compute the extreme spectra of H = θᵀKθ."""
+
+    solver: str = field(
+        default="dense",
+        metadata={
+            "help": "'dense' (SVD of the factor Fθ; the reference) or 'lanczos' (certified warm-started "
+            "Lanczos, dense fall-back recorded per trial); reaches every defense with that setting"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_solver(self.solver, where="spectral.solver")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LinearExperimentConfig:
     """A linear-extractor immunization experiment (house prices, MNIST pairs, synthetic)."""
 
@@ -130,6 +148,10 @@ class LinearExperimentConfig:
             "help": "the rank rule's relative cut on the singular values of X_P and X_H, for the metric and "
             "every defense with a rank_rtol setting (default max(N, D)·eps); in (0, 1)"
         },
+    )
+    spectral: SpectralConfig = field(
+        default_factory=SpectralConfig,
+        metadata={"help": "extreme spectra of the defenses: spectral.solver = dense | lanczos"},
     )
     band: float = field(
         default=DEFAULT_BAND,
@@ -266,6 +288,8 @@ def make_defense(cfg: LinearExperimentConfig, method: MethodSpec, task: Task | N
         overrides.setdefault("task_loss", False)
     if cfg.rank_rtol is not None and "rank_rtol" in fields:
         overrides.setdefault("rank_rtol", cfg.rank_rtol)  # one rank rule for metric and defense
+    if "spectral_solver" in fields:
+        overrides.setdefault("spectral_solver", cfg.spectral.solver)
     try:
         return defense_cls(**overrides)
     except ConfigError as exc:
@@ -368,8 +392,8 @@ class _Reference:
         """Measure θ_0 on ``task`` at the default cut and at both edges of the band."""
         model = linear_model(task.input_dim)
         spec_h, spec_p = (
-            FactorSpectrum.of(task.harmful.x, rtol=rtol),
-            FactorSpectrum.of(task.primary.x, rtol=rtol),
+            factor_spectrum_cached(task.harmful.x, rtol=rtol),
+            factor_spectrum_cached(task.primary.x, rtol=rtol),
         )
         mults = band_multipliers(band)
         spectra = tuple((spec_h.scaled(m), spec_p.scaled(m)) for m in mults)
@@ -800,7 +824,7 @@ def run_linear_trial(trial: LinearTrial) -> dict[str, Any]:
     """The sweep job: run one trial on its (cell, seed) task; the runner stores the record."""
     task = task_for(trial.cfg, trial.seed, trial.cell_config, trial.task_factory)
     record, model = immunize_and_measure(trial.cfg, trial.method, trial.seed, task)
-    record.update(cell=trial.cell, task_version=task.version)
+    record.update(cell=trial.cell, task_version=task.version, resources=_resources())
     if trial.save_dir is not None:
         cfg = trial.cfg
         task_config = {**cfg.task_config, **trial.cell_config, "seed": trial.seed}
@@ -818,6 +842,17 @@ def run_linear_trial(trial: LinearTrial) -> dict[str, Any]:
             },
         )
     return record
+
+
+def _resources() -> dict[str, float]:
+    """Peak resident memory of this process so far (MB; a pool worker's peak over its trials)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+    except (ImportError, OSError):  # pragma: no cover - not on POSIX
+        return {}
+    return {"peak_rss_mb": peak}
 
 
 def model_path(out: Path, method: str, seed: int, cell: str = "") -> Path:

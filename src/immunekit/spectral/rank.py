@@ -26,6 +26,8 @@ References:
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,3 +325,30 @@ class FactorSpectrum:
         vr = self.range_basis()
         s = self.singular_values[:r]
         return (vr * (s[0] / s)) @ vr.T + eye - vr @ vr.T
+
+
+_SPECTRA: OrderedDict[int, tuple[weakref.ref[Tensor], tuple, FactorSpectrum]] = OrderedDict()
+_SPECTRA_SIZE = 4
+
+
+def factor_spectrum_cached(x: Tensor, *, rtol: float | None = None) -> FactorSpectrum:
+    """:meth:`FactorSpectrum.of` shared by every caller that passes the very same tensor X.
+
+    The trials of one task (every method, the defense's setup and the measurement) decide the rank
+    rule on the same data factor; one SVD per tensor and process serves them all. An entry is used
+    only for the same live tensor object (held by a weak reference, so a freed tensor's id is never
+    mistaken for a new one), with unchanged shape, in-place-modification counter and ``rtol``; the
+    cache keeps at most 4 entries (least recently used dropped first). The result is the same
+    object :meth:`FactorSpectrum.of` would compute (bit for bit: the same SVD of the same input).
+    """
+    key, stamp = id(x), (tuple(x.shape), x._version, x.dtype, rtol)
+    entry = _SPECTRA.get(key)
+    if entry is not None and entry[0]() is x and entry[1] == stamp:
+        _SPECTRA.move_to_end(key)
+        return entry[2]
+    spec = FactorSpectrum.of(x, rtol=rtol)
+    _SPECTRA[key] = (weakref.ref(x), stamp, spec)
+    _SPECTRA.move_to_end(key)
+    while len(_SPECTRA) > _SPECTRA_SIZE:
+        _SPECTRA.popitem(last=False)
+    return spec
