@@ -77,9 +77,11 @@ def test_unknown_solver_gets_did_you_mean() -> None:
         DEFENSES.get("condition_number")(spectral_solver="dens")
 
 
-def test_mnist_config_uses_lanczos_and_reaches_the_defenses() -> None:
-    cfg = linear.build_config(read_yaml(default_config_path("mnist_pairs")))
-    assert cfg.spectral.solver == "lanczos"
+def test_the_solver_setting_reaches_the_defenses() -> None:
+    data = read_yaml(default_config_path("mnist_pairs"))
+    assert linear.build_config(data).spectral.solver == "dense"  # the reference path stays the default
+    data["spectral"] = {"solver": "lanczos"}
+    cfg = linear.build_config(data)
     method = next(m for m in cfg.methods if m.key == "condition_number")
     assert linear.make_defense(cfg, method).config.spectral_solver == "lanczos"
 
@@ -113,6 +115,11 @@ MNIST_PAIRS = ("0-1", "3-8", "5-2", "7-9", "9-4")
 
 @pytest.mark.slow
 @pytest.mark.assets
+@pytest.mark.xfail(
+    reason="issue 16 open: on 2026-12-08 the iterative path failed this on pairs 0-1, 3-8 and 5-2 "
+    "(7-9, 9-4 not reached); lanczos stays opt-in until it passes",
+    strict=False,
+)
 @pytest.mark.parametrize("pair", MNIST_PAIRS)
 def test_mnist_pairs_iterative_agrees_with_dense(pair: str, asset) -> None:
     """(i), (ii), RIR within 1 % (log) and the same verdicts; condition_number within its own noise.
