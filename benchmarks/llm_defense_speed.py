@@ -1,8 +1,9 @@
 """Speed of the language-model defenses on this machine (not a test: prints figures and estimates).
 
 Issue 15 asks for the defense training time on 2 cores. This script times ``--steps`` steps of
-``adversarial_loss`` and ``gradient_ascent`` (``immunekit.defenses.lm_adversarial``) and of
-``lm_mlac`` (``immunekit.defenses.lm_mlac``, first-order MLAC at its defaults: K = 2 inner steps of
+``adversarial_loss`` and ``gradient_ascent`` (``immunekit.defenses.lm_adversarial``), of
+``lm_condition_number`` (``immunekit.defenses.lm_spectral``: harmful + benign rows, spectra of
+their hidden features in float64) and of ``lm_mlac`` (``immunekit.defenses.lm_mlac``, first-order MLAC at its defaults: K = 2 inner steps of
 batch 2) on SmolLM2-135M-Instruct (the cached conversion: run ``CausalLM.smollm2()`` or the LLM
 experiment once first; ``--model DIR`` loads another folder of the same architecture, e.g. the
 aligned model), on benign placeholder conversations of about ``--tokens`` tokens, in three settings:
@@ -41,9 +42,9 @@ SETTINGS = {
 }
 DEFAULT_STEPS = 138  # 2 epochs x ceil(137 / 2) steps at the packaged defaults
 #: Tokens each defense reads per epoch, in units of the harmful rows' tokens, at the defaults: a pair
-#: (harmful + refusal) or harmful + retain rows: 2; lm_mlac: K + 1 passes over the outer batch (the
+#: (harmful + refusal) or harmful + retain (benign) rows: 2; lm_mlac: K + 1 passes over the outer batch (the
 #: exact k = 0 term and K adapted models), K inner batches of batch_size rows, one retain batch: 2K + 2.
-READS = {"adversarial_loss": 2, "gradient_ascent": 2, "lm_mlac": 2 * 2 + 2}
+READS = {"adversarial_loss": 2, "gradient_ascent": 2, "lm_condition_number": 2, "lm_mlac": 2 * 2 + 2}
 
 
 def _split(model: CausalLM, name: str, rows: int, tokens: int) -> TokenSplit:
