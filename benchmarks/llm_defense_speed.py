@@ -2,18 +2,19 @@
 
 Issue 15 asks for the defense training time on 2 cores. This script times ``--steps`` steps of
 ``adversarial_loss`` and ``gradient_ascent`` (``immunekit.defenses.lm_adversarial``), of
-``lm_condition_number`` (``immunekit.defenses.lm_spectral``: harmful + benign rows, spectra of
-their hidden features in float64) and of ``lm_mlac`` (``immunekit.defenses.lm_mlac``, first-order MLAC at its defaults: K = 2 inner steps of
-batch 2) on SmolLM2-135M-Instruct (the cached conversion: run ``CausalLM.smollm2()`` or the LLM
-experiment once first; ``--model DIR`` loads another folder of the same architecture, e.g. the
-aligned model), on benign placeholder conversations of about ``--tokens`` tokens, in three settings:
-full fine-tuning fp32, full bf16 autocast, LoRA rank 8 bf16. It prints seconds per step, real tokens
-per second (every forward pass: both sides of a pair, harmful + retain rows, or MLAC's inner and
-adapted-model passes), the peak resident memory, and the estimated time of one full defense at the
-packaged defaults (2 epochs of the 137 defense-half pairs at batch 2; the token count of those pairs
-is read from the installed data packages when present, otherwise the placeholder length is used).
-One thread: the experiments run one trial per core. ``--defenses`` times a subset (the peak memory
-is the process's, so time one defense alone for its own figure).
+``lm_condition_number`` (``immunekit.defenses.lm_spectral``: harmful + benign rows, spectra of their
+hidden features in float64) and of ``lm_mlac`` (``immunekit.defenses.lm_mlac``, first-order MLAC at
+its defaults: K = 2 inner steps of batch 2) on SmolLM2-135M-Instruct (the cached conversion: run
+``CausalLM.smollm2()`` or the LLM experiment once first; ``--model DIR`` loads another folder of the
+same architecture, e.g. the aligned model), on benign placeholder conversations of about
+``--tokens`` tokens, in three settings: full fine-tuning fp32, full bf16 autocast, LoRA rank 8 bf16.
+It prints seconds per step, real tokens per second (every forward pass: both sides of a pair,
+harmful + retain rows, or MLAC's inner and adapted-model passes), the peak resident memory, and the
+estimated time of one full defense at the packaged defaults (2 epochs of the 137 defense-half pairs
+at batch 2; the token count of those pairs is read from the installed data packages when present,
+otherwise the placeholder length is used). One thread: the experiments run one trial per core.
+``--defenses`` times a subset (the peak memory is the process's, so time one defense alone for its
+own figure).
 
 Usage:
     python benchmarks/llm_defense_speed.py [--steps 4] [--tokens 220] [--defenses lm_mlac] [--model DIR]
