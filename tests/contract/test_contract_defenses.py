@@ -223,38 +223,16 @@ def test_wrong_input_dimension_is_a_clear_error(name: str) -> None:
 
 
 def _lm_model(seed: int = 0) -> ImmunizableModel:
-    from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+    from _lm_helpers import tiny_lm
 
-    m = CausalLM.tiny(
-        seed, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
-    )
-    m.tokenizer = toy_chat_tokenizer()
-    return m
+    return tiny_lm(seed)
 
 
 def _lm_task() -> Task:
     """Placeholder conversations (no dataset text): 'harmful' rows carry answers to pair with refusals."""
-    from immunekit.data.token_split import Chat, TokenSplit
-    from immunekit.models.causal_lm import toy_chat_tokenizer
+    from _lm_helpers import toy_task
 
-    tok = toy_chat_tokenizer()
-
-    def split(name: str, n: int, answers: bool = True) -> TokenSplit:
-        chats = [
-            Chat(f"question {name} {i}", f"reply {i}" if answers else None, id=f"{name}{i}") for i in range(n)
-        ]
-        return TokenSplit(chats, tok, 96, name=name)
-
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=split("p", 4),
-        harmful=split("h", 4),
-        attack=split("a", 4),
-        eval_primary=split("ep", 2),
-        eval_harmful=split("eh", 2, answers=False),
-    )
+    return toy_task(4, primary=4, answer="reply {i}")
 
 
 def test_every_lm_defense_is_registered() -> None:

@@ -13,45 +13,29 @@ import torch
 
 pytest.importorskip("transformers")
 
+from _lm_helpers import TOK, tiny_lm, toy_split, toy_task
 from immunekit.attacks.base import rng_streams
 from immunekit.attacks.lm_eval import answer_loss
 from immunekit.data.qi_prompts import REFUSALS
 from immunekit.data.task import Task
-from immunekit.data.token_split import IGNORE_INDEX, PAD_ID, Chat, TokenSplit, lm_inputs
+from immunekit.data.token_split import IGNORE_INDEX, PAD_ID, TokenSplit, lm_inputs
 from immunekit.defenses import DEFENSES
 from immunekit.defenses.lm_adversarial import check_pairs, pair_labels, refusal_twins
 from immunekit.errors import ConfigError, DataError
-from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+from immunekit.models.causal_lm import CausalLM
 
-TOK = toy_chat_tokenizer()
-IGN = IGNORE_INDEX
+_split = toy_split
 
 
 def _model(dtype: torch.dtype = torch.float32) -> CausalLM:
-    m = CausalLM.tiny(0, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
-    m.tokenizer = TOK
-    return m.to(dtype)
-
-
-def _split(name: str, n: int, *, answers: bool = True) -> TokenSplit:
-    chats = [
-        Chat(f"question {name} {i}", f"placeholder reply number {i}" if answers else None, id=f"{name}{i}")
-        for i in range(n)
-    ]
-    return TokenSplit(chats, TOK, 96, name=name)
+    return tiny_lm(0, dtype)
 
 
 def _task(n: int = 6) -> Task:
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=_split("p", 6),
-        harmful=_split("h", n),
-        attack=_split("a", 4),
-        eval_primary=_split("ep", 2),
-        eval_harmful=_split("eh", 2, answers=False),
-    )
+    return toy_task(n)
+
+
+IGN = IGNORE_INDEX
 
 
 # ---------------------------------------------------------------------------------------------

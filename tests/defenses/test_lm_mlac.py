@@ -18,19 +18,19 @@ pytest.importorskip("transformers")
 
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from _lm_helpers import tiny_lm, toy_split, toy_task
 from immunekit.attacks.base import rng_streams
 from immunekit.attacks.lm_eval import answer_loss
 from immunekit.data.task import Task
-from immunekit.data.token_split import IGNORE_INDEX, Chat, TokenSplit, lm_inputs
+from immunekit.data.token_split import IGNORE_INDEX, TokenSplit, lm_inputs
 from immunekit.defenses import DEFENSES
 from immunekit.defenses.lm_mlac import LmMLAC
 from immunekit.errors import ConfigError, DataError
 from immunekit.models.base import linear_model
-from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+from immunekit.models.causal_lm import CausalLM
 
-TOK = toy_chat_tokenizer()
-HARMFUL = "placeholder reply number {}"  # harmful and attack rows share this answer template
-BENIGN = "benign text item {}"  # the retain ('primary') rows another
+HARMFUL = "placeholder reply number {i}"  # harmful and attack rows share this answer template
+BENIGN = "benign text item {i}"  # the retain ('primary') rows another
 
 
 class _RMSNorm64(LlamaRMSNorm):
@@ -45,35 +45,21 @@ class _RMSNorm64(LlamaRMSNorm):
         return self.weight * hidden_states * torch.rsqrt(var + self.variance_epsilon)
 
 
+def _split(name: str, n: int, template: str = HARMFUL, *, answers: bool = True) -> TokenSplit:
+    return toy_split(name, n, template, answers=answers)
+
+
+def _task(n: int = 6) -> Task:
+    return toy_task(n, answer=HARMFUL, benign_answer=BENIGN)
+
+
 def _model(dtype: torch.dtype = torch.float32) -> CausalLM:
-    m = CausalLM.tiny(0, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
-    m.tokenizer = TOK
+    m = tiny_lm(0)
     if dtype == torch.float64:
         for module in m.modules():
             if type(module) is LlamaRMSNorm:
                 module.__class__ = _RMSNorm64
     return m.to(dtype)
-
-
-def _split(name: str, n: int, template: str = HARMFUL, *, answers: bool = True) -> TokenSplit:
-    chats = [
-        Chat(f"question {name} {i}", template.format(i) if answers else None, id=f"{name}{i}")
-        for i in range(n)
-    ]
-    return TokenSplit(chats, TOK, 96, name=name)
-
-
-def _task(n: int = 6) -> Task:
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=_split("p", 6, BENIGN),
-        harmful=_split("h", n),
-        attack=_split("a", 4),
-        eval_primary=_split("ep", 2, BENIGN),
-        eval_harmful=_split("eh", 2, answers=False),
-    )
 
 
 def _ce(model: CausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,50 +14,33 @@ import torch
 
 pytest.importorskip("transformers")
 
+from _lm_helpers import tiny_lm, toy_split, toy_task
 from immunekit.attacks.lm_eval import answer_features
 from immunekit.data.task import Task
-from immunekit.data.token_split import IGNORE_INDEX, Chat, TokenSplit, lm_inputs
+from immunekit.data.token_split import IGNORE_INDEX, TokenSplit, lm_inputs
 from immunekit.defenses import DEFENSES
 from immunekit.defenses.lm_spectral import LmConditionNumber, kappa_of_rows
 from immunekit.errors import ConfigError
-from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
+from immunekit.models.causal_lm import CausalLM
 from immunekit.spectral.rank import FactorSpectrum
 
-TOK = toy_chat_tokenizer()
 F64 = torch.float64
 
 
+def _reply(name: str, i: int) -> str:
+    return f"placeholder reply {name} {i} " + "x" * i  # answers of different lengths: padding in batches
+
+
 def _model(dtype: torch.dtype = F64, seed: int = 0) -> CausalLM:
-    m = CausalLM.tiny(
-        seed, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
-    )
-    m.tokenizer = TOK
-    return m.to(dtype)
+    return tiny_lm(seed, dtype)
 
 
 def _split(name: str, n: int, *, answers: bool = True) -> TokenSplit:
-    chats = [
-        Chat(
-            f"question {name} {i}",
-            f"placeholder reply {name} {i} " + "x" * i if answers else None,
-            id=f"{name}{i}",
-        )
-        for i in range(n)
-    ]
-    return TokenSplit(chats, TOK, 96, name=name)
+    return toy_split(name, n, _reply, answers=answers)
 
 
 def _task(n: int = 6) -> Task:
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=_split("p", 6),
-        harmful=_split("h", n),
-        attack=_split("a", 4),
-        eval_primary=_split("ep", 2),
-        eval_harmful=_split("eh", 2, answers=False),
-    )
+    return toy_task(n, answer=_reply)
 
 
 def _hand_features(model: CausalLM, split: TokenSplit, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,11 +12,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from _lm_helpers import tiny_lm, toy_split, toy_task
 from immunekit.attacks import lm_eval
 from immunekit.attacks.base import AttackBudget
 from immunekit.attacks.lm_eval import Generations
 from immunekit.data.task import Task
-from immunekit.data.token_split import Chat, TokenSplit
+from immunekit.data.token_split import TokenSplit
 from immunekit.experiments.evaluate import (
     DEFAULT_ATTACKS,
     DEFAULT_BUDGET,
@@ -25,36 +26,26 @@ from immunekit.experiments.evaluate import (
     evaluate,
     lm_defaults,
 )
-from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
-
-TOK = toy_chat_tokenizer()
+from immunekit.models.causal_lm import CausalLM
 
 
 def _model(seed: int) -> CausalLM:
-    m = CausalLM.tiny(
-        seed, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
-    )
-    m.tokenizer = TOK
-    return m
+    return tiny_lm(seed)
 
 
 def _split(name: str, n: int, *, answers: bool = True) -> TokenSplit:
-    chats = [
-        Chat(f"placeholder {name} {i}", f"answer {i}" if answers else None, id=f"{name}{i}") for i in range(n)
-    ]
-    return TokenSplit(chats, TOK, 128, name=name)
+    return toy_split(name, n, "answer {i}", answers=answers, user="placeholder {name} {i}", max_tokens=128)
 
 
 def _task() -> Task:
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=_split("p", 6),
-        harmful=_split("h", 6),
-        attack=_split("a", 6),
-        eval_primary=_split("ep", 4),
-        eval_harmful=_split("eh", 4, answers=False),
+    return toy_task(
+        6,
+        attack=6,
+        eval_primary=4,
+        eval_harmful=4,
+        answer="answer {i}",
+        user="placeholder {name} {i}",
+        max_tokens=128,
     )
 
 

@@ -16,38 +16,22 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from _lm_helpers import tiny_lm, toy_split, toy_task
 from immunekit.data.task import Task
 from immunekit.data.text_assets import PromptSet
-from immunekit.data.token_split import Chat, TokenSplit
+from immunekit.data.token_split import TokenSplit
 from immunekit.errors import ConfigError
 from immunekit.experiments import llm_defenses
 from immunekit.experiments.llm_defenses import build_config, card_summary, defense_row
 from immunekit.experiments.registry import RunContext, get_experiment
-from immunekit.models.causal_lm import CausalLM, toy_chat_tokenizer
-
-TOK = toy_chat_tokenizer()
 
 
 def _split(name: str, n: int, *, answers: bool = True) -> TokenSplit:
-    chats = [
-        Chat(f"question {name} {i}", f"placeholder reply {i}" if answers else None, id=f"{name}{i}")
-        for i in range(n)
-    ]
-    return TokenSplit(chats, TOK, 96, name=name)
+    return toy_split(name, n, "placeholder reply {i}", answers=answers)
 
 
-def toy_task(cfg: Any, tokenizer: Any) -> Task:
-    return Task(
-        name="toy_lm",
-        version="0",
-        loss="lm",
-        primary=_split("p", 6),
-        harmful=_split("h", 6),
-        attack=_split("a", 4),
-        eval_primary=_split("ep", 3),
-        eval_harmful=_split("eh", 3, answers=False),
-        val_harmful=_split("vh", 3, answers=False),
-    )
+def build_toy_task(cfg: Any, tokenizer: Any) -> Task:
+    return toy_task(6, eval_primary=3, eval_harmful=3, val_harmful=3, answer="placeholder reply {i}")
 
 
 @dataclass(frozen=True)
@@ -60,10 +44,7 @@ class FakeSplits:
 
 @pytest.fixture
 def tiny_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    model = CausalLM.tiny(
-        0, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
-    )
-    model.tokenizer = TOK
+    model = tiny_lm(0)
     folder = model.save_pretrained_dir(tmp_path / "aligned")
     report = {"key": "tinykey", "gate": {"passed": True}}
     heldout = PromptSet(
@@ -76,7 +57,7 @@ def tiny_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     monkeypatch.setattr(llm_defenses, "align", lambda cfg: (model, report))
     monkeypatch.setattr(llm_defenses, "aligned_dir", lambda cfg: folder)
-    monkeypatch.setattr(llm_defenses, "build_task", toy_task)
+    monkeypatch.setattr(llm_defenses, "build_task", build_toy_task)
     monkeypatch.setattr(llm_defenses, "qi_splits", lambda seed=0: FakeSplits(heldout))
     monkeypatch.setattr(
         llm_defenses,
@@ -272,10 +253,7 @@ def test_the_search_scores_a_language_model_as_the_lm_attacks_do() -> None:
     from immunekit.attacks.worst_case import LM_SCORE_TOKENS, score
     from immunekit.metrics.judges import make_judge
 
-    model = CausalLM.tiny(
-        1, vocab_size=258, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32
-    )
-    model.tokenizer = TOK
+    model = tiny_lm(1)
     prompts, answered = _split("vh", 3, answers=False), _split("ep", 3)
     judged = judge_split(model, prompts, make_judge("keyword"), max_new_tokens=LM_SCORE_TOKENS)
     assert score(model, prompts, "lm") == judged.summary.harmfulness_rate

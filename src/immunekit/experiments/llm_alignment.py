@@ -41,6 +41,7 @@ from immunekit._atomic import atomic_write_text
 from immunekit.assets import cache_dir
 from immunekit.attacks.lm_eval import LmHarm, answer_perplexity, generate, judge_split
 from immunekit.attacks.lm_sft import SFTConfig, supervised_finetune
+from immunekit.config import load_config
 from immunekit.data.qi_prompts import REFUSALS, SYSTEM_PROMPT
 from immunekit.data.qi_text import answered_chats, prompt_chats, refusal_chats, seeded_subset
 from immunekit.data.text_assets import PromptSet, QiSplits, qi_splits
@@ -104,6 +105,21 @@ class AlignmentConfig:
             "base": smollm2_cache_dir().name,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def with_alignment(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its ``alignment`` mapping (and that mapping's ``sft``) loaded strictly as configs.
+
+    The experiments that start from the aligned model call it before loading their own config, so a
+    misspelled Stage A key gets its did-you-mean wherever it is written.
+    """
+    data = dict(data)
+    if isinstance(data.get("alignment"), dict):
+        al = dict(data["alignment"])
+        if isinstance(al.get("sft"), dict):
+            al["sft"] = load_config(SFTConfig, al["sft"], where="alignment.sft")
+        data["alignment"] = load_config(AlignmentConfig, al, where="alignment")
+    return data
 
 
 def aligned_dir(cfg: AlignmentConfig) -> Path:

@@ -69,6 +69,7 @@ from immunekit.experiments.llm_alignment import (
     aligned_dir,
     benign_answers,
     benign_quality,
+    with_alignment,
 )
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import Experiment, RunContext
@@ -233,12 +234,7 @@ class LlmAttacksConfig:
 
 def build_config(data: dict[str, Any]) -> LlmAttacksConfig:
     """Strictly load the config (unknown keys raise with a suggestion) and check the recipes."""
-    data = dict(data)
-    if isinstance(data.get("alignment"), dict):
-        al = dict(data["alignment"])
-        if isinstance(al.get("sft"), dict):
-            al["sft"] = load_config(SFTConfig, al["sft"], where="alignment.sft")
-        data["alignment"] = load_config(AlignmentConfig, al, where="alignment")
+    data = with_alignment(data)
     cfg = load_config(LlmAttacksConfig, data, where=KIND)
     cfg.selected()
     return cfg

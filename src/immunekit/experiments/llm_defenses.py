@@ -48,7 +48,6 @@ from typing import Any, Literal
 
 from immunekit.attacks import ATTACKS
 from immunekit.attacks.base import AttackBudget
-from immunekit.attacks.lm_sft import SFTConfig
 from immunekit.config import check_int, config_sha256, load_config, to_dict
 from immunekit.data.qi_text import check_category_groups, qi_harmful_text
 from immunekit.data.text_assets import qi_splits
@@ -61,6 +60,7 @@ from immunekit.experiments.llm_alignment import (
     aligned_dir,
     benign_answers,
     benign_quality,
+    with_alignment,
 )
 from immunekit.experiments.provenance import provenance
 from immunekit.experiments.registry import Experiment, RunContext
@@ -251,12 +251,7 @@ class LlmDefensesConfig:
 
 def build_config(data: dict[str, Any]) -> LlmDefensesConfig:
     """Strictly load the config (unknown keys raise with a suggestion) and check every part."""
-    data = dict(data)
-    if isinstance(data.get("alignment"), dict):
-        al = dict(data["alignment"])
-        if isinstance(al.get("sft"), dict):
-            al["sft"] = load_config(SFTConfig, al["sft"], where="alignment.sft")
-        data["alignment"] = load_config(AlignmentConfig, al, where="alignment")
+    data = with_alignment(data)
     cfg = load_config(LlmDefensesConfig, data, where=KIND)
     from immunekit.experiments.evaluate_trials import resolve_settings
 
