@@ -258,3 +258,11 @@ def test_the_search_scores_a_language_model_as_the_lm_attacks_do() -> None:
     judged = judge_split(model, prompts, make_judge("keyword"), max_new_tokens=LM_SCORE_TOKENS)
     assert score(model, prompts, "lm") == judged.summary.harmfulness_rate
     assert score(model, answered, "lm") == pytest.approx(1.0 / answer_perplexity(model, answered), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["llm-defenses", "llm-finetuning-attacks", "mlac-text"])
+def test_the_cpu_only_experiments_refuse_another_device(name: str) -> None:
+    exp = get_experiment(name)
+    assert exp.resolve_device("auto") == "cpu" and exp.resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="runs on the CPU in this version; use --device cpu"):
+        exp.resolve_device("cuda:0")

@@ -373,25 +373,11 @@ class SpectralLinearDefense(Defense):
         tau_h, halvings = self._safe_harmful_step(base, d_h, tau_h, su, limit)
         evaluations = self.safeguard_evaluations_
         self.history_.append(
-            {
-                "step": t,
-                "task_loss": loss,
-                "reg_primary": sp.value,
-                "reg_harmful": sh.value,
-                "log_kappa_primary": log_kappa_p,
-                "log_kappa_harmful": log_kappa_h,
-                "tau_primary": tau_p,
-                "tau_harmful": tau_h,
-                "lambda_primary": tau_p / cfg.lr,
-                "lambda_harmful": tau_h / cfg.lr,
-                "clipped_primary": float(clip_p),
-                "clipped_harmful": float(clip_h),
-                "task_lr": eta,
-                "task_lr_capped": float(capped),
-                "safeguard_halvings": float(halvings),
-                "safeguard_evaluations": float(evaluations),
-            }
-        )
+            _step_record(
+                t, loss, (sp.value, sh.value), (log_kappa_p, log_kappa_h), (tau_p, tau_h), cfg.lr,
+                (clip_p, clip_h), (eta, capped), (halvings, evaluations),
+            )
+        )  # fmt: skip
         return base - tau_h * d_h, omega - eta * g_omega
 
     def _safe_harmful_step(
@@ -594,25 +580,11 @@ class SpectralLinearDefense(Defense):
         # Screen the next step's first candidate only if this step's first one was rejected.
         fs.screen_first = evaluations > 1 or (evaluations == 1 and nxt is None)
         self.history_.append(
-            {
-                "step": t,
-                "task_loss": loss,
-                "reg_primary": sp.value,
-                "reg_harmful": sh.value,
-                "log_kappa_primary": log_kappa_p,
-                "log_kappa_harmful": log_kappa_h,
-                "tau_primary": tau_p,
-                "tau_harmful": tau_h,
-                "lambda_primary": tau_p / cfg.lr,
-                "lambda_harmful": tau_h / cfg.lr,
-                "clipped_primary": float(clip_p),
-                "clipped_harmful": float(clip_h),
-                "task_lr": eta,
-                "task_lr_capped": float(capped),
-                "safeguard_halvings": float(halvings),
-                "safeguard_evaluations": float(evaluations),
-            }
-        )
+            _step_record(
+                t, loss, (sp.value, sh.value), (log_kappa_p, log_kappa_h), (tau_p, tau_h), cfg.lr,
+                (clip_p, clip_h), (eta, capped), (halvings, evaluations),
+            )
+        )  # fmt: skip
         new_theta = nxt.theta if nxt is not None else base - tau_h * d_h
         return new_theta, omega - eta * g_omega, nxt
 
@@ -763,25 +735,11 @@ class SpectralLinearDefense(Defense):
             limit_theta = start_theta if cfg.safeguard_against == "initial" else theta
             tau_h, halvings, nxt = self._iter_safe_harmful_step(base, d_h, tau_h, side_p, limit, limit_theta)
             self.history_.append(
-                {
-                    "step": t,
-                    "task_loss": loss,
-                    "reg_primary": sp.value,
-                    "reg_harmful": sh.value,
-                    "log_kappa_primary": pp.log_kappa,
-                    "log_kappa_harmful": ph.log_kappa,
-                    "tau_primary": tau_p,
-                    "tau_harmful": tau_h,
-                    "lambda_primary": tau_p / cfg.lr,
-                    "lambda_harmful": tau_h / cfg.lr,
-                    "clipped_primary": float(clip_p),
-                    "clipped_harmful": float(clip_h),
-                    "task_lr": eta,
-                    "task_lr_capped": float(capped),
-                    "safeguard_halvings": float(halvings),
-                    "safeguard_evaluations": float(self.safeguard_evaluations_),
-                }
-            )
+                _step_record(
+                    t, loss, (sp.value, sh.value), (pp.log_kappa, ph.log_kappa), (tau_p, tau_h), cfg.lr,
+                    (clip_p, clip_h), (eta, capped), (halvings, self.safeguard_evaluations_),
+                )
+            )  # fmt: skip
             theta = nxt.theta if nxt is not None else base - tau_h * d_h
             omega = omega - eta * g_omega
             pp = nxt if nxt is not None else side_p.point(theta)
@@ -1196,3 +1154,35 @@ class RillOnly(SpectralLinearDefense):
         if not isinstance(model, LinearModel):
             return fit_deep(self, model, task, seed=seed)
         return super().fit(model, task, seed=seed)
+
+
+def _step_record(
+    step: int,
+    loss: float,
+    regs: tuple[float, float],
+    log_kappas: tuple[float, float],
+    taus: tuple[float, float],
+    lr: float,
+    clipped: tuple[bool, bool],
+    task_lr: tuple[float, bool],
+    safeguard: tuple[int, int],
+) -> dict[str, float]:
+    """One step's ``history_`` record (dense and iterative paths alike); pairs are (primary, harmful)."""
+    return {
+        "step": step,
+        "task_loss": loss,
+        "reg_primary": regs[0],
+        "reg_harmful": regs[1],
+        "log_kappa_primary": log_kappas[0],
+        "log_kappa_harmful": log_kappas[1],
+        "tau_primary": taus[0],
+        "tau_harmful": taus[1],
+        "lambda_primary": taus[0] / lr,
+        "lambda_harmful": taus[1] / lr,
+        "clipped_primary": float(clipped[0]),
+        "clipped_harmful": float(clipped[1]),
+        "task_lr": task_lr[0],
+        "task_lr_capped": float(task_lr[1]),
+        "safeguard_halvings": float(safeguard[0]),
+        "safeguard_evaluations": float(safeguard[1]),
+    }

@@ -571,18 +571,11 @@ class LlmFinetuningAttacks(Experiment):
     kind = KIND
     help = "attack a refusal-aligned SmolLM2: harmful, identity-shifting, benign, backdoor fine-tuning"
     job = staticmethod(run_llm_trial)
+    cpu_only = True
 
     def build_config(self, data: dict[str, Any]) -> LlmAttacksConfig:
         """:func:`build_config`."""
         return build_config(data)
-
-    def resolve_device(self, device: str) -> str:
-        """CPU only in this version."""
-        if device not in ("auto", "cpu"):
-            raise ConfigError(
-                f"--device {device!r}: the language-model experiment runs on the CPU; use --device cpu"
-            )
-        return "cpu"
 
     def trials(self, cfg: LlmAttacksConfig, ctx: RunContext, device: str) -> list[sweep.Trial]:
         """θ0 (trained and gated once, cached), then one θ0 trial per condition and one per (recipe, seed)."""

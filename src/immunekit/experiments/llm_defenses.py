@@ -596,18 +596,11 @@ class LlmDefenses(Experiment):
     kind = KIND
     help = "immunize the aligned SmolLM2 with each LM defense and judge it by the four conditions"
     job = staticmethod(run_trial)
+    cpu_only = True
 
     def build_config(self, data: dict[str, Any]) -> LlmDefensesConfig:
         """:func:`build_config`."""
         return build_config(data)
-
-    def resolve_device(self, device: str) -> str:
-        """CPU only in this version."""
-        if device not in ("auto", "cpu"):
-            raise ConfigError(
-                f"--device {device!r}: llm-defenses runs on the CPU in this version; use --device cpu"
-            )
-        return "cpu"
 
     def trials(self, cfg: LlmDefensesConfig, ctx: RunContext, device: str) -> list[sweep.Trial]:
         """Stage A (cached), then the fits, the cards and the mitigation runs."""

@@ -1256,18 +1256,11 @@ class MlacText(Experiment):
     help = "self-destructing models: MLAC / AC / desired-tuned on discrim-eval, cost of adaptation vs n"
     options = OPTIONS.get("mlac_text", ())
     job = staticmethod(run_trial)
+    cpu_only = True
 
     def build_config(self, data: dict[str, Any]) -> MlacTextConfig:
         """:func:`build_config`."""
         return build_config(data)
-
-    def resolve_device(self, device: str) -> str:
-        """CPU only in this version."""
-        if device not in ("auto", "cpu"):
-            raise ConfigError(
-                f"--device {device!r}: mlac-text runs on the CPU in this version; use --device cpu"
-            )
-        return "cpu"
 
     def trials(self, cfg: MlacTextConfig, ctx: RunContext, device: str) -> list[sweep.Trial]:
         """Model trials (MLAC first), then desired and attack trials (see the module docstring)."""

@@ -97,6 +97,7 @@ class Experiment(ABC):
         help: one line for ``immunekit ls experiments``.
         options: the experiment's own command-line options.
         job: the module-level sweep job ``job(payload) -> record`` (pickled by reference).
+        cpu_only: the experiment runs on the CPU only (``--device`` other than auto/cpu is refused).
 
     """
 
@@ -105,6 +106,7 @@ class Experiment(ABC):
     help: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
     job: ClassVar[Callable[..., dict[str, Any]]]
+    cpu_only: ClassVar[bool] = False
 
     def defaults_path(self) -> Path:
         """The packaged defaults, ``configs/<name>.yaml``."""
@@ -115,7 +117,17 @@ class Experiment(ABC):
         """The frozen config of a resolved mapping (strict: unknown keys raise with a suggestion)."""
 
     def resolve_device(self, device: str) -> str:
-        """The device the trials run on for ``--device device`` (ConfigError when unusable)."""
+        """The device the trials run on for ``--device device`` (ConfigError when unusable).
+
+        A ``cpu_only`` experiment accepts ``auto`` and ``cpu`` only.
+        """
+        if self.cpu_only:
+            if device not in ("auto", "cpu"):
+                raise ConfigError(
+                    f"--device {device!r}: {self.name.replace('_', '-')} runs on the CPU in this version; "
+                    "use --device cpu"
+                )
+            return "cpu"
         from immunekit.experiments.device import resolve_device
 
         return resolve_device(device)
