@@ -81,11 +81,14 @@ DEFAULT_ATTACKS = (
     "lm_lora[lr=0.0001]",
     "lm_lora[lr=0.0003]",
     "lm_lora[lr=0.0003,rows=10]",
-    "lm_finetune[lr=5e-5]",
     "lm_head_probe[lr=0.001]",
 )
-"""The attacker grid: LoRA at two learning rates, the 10-shot LoRA attack, full fine-tuning at Qi
-et al.'s rate and the head-only linear probe; the card's worst case over them decides resistance."""
+"""The default attacker grid (sized for 2 cores): LoRA at two learning rates, the 10-shot LoRA attack
+and the head-only linear probe; the card's worst case over them decides resistance. Add full
+fine-tuning (:data:`FULL_FINETUNE`) for the worst case over LoRA vs full."""
+
+FULL_FINETUNE = "lm_finetune[lr=5e-5]"
+"""Full fine-tuning at Qi et al.'s rate: ``--attacks`` with it and the default grid for the full run."""
 
 CONDITION_KEYS = (
     "resistance_strong",
@@ -607,8 +610,7 @@ class LlmDefenses(Experiment):
         if ctx.executor == "ray" and ctx.ray_address:
             raise ConfigError(
                 "llm-defenses passes the immunized models between stages through files under --out, which "
-                "the "
-                "nodes of a Ray cluster do not share; use --executor local or a local Ray instance"
+                "the nodes of a Ray cluster do not share; use --executor local or a local Ray instance"
             )
         _, report = align(cfg.alignment)
         self._alignment = report
@@ -619,20 +621,23 @@ class LlmDefenses(Experiment):
             if k not in ("defenses", "seeds", "experiment", "safety_mix")
         }
         base["aligned_key"] = report["key"]
+        budget_keys = ("steps", "batch_size", "eval_every", "precision", "max_new_tokens")
+        mitigation = {k: base[k] for k in budget_keys}
+        mitigation |= {"micro_batch": cfg.micro_batch, "task": _task_key(cfg), "aligned": report["key"]}
         out: list[sweep.Trial] = []
+        from immunekit.experiments.evaluate_trials import Inputs
+
         theta0 = CausalLM.from_pretrained_dir(aligned)
         task = build_task(cfg, theta0.tokenizer)
+        # θ0's runs carry the sha the harness gives them (θ0's weights, the task, the setting, the
+        # seed): the cards check the copies against it
+        inputs = Inputs.of({"reference": theta0}, task, "cpu")
         shared: dict[int, list[str]] = {}
         for seed in cfg.seeds:
             for setting in reference_settings(cfg, task):
                 key = f"trials/reference/{_slug(setting.key)}--seed{seed}"
-                out.append(
-                    sweep.Trial(
-                        key,
-                        config_sha256({**base, "setting": setting.to_dict(), "seed": seed}),
-                        ReferenceTrial(cfg, setting.to_dict(), seed, aligned),
-                    )
-                )
+                sha = inputs.attack_trial(setting, "reference", seed).config_sha
+                out.append(sweep.Trial(key, sha, ReferenceTrial(cfg, setting.to_dict(), seed, aligned)))
                 shared.setdefault(seed, []).append(str(sweep.trial_file(ctx.out, key)))
         for defense in cfg.defenses:
             fit_cfg = {"defense": defense, "config": defense_overrides(cfg, defense), "key": report["key"]}
@@ -659,7 +664,7 @@ class LlmDefenses(Experiment):
                 out.append(
                     sweep.Trial(
                         f"trials/mitigation/safety_mix{n}--seed{seed}",
-                        config_sha256({**base, "safety_mix": n, "seed": seed}),
+                        config_sha256({**mitigation, "safety_mix": n, "seed": seed}),
                         MitigationTrial(cfg, n, seed, aligned),
                     )
                 )
