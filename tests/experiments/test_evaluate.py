@@ -319,6 +319,27 @@ def test_grid_refinement_re_runs_the_same_trajectory(task) -> None:
     assert [(s, fine[s]) for s, _ in coarse] == coarse
 
 
+def test_without_refinement_an_undecided_comparison_stays_undecided(task) -> None:
+    """refine=False: no dense re-run, the same coarse curves, the comparison left open, and recorded."""
+    on = evaluate(linear_model(6), task, attacks=["linear_probe"], budget=BUDGET, seeds=(0,), progress=False)
+    assert on["attacks"]["linear_probe"]["refined_until"] > 0  # this setting needs a refinement
+    off = evaluate(
+        linear_model(6),
+        task,
+        attacks=["linear_probe"],
+        budget=BUDGET,
+        seeds=(0,),
+        progress=False,
+        refine=False,
+    )
+    entry = off["attacks"]["linear_probe"]
+    assert "refined_until" not in entry and entry["budget"]["eval_dense_until"] == 0
+    assert all(s % 5 == 0 or s == BUDGET.steps for s, _ in entry["curves"]["immunized"][0])
+    assert off["per_attack"]["linear_probe"]["weak"] == "INCONCLUSIVE"
+    assert off["conditions"]["resistance_weak"]["status"] == "INCONCLUSIVE"
+    assert off["config"]["refine"] is False and "refine" not in on["config"]
+
+
 def test_kappa_of_linear_models_is_the_experiments_measurement(task) -> None:
     """One rank rule: the card's κ ratios equal the linear experiment's kappa_pair, to 1e-12."""
     from immunekit.experiments.evaluate import kappa_rir

@@ -518,6 +518,7 @@ def evaluation_config(
     search: Any = None,
     benign: AttackSpec | None = None,
     reference_source: str | None = None,
+    refine: bool = True,
 ) -> dict[str, Any]:
     """The resolved ``config`` an :func:`evaluate` call records; its sha256 identifies the run.
 
@@ -539,6 +540,7 @@ def evaluation_config(
         "task": {"name": task.name, "version": task.version},
         "model": type(model).__name__,
         "reference": reference_source or DEFAULT_REFERENCE_SOURCE,
+        **({} if refine else {"refine": False}),  # absent when on: earlier records keep their sha
     }
 
 
@@ -580,6 +582,7 @@ class _Plan:
     search: Any
     th: Thresholds  # resolved for the task: φ is a number
     phi: float
+    refine: bool = True
 
     @property
     def models(self) -> dict[str, ImmunizableModel]:
@@ -714,7 +717,7 @@ class _Runs:
         entries = [self._entry(s) for _, s in pairs]
         dense: list[tuple[int, Setting, int]] = []
         for i, (group, s) in enumerate(pairs):
-            window = _refine_window(entries[i], group, p.th, p.phi, p.task.loss)
+            window = _refine_window(entries[i], group, p.th, p.phi, p.task.loss) if p.refine else 0
             if window:
                 # the runs are seeded and evaluating changes no weight: the same attack, every step
                 # of the undecided window seen
@@ -1034,6 +1037,7 @@ def evaluate(
     workers: int | None = 1,
     executor: str = "local",
     ray_address: str | None = None,
+    refine: bool = True,
 ) -> dict[str, Any]:
     """Evaluate an immunized model: the four conditions, a verdict and per-attack curves.
 
@@ -1069,6 +1073,10 @@ def evaluate(
         executor: ``"local"`` or ``"ray"`` (extra ``immunekit[ray]``), as for ``immunekit run``.
         ray_address: ``ray`` only: the cluster (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``);
             ``None``: ``RAY_ADDRESS``, else a local instance.
+        refine: re-run a comparison the evaluation grid leaves undecided with every step evaluated
+            (default). ``False`` keeps such comparisons INCONCLUSIVE: for attacks whose evaluation
+            is expensive (a language model's judged generations at every step) the caller may prefer
+            a denser ``eval_every`` or an inconclusive verdict to a re-run; recorded in ``config``.
 
     Returns:
         The evaluation record (JSON-ready; layout in the module docstring of
@@ -1101,6 +1109,7 @@ def evaluate(
         benign=benign,
         reference_source=reference_source,
     )
+    plan = dataclasses.replace(plan, refine=refine)
     runner = TrialRunner(
         out,
         executor=executor,
@@ -1126,6 +1135,7 @@ def evaluate(
         search=search,
         benign=plan.benign,
         reference_source=plan.reference_source,
+        refine=refine,
     )
     timing = {"attack_seconds": attack_seconds, "measure_seconds": time.perf_counter() - t_measure}
     record = _record(
