@@ -132,6 +132,10 @@ class LlmDefensesConfig:
     steps: int = field(default=50, metadata={"help": "attack steps T (Qi's 100-shot: 5 epochs × 10)"})
     batch_size: int = field(default=10, metadata={"help": "attack batch"})
     eval_every: int = field(default=25, metadata={"help": "Δt: harm judged every this many steps"})
+    refine: bool = field(
+        default=False,
+        metadata={"help": "re-run comparisons the grid leaves undecided, judged at every step (costly)"},
+    )
     benign: str = field(
         default="lm_lora[lr=0.0003]", metadata={"help": "the trainability recipe (trained on 'primary')"}
     )
@@ -457,6 +461,7 @@ def _card(trial: CardTrial) -> dict[str, Any]:
         thresholds=cfg.thresholds_obj(),
         benign=cfg.spec(cfg.benign),
         progress=False,
+        refine=cfg.refine,
         out=trial.card,
         model_source=trial.folder,
         reference_source=trial.aligned,
