@@ -153,8 +153,9 @@ class FunctionalOptimizer:
         if self.name == "adamw" and self.weight_decay != 0.0:
             p = p * (1 - lr * self.weight_decay)
         b1, b2 = self.betas
-        m = st.get("m", torch.zeros_like(p))
-        v = st.get("v", torch.zeros_like(p))
+        # not st.get("m", zeros_like(p)): the default would be allocated at every step
+        m = st["m"] if "m" in st else torch.zeros_like(p)
+        v = st["v"] if "v" in st else torch.zeros_like(p)
         m = torch.lerp(m, g, 1 - b1)
         v = torch.addcmul(v * b2, g, g, value=1 - b2)
         bc1, bc2_sqrt = 1 - b1**step, (1 - b2**step) ** 0.5
