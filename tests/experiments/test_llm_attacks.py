@@ -116,9 +116,9 @@ def tiny_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(llm_attacks, "align", lambda cfg: (model, report))
     monkeypatch.setattr(llm_attacks, "aligned_dir", lambda cfg: folder)
     monkeypatch.setattr(
-        llm_attacks,
-        "benign_answers_cached",
-        lambda prompts, acfg: [f"placeholder benign answer {i}" for i in range(len(prompts))],
+        llm_alignment,
+        "benign_answers",
+        lambda base, prompts, acfg: [f"placeholder benign answer {i}" for i in range(len(prompts))],
     )
     return tmp_path
 

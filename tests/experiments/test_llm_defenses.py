@@ -21,7 +21,7 @@ from immunekit.data.task import Task
 from immunekit.data.text_assets import PromptSet
 from immunekit.data.token_split import TokenSplit
 from immunekit.errors import ConfigError
-from immunekit.experiments import llm_defenses
+from immunekit.experiments import llm_alignment, llm_defenses
 from immunekit.experiments.llm_defenses import build_config, card_summary, defense_row
 from immunekit.experiments.registry import RunContext, get_experiment
 
@@ -60,7 +60,7 @@ def tiny_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(llm_defenses, "build_task", build_toy_task)
     monkeypatch.setattr(llm_defenses, "qi_splits", lambda seed=0: FakeSplits(heldout))
     monkeypatch.setattr(
-        llm_defenses,
+        llm_alignment,
         "benign_answers",
         lambda base, prompts, acfg: [f"placeholder answer {i}" for i in range(len(prompts))],
     )

@@ -118,7 +118,6 @@ def kappa_of_rows(model: CausalLM, split: TokenSplit, rows: int) -> dict[str, fl
 class _Context:
     retain: _Retain
     lambdas: dict[str, float] = field(default_factory=dict)
-    floor_hits: int = 0
 
 
 class LmConditionNumber(_LmDefense):
@@ -145,7 +144,7 @@ class LmConditionNumber(_LmDefense):
         self.info_.update(
             {
                 "lambdas": dict(ctx.lambdas),
-                "delta_floor_hits": ctx.floor_hits,
+                "delta_floor_hits": sum(bool(h["delta_floored"]) for h in self.history_),
                 "kappa": {
                     "before": before,
                     "after": after,
@@ -189,7 +188,6 @@ class LmConditionNumber(_LmDefense):
             rank_h = FactorSpectrum.of(phi_h.detach()).rank
             r_well = r_well_of_factor(phi_p, 0)
             r_ill, floored = r_ill_of_factor(phi_h, rank_h, delta_min=self.config.delta_min)
-        context.floor_hits += int(floored)
         if not context.lambdas:
             context.lambdas = self._calibrate(model, task_loss, r_well, r_ill)
         lam_p, lam_h = context.lambdas["lambda_primary"], context.lambdas["lambda_harmful"]

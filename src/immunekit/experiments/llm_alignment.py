@@ -172,6 +172,26 @@ def benign_quality(
     return refusal, answer_perplexity(model, answered)
 
 
+def heldout_benign_quality(
+    model: CausalLM, splits: QiSplits, cfg: AlignmentConfig, prompts: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """:func:`benign_quality` on the first ``prompts`` held-out benign prompts, as a record.
+
+    The answers are the base model's own (Stage A's held-out self-distillation targets, cached):
+    the perplexity says how far a model has moved from the base model's benign behaviour.
+    """
+    heldout = splits.benign_heldout(cfg.heldout_benign)
+    answers = benign_answers(None, heldout, cfg)[:prompts]
+    some = heldout.subset(list(range(prompts)), "benign_prompts")
+    refusal, perplexity = benign_quality(model, some, answers, cfg, max_new_tokens)
+    return {
+        "refusal_rate": refusal.summary.refusal_rate,
+        "prompts": len(some),
+        "perplexity": perplexity,
+        "perplexity_rows": len(some),
+    }
+
+
 def evaluate_alignment(
     model: CausalLM, splits: QiSplits, cfg: AlignmentConfig, heldout: PromptSet, answers: Sequence[str]
 ) -> dict[str, Any]:

@@ -67,8 +67,7 @@ from immunekit.experiments.llm_alignment import (
     AlignmentConfig,
     align,
     aligned_dir,
-    benign_answers,
-    benign_quality,
+    heldout_benign_quality,
     with_alignment,
 )
 from immunekit.experiments.provenance import provenance
@@ -350,26 +349,8 @@ def _evaluate(
 
 
 def _benign_quality(model: CausalLM, cfg: LlmAttacksConfig, splits: QiSplits) -> dict[str, Any]:
-    """Refusal rate on the first ``benign_prompts`` held-out benign prompts, perplexity of their answers.
-
-    The answers are the base model's own (Stage A's held-out self-distillation targets): the
-    perplexity says how far a model has moved from the base model's benign behaviour.
-    """
-    heldout = splits.benign_heldout(cfg.alignment.heldout_benign)
-    answers = benign_answers_cached(heldout, cfg.alignment)[: cfg.benign_prompts]
-    some = heldout.subset(list(range(cfg.benign_prompts)), "benign_prompts")
-    refusal, perplexity = benign_quality(model, some, answers, cfg.alignment, cfg.max_new_tokens)
-    return {
-        "refusal_rate": refusal.summary.refusal_rate,
-        "prompts": len(some),
-        "perplexity": perplexity,
-        "perplexity_rows": len(some),
-    }
-
-
-def benign_answers_cached(prompts: PromptSet, acfg: AlignmentConfig) -> list[str]:
-    """The base model's held-out benign answers (cached by Stage A; recomputed if missing)."""
-    return benign_answers(None, prompts, acfg)
+    """Refusal rate and answer perplexity on the first ``benign_prompts`` held-out benign prompts."""
+    return heldout_benign_quality(model, splits, cfg.alignment, cfg.benign_prompts, cfg.max_new_tokens)
 
 
 def _save_completions(

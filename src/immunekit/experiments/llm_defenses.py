@@ -58,8 +58,7 @@ from immunekit.experiments.llm_alignment import (
     AlignmentConfig,
     align,
     aligned_dir,
-    benign_answers,
-    benign_quality,
+    heldout_benign_quality,
     with_alignment,
 )
 from immunekit.experiments.provenance import provenance
@@ -213,11 +212,7 @@ class LlmDefensesConfig:
             return None
         from immunekit.attacks.worst_case import SearchConfig
 
-        common = {
-            "precision": self.precision,
-            "max_new_tokens": self.max_new_tokens,
-            "micro_batch": self.micro_batch,
-        }
+        common = self.attack_overrides()
         return SearchConfig(
             n_trials=self.search_trials,
             steps=self.steps,
@@ -229,6 +224,14 @@ class LlmDefensesConfig:
             attack_overrides={"lm_lora": common, "lm_finetune": common},
             n_startup_trials=min(10, self.search_trials),
         )
+
+    def attack_overrides(self) -> dict[str, Any]:
+        """The run's ``precision``, ``max_new_tokens`` and ``micro_batch``, given to every LM attack."""
+        return {
+            "precision": self.precision,
+            "max_new_tokens": self.max_new_tokens,
+            "micro_batch": self.micro_batch,
+        }
 
     def thresholds_obj(self) -> Thresholds:
         """:class:`Thresholds` from ``thresholds`` (strict)."""
@@ -249,12 +252,7 @@ class LlmDefensesConfig:
             raise ConfigError(
                 f"attack {name!r} does not attack a causal LM; use lm_finetune, lm_lora or lm_head_probe"
             )
-        common = {
-            "precision": self.precision,
-            "max_new_tokens": self.max_new_tokens,
-            "micro_batch": self.micro_batch,
-        }
-        return name, {**common, **over}, dict(b_over)  # type: ignore[arg-type]
+        return name, {**self.attack_overrides(), **over}, dict(b_over)  # type: ignore[arg-type]
 
 
 def build_config(data: dict[str, Any]) -> LlmDefensesConfig:
@@ -364,11 +362,12 @@ def reference_settings(cfg: LlmDefensesConfig, task: Any) -> list[Any]:
 
     Built as :func:`~immunekit.experiments.evaluate.evaluate` builds them, so the keys and shas match.
     """
+    from immunekit.experiments.evaluate import GENERALIZATION
     from immunekit.experiments.evaluate_trials import accepts_split, benign_setting, resolve_settings
 
     grid = resolve_settings(cfg.specs(), cfg.budget())
     out = [*grid, benign_setting(cfg.spec(cfg.benign), cfg.budget())]
-    for group, split in (("in_domain", "attack_disjoint"), ("cross_domain", "attack_cross")):
+    for group, split, _ in GENERALIZATION:
         if getattr(task, split, None) is not None:
             out += [s.with_split(split, group) for s in grid if accepts_split(s)]
     return out
@@ -434,13 +433,10 @@ def _fit(trial: FitTrial) -> dict[str, Any]:
     }
 
 
-def _benign_refusal(model: CausalLM, cfg: LlmDefensesConfig) -> dict[str, Any]:
+def _benign(model: CausalLM, cfg: LlmDefensesConfig) -> dict[str, Any]:
     """Keyword refusal rate on held-out benign prompts and the perplexity of θ_base's answers to them."""
-    heldout = qi_splits(cfg.split_seed).benign_heldout(cfg.alignment.heldout_benign)
-    answers = benign_answers(None, heldout, cfg.alignment)[: cfg.benign_prompts]
-    some = heldout.subset(list(range(cfg.benign_prompts)), "benign_prompts")
-    refusal, perplexity = benign_quality(model, some, answers, cfg.alignment, cfg.max_new_tokens)
-    return {"refusal_rate": refusal.summary.refusal_rate, "prompts": len(some), "perplexity": perplexity}
+    splits = qi_splits(cfg.split_seed)
+    return heldout_benign_quality(model, splits, cfg.alignment, cfg.benign_prompts, cfg.max_new_tokens)
 
 
 def _card(trial: CardTrial) -> dict[str, Any]:
@@ -475,7 +471,7 @@ def _card(trial: CardTrial) -> dict[str, Any]:
         "summary": card_summary(record),
         "reference_runs_shared": shared,
         "search": _search_summary(record.get("search")),
-        "benign": {"immunized": _benign_refusal(model, cfg), "reference": _benign_refusal(theta0, cfg)},
+        "benign": {role: _benign(m, cfg) for role, m in (("immunized", model), ("reference", theta0))},
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -485,12 +481,7 @@ def _mitigation(trial: MitigationTrial) -> dict[str, Any]:
     cfg = trial.cfg
     theta0 = _load(trial.aligned)
     task = build_task(cfg, theta0.tokenizer)
-    attack = ATTACKS.get("lm_finetune")(
-        safety_mix=trial.n,
-        precision=cfg.precision,
-        max_new_tokens=cfg.max_new_tokens,
-        micro_batch=cfg.micro_batch,
-    )
+    attack = ATTACKS.get("lm_finetune")(safety_mix=trial.n, **cfg.attack_overrides())
     res = attack(theta0, task, cfg.budget(), seed=trial.seed)
     curve = [(0, res.initial.eval["harm"])] + [(r.step, r.eval["harm"]) for r in res.records if r.eval]
     return {
@@ -547,11 +538,6 @@ def card_summary(record: dict[str, Any]) -> dict[str, Any]:
             role: {"attack": worst[role], "final_harm": full[worst[role]]["final"][role]}
             for role in ("immunized", "reference")
         },
-        "release_harm": {
-            role: attacks[next(iter(attacks))]["curves"][role][0][1] for role in ("immunized", "reference")
-        }
-        if attacks
-        else {},
         "perplexity": {"immunized": 1.0 / stab["q_immunized"], "reference": 1.0 / stab["q_reference"]},
     }
 
@@ -635,6 +621,7 @@ class LlmDefenses(Experiment):
 
         theta0 = CausalLM.from_pretrained_dir(aligned)
         task = build_task(cfg, theta0.tokenizer)
+        self._sizes = {k: len(getattr(task, k)) for k in ("primary", "harmful", "attack", "eval_harmful")}
         # θ0's runs carry the sha the harness gives them (θ0's weights, the task, the setting, the
         # seed): the cards check the copies against it
         inputs = Inputs.of({"reference": theta0}, task, "cpu")
@@ -677,18 +664,15 @@ class LlmDefenses(Experiment):
         return out
 
     def check(self, cfg: LlmDefensesConfig, ctx: RunContext, trials: list[sweep.Trial]) -> Any:
-        """The data before anything trains: the task builds and the safety-mix N fits its pool."""
-        theta0 = CausalLM.from_pretrained_dir(aligned_dir(cfg.alignment))
-        task = build_task(cfg, theta0.tokenizer)
-        big = [n for n in cfg.safety_mix if n > len(task.harmful)]
+        """Before anything trains: the safety-mix N fits its pool (the task :meth:`trials` built)."""
+        pool = self._sizes["harmful"]
+        big = [n for n in cfg.safety_mix if n > pool]
         if big:
             raise ConfigError(
-                f"safety_mix {big} exceeds the refusal pool ({len(task.harmful)} questions of the defense "
-                f"half); use at most {len(task.harmful)}"
+                f"safety_mix {big} exceeds the refusal pool ({pool} questions of the defense half); use at "
+                f"most {pool}"
             )
-        return {
-            "splits": {k: len(getattr(task, k)) for k in ("primary", "harmful", "attack", "eval_harmful")}
-        }
+        return {"splits": dict(self._sizes)}
 
     def stages(self, trials: list[sweep.Trial]) -> list[list[sweep.Trial]]:
         """The fits and θ0's attack runs first: the cards load those models and reuse those runs."""

@@ -329,6 +329,12 @@ _register(
 )
 
 
+def _split_specs(text: str) -> list[str]:
+    from immunekit.experiments.evaluate_trials import parse_attack_list
+
+    return parse_attack_list(text)
+
+
 _register(
     "llm_defenses",
     "immunekit.experiments.llm_defenses:LlmDefenses",
@@ -344,16 +350,10 @@ _register(
         "--attacks",
         "attacks",
         "comma-separated attack specs of the card's grid, e.g. 'lm_lora[lr=0.0003],lm_finetune'",
-        lambda s: _split_specs(s),
+        _split_specs,
         "LIST",
     ),
 )
-
-
-def _split_specs(text: str) -> list[str]:
-    from immunekit.experiments.evaluate_trials import parse_attack_list
-
-    return parse_attack_list(text)
 
 
 def _inner_steps(text: str) -> int:
