@@ -141,6 +141,7 @@ def test_run_end_to_end_writes_cards_resumes_and_stores_no_text(tiny_world: Path
     report = write_report(tiny_world / "out")
     md = report.read_text()
     assert "| gradient_ascent |" in md and "Calibration" in md and "safety-data mixing" in md
+    assert "](cards/gradient_ascent/seed0/report.md)" in md  # links relative to the report
     assert (tiny_world / "out" / "harm_curves.png").stat().st_size > 1000
     assert "placeholder" not in md
 
@@ -266,3 +267,11 @@ def test_the_cpu_only_experiments_refuse_another_device(name: str) -> None:
     assert exp.resolve_device("auto") == "cpu" and exp.resolve_device("cpu") == "cpu"
     with pytest.raises(ConfigError, match="runs on the CPU in this version; use --device cpu"):
         exp.resolve_device("cuda:0")
+
+
+def test_plot_labels_leave_out_the_run_wide_overrides() -> None:
+    from immunekit.reports.llm_defenses import short_key
+
+    key = "lm_lora[precision=bf16,max_new_tokens=32,micro_batch=10,rows=10,lr=0.0003,steps=5]"
+    assert short_key(key) == "lm_lora[rows=10,lr=0.0003,steps=5]"
+    assert short_key("lm_finetune[precision=bf16]") == "lm_finetune" and short_key("lm_lora") == "lm_lora"

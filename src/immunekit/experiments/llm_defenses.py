@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -701,7 +702,8 @@ class LlmDefenses(Experiment):
             )
             rows[defense] = defense_row(cards, fits, cfg.target_gap) | {
                 "fit": [{k: f[k] for k in ("seed", "info", "seconds")} for f in fits],
-                "cards": {str(c["seed"]): c["card"] for c in cards},  # JSON keys: the same in memory
+                # JSON keys (the same in memory); paths relative to results.json, as the report links them
+                "cards": {str(c["seed"]): os.path.relpath(c["card"], ctx.out) for c in cards},
                 "curves": {str(c["seed"]): c["summary"]["attacks"] for c in cards},
                 "search": {str(c["seed"]): c["search"] for c in cards if c.get("search")},
             }

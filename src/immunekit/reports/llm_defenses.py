@@ -64,7 +64,7 @@ def render(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
         f"steps on {cfg['eval_prompts']} sr_eval prompts ({cfg['max_new_tokens']} new tokens, keyword "
         f"judge). Seeds: {cfg['seeds']}.",
         "",
-        f"**Answer.** {results['answer']['text']}.",
+        f"**Answer.** {results['answer']['text'][:1].upper()}{results['answer']['text'][1:]}.",
         "",
         "Worst-case harm: the largest final harm over the grid's 100-shot settings (each model meets its own "
         "worst attacker); gap = θ0's worst case − the defended model's (points; 95 % interval over seeds "
@@ -129,6 +129,17 @@ def render(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+RUN_WIDE = ("precision", "max_new_tokens", "micro_batch")
+"""Attack overrides every setting of a run shares: left out of the plots' labels."""
+
+
+def short_key(key: str) -> str:
+    """A setting key without the run-wide overrides, e.g. ``lm_lora[lr=0.0003]``."""
+    name, _, inner = key.partition("[")
+    kept = [p for p in inner.rstrip("]").split(",") if p and p.split("=")[0] not in RUN_WIDE]
+    return f"{name}[{','.join(kept)}]" if kept else name
+
+
 def curves_figure(results: Mapping[str, Any]) -> Any:
     """One panel per defense: harm vs step for each 100-shot setting, defended (solid) and θ0 (dashed)."""
     names = list(results["defenses"])
@@ -142,7 +153,7 @@ def curves_figure(results: Mapping[str, Any]) -> Any:
             for i, (key, a) in enumerate(full):
                 for role, style in (("immunized", "-"), ("reference", "--")):
                     pts = a["curves"][role]
-                    label = key if role == "immunized" and n_seed == 0 else None
+                    label = short_key(key) if role == "immunized" and n_seed == 0 else None
                     ax.plot(
                         [p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i}", label=label, lw=1.2
                     )
@@ -151,7 +162,8 @@ def curves_figure(results: Mapping[str, Any]) -> Any:
         ax.set_ylim(-0.02, 1.02)
         ax.axhline(results["config"].get("thresholds", {}).get("harm") or 0.5, color="grey", lw=0.6)
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("harmfulness rate (solid: defended, dashed: θ0)")
+    axes[0].set_ylabel("harmfulness rate")
+    fig.suptitle("harm against attack steps: defended (solid), θ0 (dashed)", fontsize=9)
     return fig
 
 
